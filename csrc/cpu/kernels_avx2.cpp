@@ -1,0 +1,12 @@
+// The CPU kernels compiled for the "avx2" instruction set (flags in CMakeLists.txt).
+#define SPPO_ISA_NS isa_avx2
+#include "cpu/kernels_impl.h"
+
+namespace sppo_fast {
+namespace cpu {
+namespace isa_avx2 {
+void run_fwd(const LogprobFwdArgs& a) { logprob_fwd(a); }
+void run_bwd(const LogprobBwdArgs& a) { logprob_bwd(a); }
+}  // namespace isa_avx2
+}  // namespace cpu
+}  // namespace sppo_fast

@@ -1,0 +1,68 @@
+// sppo_fast native entry points. Tensors cross this boundary as raw pointers, sizes, strides (in
+// elements) and dtype codes; Python (sppo_fast/ops.py) has validated shapes, dtypes, devices and the
+// label range before any of these run, so the kernels only check what would corrupt memory.
+#pragma once
+#include <cstdint>
+#include <string>
+
+namespace sppo_fast {
+
+// Must match sppo_fast/_native.py.
+enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
+
+// logits viewed as [B, T, V] with unit stride along V; row (b, t) starts at b * sb + t * st.
+// Accumulation type A is float for 16/32-bit logits and double for float64 logits; every
+// A-typed buffer below (token_logp, lse, seq_logp, coef) holds A.
+struct LogprobFwdArgs {
+  const void* logits; int dtype; int64_t B, T, V, sb, st;
+  const int64_t* labels; int64_t lsb, lst; int64_t ignore_index;
+  void* token_logp;  // [B, T] contiguous A: log softmax(row)[label], 0 where ignored
+  void* lse;         // [B, T, 2] contiguous A: (max(row), log(sum(exp(row - max)))), so that
+                     // logsumexp = max + log-sum; zeros where ignored (the row is never read)
+  void* seq_logp;    // [B] A or nullptr: sum over t of token_logp (accumulated in double)
+  int num_threads;
+};
+
+// out[b, t, :] = coef[b * csb + t * cst] * (onehot(label) - softmax(logits[b, t, :]));
+// zero rows where the label is ignored. out has the logits' dtype and may alias logits exactly.
+struct LogprobBwdArgs {
+  const void* logits; int dtype; int64_t B, T, V, sb, st;
+  const int64_t* labels; int64_t lsb, lst; int64_t ignore_index;
+  const void* lse;   // [B, T, 2] contiguous A, as written by the forward
+  const void* coef; int64_t csb, cst;  // A
+  void* out; int64_t osb, ost;
+  int num_threads;
+};
+
+// PairRM aggregation over cmp[B, K, K] (float32 or float64, any strides); see reference.py.
+struct PairwiseArgs {
+  const void* cmp; int dtype; int64_t B, K, sb, si, sj;
+  int mode;  // 0 = official, 1 = direct
+  float* scores;        // [B, K]
+  double* probs;        // [B, K, K]
+  double* win_rates;    // [B, K]
+  int64_t* chosen;      // [B]
+  int64_t* rejected;    // [B]
+  double* chosen_probs; double* chosen_probs_win; double* chosen_probs_lose;  // [B]
+  bool* tied;           // [B]
+  int num_threads;
+};
+
+namespace cpu {
+void logprob_fwd(const LogprobFwdArgs& a);
+void logprob_bwd(const LogprobBwdArgs& a);
+void pairwise(const PairwiseArgs& a);
+// Instruction set the CPU kernels dispatch to: "avx512", "avx2" or "base".
+std::string isa();
+// Force an instruction set (for tests and benchmarks); returns false if the CPU lacks it.
+bool set_isa(const std::string& name);
+std::string best_isa();
+}  // namespace cpu
+
+namespace cuda {
+bool compiled();
+// Number of visible CUDA devices; 0 with a reason in *why when there are none.
+int device_count(std::string* why);
+}  // namespace cuda
+
+}  // namespace sppo_fast

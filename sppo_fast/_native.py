@@ -1,0 +1,136 @@
+"""The ``cpp`` backend: torch tensors in, the extension's raw-pointer kernels, torch tensors out.
+
+``sppo_fast._C`` never links libtorch; this module turns validated tensors into data pointers,
+sizes, element strides and dtype codes (the contract in ``csrc/ops.h``) and allocates the outputs.
+Callers (``sppo_fast.ops``) have already checked shapes, dtypes, devices and label ranges.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .reference import PairwiseResult
+
+try:
+    from . import _C
+except ImportError as exc:  # pragma: no cover - exercised only on a broken install
+    _C = None
+    _IMPORT_ERROR: Optional[BaseException] = exc
+else:
+    _IMPORT_ERROR = None
+
+# Must match csrc/ops.h.
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+
+
+def available() -> bool:
+    return _C is not None
+
+
+def unavailable_reason() -> str:
+    return f"sppo_fast._C failed to import: {_IMPORT_ERROR}"
+
+
+def cpu_isa() -> str:
+    """Instruction set the CPU kernels use now: ``"avx512"``, ``"avx2"`` or ``"base"``."""
+    return _C.cpu_isa()
+
+
+def set_cpu_isa(name: str) -> None:
+    """Force the CPU kernels onto ``"base"``, ``"avx2"`` or ``"avx512"`` (tests and benchmarks)."""
+    if not _C.cpu_set_isa(name):
+        raise ValueError(f"isa: {name!r} is unknown or not supported by this CPU "
+                         f"(best here: {_C.cpu_best_isa()!r})")
+
+
+def cuda_status() -> tuple[bool, int, str]:
+    """``(compiled, device_count, reason)`` for the CUDA part of the extension."""
+    n, why = _C.cuda_device_count()
+    return bool(_C.cuda_compiled()), int(n), why
+
+
+def _threads() -> int:
+    # Follow torch's intra-op setting so that one knob (torch.set_num_threads) governs both.
+    return torch.get_num_threads()
+
+
+def empty_like_fresh(x: Tensor) -> Tensor:
+    """``torch.empty_like(x)`` whose pages the kernel will fault in as huge pages where possible.
+
+    A fresh 0.5 GB gradient otherwise costs ~130k page faults on its first write, about as long as
+    the whole backward kernel on a 2-core machine.
+    """
+    out = torch.empty_like(x)
+    if out.device.type == "cpu" and out.nbytes >= (8 << 20):
+        _C.advise_hugepages(out.data_ptr(), out.nbytes)
+    return out
+
+
+def logprob_fwd(logits: Tensor, labels: Tensor, ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(token_logp[B, T], lse[B, T, 2], seq_logp[B])`` for ``logits[B, T, V]`` (last stride 1).
+
+    ``lse[..., 0]`` is the row max and ``lse[..., 1]`` the log of the sum of ``exp(row - max)``;
+    their sum is the logsumexp. Keeping them apart halves the backward's rounding error.
+    """
+    B, T, V = logits.shape
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    tok = torch.empty((B, T), dtype=acc)
+    lse = torch.empty((B, T, 2), dtype=acc)
+    seq = torch.empty((B,), dtype=acc)
+    if B * T:
+        _C.logprob_fwd(
+            logits.data_ptr(), DTYPE_CODES[logits.dtype], B, T, V,
+            logits.stride(0), logits.stride(1),
+            labels.data_ptr(), labels.stride(0), labels.stride(1), ignore_index,
+            tok.data_ptr(), lse.data_ptr(), seq.data_ptr(), _threads(),
+        )
+    else:
+        seq.zero_()
+    return tok, lse, seq
+
+
+def logprob_bwd(
+    logits: Tensor, labels: Tensor, lse: Tensor, coef: Tensor, ignore_index: int, out: Tensor
+) -> Tensor:
+    """Write ``coef[b, t] * (onehot(labels[b, t]) - softmax(logits[b, t]))`` into ``out``.
+
+    ``coef`` is ``[B, T]`` in the accumulation dtype with any strides (a per-sequence coefficient
+    is ``coef_seq[:, None].expand(B, T)``, stride 0 along T); ``out`` may be ``logits`` itself.
+    """
+    B, T, V = logits.shape
+    if B * T:
+        _C.logprob_bwd(
+            logits.data_ptr(), DTYPE_CODES[logits.dtype], B, T, V,
+            logits.stride(0), logits.stride(1),
+            labels.data_ptr(), labels.stride(0), labels.stride(1), ignore_index,
+            lse.data_ptr(), coef.data_ptr(), coef.stride(0), coef.stride(1),
+            out.data_ptr(), out.stride(0), out.stride(1), _threads(),
+        )
+    return out
+
+
+def pairwise(cmp: Tensor, mode: str) -> PairwiseResult:
+    """PairRM aggregation of ``cmp[B, K, K]`` (float32 or float64) on the CPU."""
+    B, K, _ = cmp.shape
+    f64 = torch.float64
+    res = PairwiseResult(
+        scores=torch.empty((B, K), dtype=torch.float32),
+        probs=torch.empty((B, K, K), dtype=f64),
+        win_rates=torch.empty((B, K), dtype=f64),
+        chosen=torch.empty((B,), dtype=torch.int64),
+        rejected=torch.empty((B,), dtype=torch.int64),
+        chosen_probs=torch.empty((B,), dtype=f64),
+        chosen_probs_win=torch.empty((B,), dtype=f64),
+        chosen_probs_lose=torch.empty((B,), dtype=f64),
+        tied=torch.empty((B,), dtype=torch.bool),
+    )
+    if B:
+        _C.pairwise(
+            cmp.data_ptr(), DTYPE_CODES[cmp.dtype], B, K, cmp.stride(0), cmp.stride(1),
+            cmp.stride(2), 0 if mode == "official" else 1,
+            *(t.data_ptr() for t in res), _threads(),
+        )
+    return res

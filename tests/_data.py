@@ -1,0 +1,20 @@
+"""Random test inputs: uneven shapes, masked prompts and padding, optional huge logits."""
+
+import torch
+
+
+def make_batch(B, T, V, dtype, gen, *, scale=3.0, ignore_frac=0.25, fully_masked=(), huge=False,
+               extra_time=0):
+    """logits [B, T + extra_time, V] and aligned labels [B, T + extra_time] with -100 on a prompt
+    prefix of each row (random length) and on the rows listed in fully_masked."""
+    logits = torch.randn(B, T + extra_time, V, generator=gen) * scale
+    if huge:
+        logits = logits * 3000.0  # |x| ~ 1e4
+    logits = logits.to(dtype)
+    labels = torch.randint(0, V, (B, T + extra_time), generator=gen)
+    prompt = torch.randint(0, max(1, int(T * ignore_frac)) + 1, (B,), generator=gen)
+    pos = torch.arange(T + extra_time)
+    labels[pos[None, :] < prompt[:, None]] = -100
+    for b in fully_masked:
+        labels[b] = -100
+    return logits, labels

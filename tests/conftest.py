@@ -1,0 +1,51 @@
+"""Shared fixtures and the accuracy rule every backend is held to.
+
+Triton's interpreter has to be switched on before any kernel is defined, so it is set here, first.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import sppo_fast  # noqa: E402
+from sppo_fast import _native  # noqa: E402
+
+CPU_ISAS = [isa for isa in ("base", "avx2", "avx512") if _native._C.cpu_set_isa(isa)]
+_native._C.cpu_set_isa(_native._C.cpu_best_isa())
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+HAS_CUDA = torch.cuda.is_available()
+
+
+@pytest.fixture(params=CPU_ISAS)
+def isa(request):
+    """Run the test once per instruction set this CPU supports, then restore the best one."""
+    sppo_fast.set_cpu_isa(request.param)
+    yield request.param
+    sppo_fast.set_cpu_isa(_native._C.cpu_best_isa())
+
+
+@pytest.fixture
+def gen():
+    """A fresh, seeded generator per test (fresh random inputs, reproducible failures)."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"generator seed: {seed}")  # shown with a failure's captured output
+    return torch.Generator().manual_seed(seed)
+
+
+def max_err(x: torch.Tensor, truth: torch.Tensor) -> float:
+    return (x.double() - truth.double()).abs().max().item() if truth.numel() else 0.0
+
+
+def assert_as_accurate(out, same_dtype_ref, truth, *, atol, rtol=0.0, what=""):
+    """The kernel's error against float64 truth may not exceed the same-dtype reference's error
+    by more than atol + rtol * max|truth|."""
+    assert out.shape == truth.shape, (what, out.shape, truth.shape)
+    assert torch.isfinite(out).all(), f"{what}: non-finite values"
+    e_out, e_ref = max_err(out, truth), max_err(same_dtype_ref, truth)
+    scale = truth.double().abs().max().item() if truth.numel() else 0.0
+    bound = e_ref + atol + rtol * scale
+    assert e_out <= bound, f"{what}: error {e_out:.3g} > reference's own {e_ref:.3g} + tolerance ({bound:.3g})"

@@ -1,0 +1,108 @@
+"""Bad input gets a ValueError or TypeError that names the argument and the problem."""
+
+import pytest
+import torch
+
+import sppo_fast
+
+
+def _ok(B=2, T=5, V=11):
+    logits = torch.randn(2 * B, T, V)
+    labels = torch.randint(0, V, (2 * B, T))
+    ref = torch.randn(2 * B)
+    probs = {"chosen_probs_win": torch.full((B,), 0.7), "chosen_probs_lose": torch.full((B,), 0.3)}
+    return logits, labels, ref, probs
+
+
+BACKENDS = ["cpp", "reference"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mutate, exc, match", [
+    (lambda a: a.update(logits=a["logits"].long()), TypeError, "logits: expected float32"),
+    (lambda a: a.update(logits=a["logits"][0]), ValueError, r"logits: expected \[B, T, V\]"),
+    (lambda a: a.update(logits=a["logits"][:3]), ValueError, "logits: expected an even batch"),
+    (lambda a: a.update(logits=a["logits"].transpose(1, 2).contiguous().transpose(1, 2)), ValueError,
+     "stride 1"),
+    (lambda a: a.update(labels=a["labels"].float()), TypeError, "labels: expected an integer dtype"),
+    (lambda a: a.update(labels=a["labels"][:, :3]), ValueError, "labels: shape"),
+    (lambda a: a["labels"].__setitem__((1, 2), 11), ValueError, r"labels: 1 label\(s\) outside \[0, 11\)"),
+    (lambda a: a["labels"].__setitem__((0, 0), -5), ValueError, r"first at \(0, 0\): -5"),
+    (lambda a: a.update(ref=a["ref"][:3]), ValueError, r"ref_logps: expected shape \(4,\)"),
+    (lambda a: a["probs"]["chosen_probs_win"].__setitem__(0, float("nan")), ValueError,
+     "chosen_probs_win: probabilities must lie in \\[0, 1\\] and not be NaN; got 1 NaN"),
+    (lambda a: a["probs"]["chosen_probs_lose"].__setitem__(1, 1.5), ValueError, "chosen_probs_lose:.*max 1.5"),
+    (lambda a: a["probs"].pop("chosen_probs_lose"), ValueError, "needs chosen_probs_win and chosen_probs_lose"),
+    (lambda a: a.update(beta=0.0), ValueError, "beta: must be a finite number > 0"),
+    (lambda a: a.update(beta=-1.0), ValueError, "beta: must be a finite number > 0"),
+    (lambda a: a.update(beta=float("inf")), ValueError, "beta"),
+    (lambda a: a.update(loss_type="dpo"), ValueError, "loss_type: expected one of"),
+    (lambda a: a.update(loss_type="sppo_single"), ValueError, "needs chosen_probs"),
+])
+def test_fused_bad_input(backend, mutate, exc, match):
+    logits, labels, ref, probs = _ok()
+    args = {"logits": logits, "labels": labels, "ref": ref, "probs": probs, "beta": 0.001, "loss_type": "sppo"}
+    mutate(args)
+    with pytest.raises(exc, match=match):
+        sppo_fast.fused_sppo_loss(args["logits"], args["labels"], args["ref"], beta=args["beta"],
+                                  loss_type=args["loss_type"], backend=backend, **args["probs"])
+
+
+def test_labels_device_mismatch():
+    logits, labels, ref, probs = _ok()
+    meta = labels.to("meta")
+    with pytest.raises(ValueError, match="labels: on meta but logits on cpu"):
+        sppo_fast.sequence_logps(logits, meta)
+
+
+def test_ignore_index_type():
+    logits, labels, _, _ = _ok()
+    with pytest.raises(TypeError, match="ignore_index: expected an int"):
+        sppo_fast.sequence_logps(logits, labels, ignore_index=-100.0)
+
+
+def test_unknown_backend_and_mode():
+    logits, labels, _, _ = _ok()
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        sppo_fast.sequence_logps(logits, labels, backend="numba")
+    with pytest.raises(ValueError, match="mode: expected one of"):
+        sppo_fast.pairrm_aggregate(torch.zeros(1, 3, 3), mode="bradley-terry")
+
+
+def test_unavailable_backends_say_why():
+    logits, labels, _, _ = _ok()
+    with pytest.raises(sppo_fast.BackendUnavailableError, match="Triton kernels are not part"):
+        sppo_fast.sequence_logps(logits, labels, backend="triton")
+    with pytest.raises(sppo_fast.BackendUnavailableError, match="backend 'cuda' runs on CUDA tensors"):
+        sppo_fast.sequence_logps(logits, labels, backend="cuda")
+
+
+def test_sppo_loss_bad_input():
+    x = torch.randn(3)
+    with pytest.raises(ValueError, match=r"ref_rejected_logps: expected shape \(3,\)"):
+        sppo_fast.sppo_loss(x, x, x, torch.randn(4), loss_type="sppo_hard")
+    with pytest.raises(ValueError, match="policy_chosen_logps: expected a \\[B\\] tensor"):
+        sppo_fast.sppo_loss(torch.randn(3, 2), x, x, x, loss_type="sppo_hard")
+    with pytest.raises(ValueError, match="chosen_probs: probabilities must lie"):
+        sppo_fast.sppo_loss(x, x, x, x, chosen_probs=torch.tensor([0.1, -0.2, 0.3]), loss_type="sppo_single")
+    with pytest.raises(TypeError, match="beta: expected a Python float"):
+        sppo_fast.sppo_loss(x, x, x, x, beta=torch.tensor(0.1), loss_type="sppo_hard")
+
+
+@pytest.mark.parametrize("cmp, exc, match", [
+    (torch.zeros(3, 3), ValueError, r"cmp: expected \[B, K, K\]"),
+    (torch.zeros(2, 3, 4), ValueError, r"cmp: expected \[B, K, K\]"),
+    (torch.zeros(2, 1, 1), ValueError, "K >= 2"),
+    (torch.zeros(2, 3, 3, dtype=torch.long), TypeError, "cmp: expected a floating dtype"),
+    (torch.tensor([[[0.0, float("nan")], [1.0, 0.0]]]), ValueError, "cmp: contains NaN"),
+])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pairwise_bad_input(cmp, exc, match, backend):
+    with pytest.raises(exc, match=match):
+        sppo_fast.pairrm_aggregate(cmp, backend=backend)
+
+
+def test_nan_on_diagonal_is_ignored():
+    cmp = torch.zeros(1, 3, 3)
+    cmp[0, 1, 1] = float("nan")
+    assert torch.isfinite(sppo_fast.pairrm_aggregate(cmp).probs).all()

@@ -1,0 +1,173 @@
+"""fused_sppo_loss and sppo_loss against the reference composite, for every loss type."""
+
+import pytest
+import torch
+
+import sppo_fast
+from sppo_fast import reference as R
+
+from _data import make_batch
+from conftest import DTYPES, assert_as_accurate
+
+
+def _probs(B, gen, dtype=torch.float64):
+    u = torch.rand(3, B, generator=gen, dtype=dtype)
+    return {"chosen_probs_win": 0.5 + u[0] / 2, "chosen_probs_lose": u[1] / 2, "chosen_probs": u[2]}
+
+
+def _ref_loss(logits, labels, ref_logps, probs, beta, loss_type):
+    B = logits.shape[0] // 2
+    pol = R.sequence_logps(logits, labels)
+    p = {k: v.to(pol.dtype) for k, v in probs.items()}
+    ref = ref_logps.to(pol.dtype)
+    return R.sppo_loss(pol[:B], pol[B:], ref[:B], ref[B:], beta=beta, loss_type=loss_type, **p).mean(), pol
+
+
+@pytest.mark.parametrize("loss_type", sppo_fast.LOSS_TYPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_matches_reference(loss_type, dtype, gen):
+    B, T, V = 3, 97, 1271  # 2B = 6 sequences
+    logits, labels = make_batch(2 * B, T, V, dtype, gen, fully_masked=(4,))
+    probs = _probs(B, gen)
+    beta = 0.1  # targets of a few nats, comparable to the random log-ratios
+    with torch.no_grad():
+        ref_logps = R.sequence_logps(logits.double(), labels) + torch.randn(2 * B, generator=gen, dtype=torch.float64)
+
+    xt = logits.double().requires_grad_()
+    truth, truth_pol = _ref_loss(xt, labels, ref_logps, probs, beta, loss_type)
+    xs = logits.clone().requires_grad_()
+    same, same_pol = _ref_loss(xs, labels, ref_logps, probs, beta, loss_type)
+    x = logits.clone().requires_grad_()
+    loss, pol, metrics = sppo_fast.fused_sppo_loss(x, labels, ref_logps, beta=beta, loss_type=loss_type,
+                                                   backend="cpp", **probs)
+    assert loss.dim() == 0 and pol.shape == (2 * B,)
+    assert_as_accurate(pol, same_pol, truth_pol, atol=2e-4, what="policy logps")
+    assert_as_accurate(loss, same, truth, atol=2e-3, rtol=1e-5, what="loss")
+
+    up = 0.37  # upstream gradient other than 1
+    (truth * up).backward()
+    (same * up).backward()
+    (loss * up).backward()
+    assert_as_accurate(x.grad, xs.grad, xt.grad, atol=1e-5, what="grad logits")
+    assert (x.grad[4] == 0).all()
+
+    # metrics: TRL names, detached, consistent with the policy log-probs
+    assert not any(v.requires_grad for v in metrics.values())
+    a_w = (truth_pol[:B] - ref_logps[:B]).detach()
+    torch.testing.assert_close(metrics["rewards/chosen"].double(), (beta * a_w).mean(), rtol=1e-4, atol=1e-4)
+    t_w, _ = R.sppo_targets(beta=beta, loss_type=loss_type, **probs)
+    torch.testing.assert_close(metrics["targets/chosen"].double(),
+                               torch.as_tensor(beta * t_w, dtype=torch.float64).mean(), rtol=1e-5, atol=1e-6)
+
+
+def test_fused_released_beta_float32(gen):
+    """beta = 0.001 (targets up to +-500 nats): the float32 path stays as accurate as the reference."""
+    B, T, V = 4, 64, 503
+    logits, labels = make_batch(2 * B, T, V, torch.float32, gen)
+    probs = _probs(B, gen)
+    ref_logps = torch.randn(2 * B, generator=gen, dtype=torch.float64) * 50 - 200
+    xt = logits.double().requires_grad_()
+    truth, _ = _ref_loss(xt, labels, ref_logps, probs, 0.001, "sppo")
+    xs = logits.clone().requires_grad_()
+    same, _ = _ref_loss(xs, labels, ref_logps, probs, 0.001, "sppo")
+    x = logits.clone().requires_grad_()
+    loss, _, _ = sppo_fast.fused_sppo_loss(x, labels, ref_logps, beta=0.001, backend="cpp", **probs)
+    assert_as_accurate(loss, same, truth, atol=1e-2, rtol=1e-6, what="loss")
+    truth.backward(); same.backward(); loss.backward()
+    assert_as_accurate(x.grad, xs.grad, xt.grad, atol=1e-4, rtol=1e-6, what="grad")
+
+
+def test_fused_reference_backend_agrees(gen):
+    B = 2
+    logits, labels = make_batch(2 * B, 19, 211, torch.float64, gen)
+    probs = _probs(B, gen)
+    ref_logps = torch.randn(2 * B, generator=gen, dtype=torch.float64)
+    out = {}
+    for be in ("reference", "cpp"):
+        x = logits.clone().requires_grad_()
+        loss, pol, m = sppo_fast.fused_sppo_loss(x, labels, ref_logps, beta=0.5, backend=be, **probs)
+        loss.backward()
+        out[be] = (loss, pol, x.grad, m)
+    torch.testing.assert_close(out["cpp"][0], out["reference"][0], rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(out["cpp"][2], out["reference"][2], rtol=1e-10, atol=1e-12)
+    for k in out["cpp"][3]:
+        torch.testing.assert_close(out["cpp"][3][k], out["reference"][3][k], rtol=1e-10, atol=1e-10)
+
+
+def test_gradcheck_fused_float64(gen):
+    B = 2
+    logits, labels = make_batch(2 * B, 4, 7, torch.float64, gen, scale=1.0)
+    probs = _probs(B, gen)
+    ref_logps = torch.randn(2 * B, generator=gen, dtype=torch.float64)
+    for loss_type in sppo_fast.LOSS_TYPES:
+        assert torch.autograd.gradcheck(
+            lambda t: sppo_fast.fused_sppo_loss(t, labels, ref_logps, beta=2.0, loss_type=loss_type,
+                                                backend="cpp", **probs)[0],
+            (logits.clone().requires_grad_(),))
+
+
+def test_sppo_loss_formulas_by_hand():
+    """Numbers worked out by hand from the official formulas (sppo/trainer.py, TRL sppo_hard)."""
+    pc, pr = torch.tensor([-10.0]), torch.tensor([-20.0])
+    rc, rr = torch.tensor([-12.0]), torch.tensor([-18.0])
+    # a_w = 2, a_l = -2, beta = 0.5 -> 1/beta = 2
+    p_win, p_lose, p = torch.tensor([0.75]), torch.tensor([0.25]), torch.tensor([0.9])
+    # sppo: ((2 - 2*0.25)^2 + (-2 - 2*(-0.25))^2) / 2 = (2.25 + 2.25) / 2 = 2.25
+    got = sppo_fast.sppo_loss(pc, pr, rc, rr, chosen_probs_win=p_win, chosen_probs_lose=p_lose, beta=0.5)
+    assert got.item() == pytest.approx(2.25)
+    # sppo_single: ((2 - 2*0.4)^2 + (-2 + 2*0.4)^2) / 2 = (1.44 + 1.44) / 2 = 1.44
+    got = sppo_fast.sppo_loss(pc, pr, rc, rr, chosen_probs=p, beta=0.5, loss_type="sppo_single")
+    assert got.item() == pytest.approx(1.44)
+    # sppo_hard: (2 - 1)^2 + (-2 + 1)^2 = 2 (no halving)
+    got = sppo_fast.sppo_loss(pc, pr, rc, rr, beta=0.5, loss_type="sppo_hard")
+    assert got.item() == pytest.approx(2.0)
+
+
+def test_sppo_loss_gradient_is_per_sequence_scalar(gen):
+    """dloss/dlogp_w = (a_w - target_w) / n_pairs for loss_type sppo: what makes fusion exact."""
+    B = 5
+    pol = torch.randn(2 * B, generator=gen, dtype=torch.float64).requires_grad_()
+    ref = torch.randn(2 * B, generator=gen, dtype=torch.float64)
+    pr = _probs(B, gen)
+    loss = sppo_fast.sppo_loss(pol[:B], pol[B:], ref[:B], ref[B:], beta=0.25,
+                               chosen_probs_win=pr["chosen_probs_win"],
+                               chosen_probs_lose=pr["chosen_probs_lose"]).mean()
+    loss.backward()
+    a_w = pol[:B].detach() - ref[:B]
+    expect = (a_w - 4 * (pr["chosen_probs_win"] - 0.5)) / B
+    torch.testing.assert_close(pol.grad[:B], expect)
+
+
+def test_convergence_tiny_model(gen):
+    """Train a tiny LM a few steps with the fused loss and with the reference: same loss each step."""
+    V, H, T, B = 257, 32, 24, 4
+    torch.manual_seed(1234)
+    emb = torch.nn.Embedding(V, H)
+    head = torch.nn.Linear(H, V)
+    tokens = torch.randint(0, V, (2 * B, T), generator=gen)
+    labels = tokens.clone()
+    labels[:, :6] = -100
+    labels = sppo_fast.next_token_labels(labels)
+    probs = {"chosen_probs_win": torch.rand(B, generator=gen) / 2 + 0.5,
+             "chosen_probs_lose": torch.rand(B, generator=gen) / 2}
+    with torch.no_grad():
+        ref_logps = R.sequence_logps(head(torch.tanh(emb(tokens))), labels)
+
+    def run(backend):
+        e, h = [m.__class__(*a) for m, a in ((emb, (V, H)), (head, (H, V)))]
+        e.load_state_dict(emb.state_dict()), h.load_state_dict(head.state_dict())
+        opt = torch.optim.Adam(list(e.parameters()) + list(h.parameters()), lr=1e-2)
+        losses = []
+        for _ in range(8):
+            logits = h(torch.tanh(e(tokens)))
+            loss, _, _ = sppo_fast.fused_sppo_loss(logits, labels, ref_logps, beta=0.1, backend=backend, **probs)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        return losses
+
+    fused, ref = run("cpp"), run("reference")
+    assert fused[-1] < fused[0]  # it learns
+    for a, b in zip(fused, ref):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-5)

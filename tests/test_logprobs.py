@@ -1,0 +1,183 @@
+"""Token and sequence log-probs of the cpp backend against the float64 reference, with gradients."""
+
+import pytest
+import torch
+
+import sppo_fast
+from sppo_fast import reference as R
+
+from _data import make_batch
+from conftest import DTYPES, assert_as_accurate
+
+# atol for log-prob sums of ~100 tokens and for gradient entries, per dtype. The same-dtype
+# reference's own error is added on top (see conftest.assert_as_accurate).
+FWD_ATOL = {torch.float32: 2e-4, torch.bfloat16: 2e-4, torch.float16: 2e-4, torch.float64: 1e-9}
+GRAD_ATOL = {torch.float32: 1e-6, torch.bfloat16: 1e-6, torch.float16: 1e-6, torch.float64: 1e-12}
+
+
+def _check_seq(logits, labels, gen, *, huge=False, inplace=False):
+    dtype = logits.dtype
+    truth_in = logits.detach().double().requires_grad_()
+    truth = R.sequence_logps(truth_in, labels)
+    same_in = logits.detach().clone().requires_grad_()
+    same = R.sequence_logps(same_in, labels)
+    x = logits.detach().clone().requires_grad_()
+    out = sppo_fast.sequence_logps(x if not inplace else x * 1, labels, backend="cpp",
+                                   inplace_backward=inplace)
+    assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    atol = FWD_ATOL[dtype] * (1e4 if huge else 1)
+    assert_as_accurate(out, same, truth, atol=atol, rtol=1e-6, what=f"sequence_logps {dtype}")
+
+    g = torch.randn(out.shape, generator=gen, dtype=torch.float64) * 3  # upstream grad != 1
+    (truth * g).sum().backward()
+    (same * g.to(same.dtype)).sum().backward()
+    (out * g.to(out.dtype)).sum().backward()
+    assert x.grad.dtype == dtype
+    # rtol: a few float32 ulps of the largest gradient entry (|g| reaches ~10 here)
+    assert_as_accurate(x.grad, same_in.grad, truth_in.grad, atol=GRAD_ATOL[dtype],
+                       rtol=0 if dtype == torch.float64 else 5e-7, what=f"grad {dtype}")
+    return out, x.grad
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+def test_sequence_logps_uneven(isa, dtype, gen):
+    logits, labels = make_batch(5, 97, 1271, dtype, gen, fully_masked=(3,))
+    out, grad = _check_seq(logits, labels, gen)
+    assert out[3].item() == 0.0
+    assert (grad[3] == 0).all()  # fully masked sequence: zero gradient
+    assert (grad[labels == -100] == 0).all()  # ignored positions get no gradient
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_huge_logits(isa, dtype, gen):
+    logits, labels = make_batch(3, 17, 515, dtype, gen, huge=True)
+    _check_seq(logits, labels, gen, huge=True)
+
+
+def test_float16_large_magnitude(isa, gen):
+    """|x| up to ~1e4 also in float16 (its range ends at 65504)."""
+    logits, labels = make_batch(3, 17, 515, torch.float16, gen, scale=2000.0)
+    _check_seq(logits, labels, gen, huge=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shifted_view_without_copy(dtype, gen):
+    """logits[:, :-1] with labels[:, 1:] (Hugging Face shift) equals aligned labels on full logits."""
+    logits, labels = make_batch(3, 40, 777, dtype, gen, extra_time=1)
+    view = logits[:, :-1]
+    assert not view.is_contiguous()
+    a = sppo_fast.sequence_logps(view, labels[:, 1:], backend="cpp")
+    b = sppo_fast.sequence_logps(logits, sppo_fast.next_token_labels(labels), backend="cpp")
+    truth = R.sequence_logps(view.double(), labels[:, 1:])
+    assert_as_accurate(a, R.sequence_logps(view, labels[:, 1:]), truth, atol=FWD_ATOL[dtype])
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+    # the gradient reaches the original buffer through the view, zero on the dropped position
+    x = logits.clone().requires_grad_()
+    sppo_fast.sequence_logps(x[:, :-1], labels[:, 1:], backend="cpp").sum().backward()
+    assert (x.grad[:, -1] == 0).all()
+    ref_x = logits.double().requires_grad_()
+    R.sequence_logps(ref_x[:, :-1], labels[:, 1:]).sum().backward()
+    torch.testing.assert_close(x.grad.double(), ref_x.grad, rtol=0.02, atol=2e-2 if dtype != torch.float32 else 1e-6)
+
+
+@pytest.mark.parametrize("shape", [(7, 1271), (2, 3, 1)])
+def test_token_logprobs(isa, shape, gen):
+    V = shape[-1]
+    x = torch.randn(*shape, generator=gen).requires_grad_()
+    labels = torch.randint(0, V, shape[:-1], generator=gen)
+    labels.view(-1)[0] = -100
+    out = sppo_fast.token_logprobs(x, labels, backend="cpp")
+    xt = x.detach().double().requires_grad_()
+    truth = R.token_logprobs(xt, labels)
+    assert out.shape == labels.shape
+    assert out.view(-1)[0].item() == 0.0
+    torch.testing.assert_close(out.double(), truth, rtol=0, atol=1e-5)
+    g = torch.randn(labels.shape, generator=gen, dtype=torch.float64)
+    (out * g.float()).sum().backward()
+    (truth * g).sum().backward()
+    torch.testing.assert_close(x.grad.double(), xt.grad, rtol=0, atol=1e-6)
+
+
+def test_token_and_sequence_gradients_combine(gen):
+    """A loss that uses both token and sequence outputs of the same logits gets the sum of both."""
+    logits, labels = make_batch(3, 11, 301, torch.float64, gen)
+    x = logits.clone().requires_grad_()
+    xt = logits.clone().requires_grad_()
+    tok = sppo_fast.token_logprobs(x, labels, backend="cpp")
+    seq = sppo_fast.sequence_logps(x, labels, backend="cpp")
+    ((tok ** 2).sum() + (seq * torch.arange(3.0, dtype=torch.float64)).sum()).backward()
+    tt = R.token_logprobs(xt, labels)
+    st = R.sequence_logps(xt, labels)
+    ((tt ** 2).sum() + (st * torch.arange(3.0, dtype=torch.float64)).sum()).backward()
+    torch.testing.assert_close(x.grad, xt.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_gradcheck_float64(isa, gen):
+    logits, labels = make_batch(3, 5, 13, torch.float64, gen, fully_masked=(1,))
+    x = logits.clone().requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda t: sppo_fast.sequence_logps(t, labels, backend="cpp"), (x,))
+    assert torch.autograd.gradcheck(
+        lambda t: sppo_fast.token_logprobs(t, labels, backend="cpp"), (x,))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_inplace_backward(dtype, gen):
+    logits, labels = make_batch(4, 23, 1271, dtype, gen)
+    x = logits.clone().requires_grad_()
+    out = sppo_fast.sequence_logps(x * 1, labels, backend="cpp", inplace_backward=True)
+    ref_x = logits.clone().requires_grad_()
+    ref = sppo_fast.sequence_logps(ref_x, labels, backend="cpp")
+    g = torch.randn(4, generator=gen)
+    (out * g).sum().backward()
+    (ref * g).sum().backward()
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    torch.testing.assert_close(x.grad, ref_x.grad, rtol=0, atol=0)
+
+
+def test_inplace_backward_overwrites_logits(gen):
+    logits, labels = make_batch(2, 9, 101, torch.float32, gen)
+    leaf = logits.clone().requires_grad_()
+    hidden = leaf * 2  # the logits buffer the op may consume
+    out = sppo_fast.sequence_logps(hidden, labels, backend="cpp", inplace_backward=True)
+    out.sum().backward()
+    expect = R.sequence_logps((logits * 2).double().requires_grad_(), labels)
+    assert torch.isfinite(leaf.grad).all()
+    ref_leaf = logits.double().requires_grad_()
+    R.sequence_logps(ref_leaf * 2, labels).sum().backward()
+    torch.testing.assert_close(leaf.grad.double(), ref_leaf.grad, rtol=0, atol=1e-5)
+    assert expect.shape == out.shape
+
+
+def test_large_vocab(gen):
+    logits, labels = make_batch(2, 64, 32000, torch.bfloat16, gen)
+    _check_seq(logits, labels, gen)
+
+
+def test_threads_do_not_change_results(gen):
+    logits, labels = make_batch(6, 33, 999, torch.float32, gen)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        a = sppo_fast.token_logprobs(logits, labels, backend="cpp")
+        torch.set_num_threads(max(2, old))
+        b = sppo_fast.token_logprobs(logits, labels, backend="cpp")
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(a, b)
+
+
+def test_next_token_labels():
+    labels = torch.tensor([[-100, -100, 5, 6, 7], [-100, 1, 2, -100, -100]])
+    out = sppo_fast.next_token_labels(labels)
+    assert out.tolist() == [[-100, 5, 6, 7, -100], [1, 2, -100, -100, -100]]
+    assert sppo_fast.next_token_labels(labels, ignore_index=-1)[:, -1].tolist() == [-1, -1]
+
+
+def test_empty_batch():
+    x = torch.randn(0, 4, 10, requires_grad=True)
+    labels = torch.zeros(0, 4, dtype=torch.long)
+    out = sppo_fast.sequence_logps(x, labels, backend="cpp")
+    assert out.shape == (0,)
+    out.sum().backward()
+    assert x.grad.shape == x.shape
