@@ -1,0 +1,210 @@
+"""Benchmark fused_sppo_loss forward and forward+backward: the eager reference against the backends.
+
+    python benchmarks/bench_fused_sppo.py                      # N = 16 x 256 tokens, V = 32000, fp32
+    python benchmarks/bench_fused_sppo.py --dtype bfloat16 --V 128256 --compile
+
+The reference is what a plain PyTorch SPPO trainer does: log_softmax + gather + sum + loss and
+autograd. Every provider runs in its own fresh process, which also gives its peak RSS; the extra
+peak memory of a provider is its peak minus that of a process that only allocates the inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import harness  # noqa: E402
+
+OP = "fused_sppo_loss"
+CPU_PROVIDERS = ["reference", "cpp", "cpp-inplace"]
+GPU_PROVIDERS = ["reference", "reference-compile", "triton", "cuda"]
+
+
+def _inputs(args, device):
+    import torch
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    dtype = getattr(torch, args.dtype)
+    n_seq = 2 * args.B
+    # filled one sequence at a time so that no full-size temporary inflates the baseline's peak
+    logits = torch.empty(n_seq, args.T, args.V, dtype=dtype, device=device)
+    for i in range(n_seq):
+        logits[i] = torch.randn(args.T, args.V, generator=g) * 2
+    labels = torch.randint(0, args.V, (n_seq, args.T), generator=g)
+    labels[:, : args.T // 4] = -100  # a prompt prefix
+    labels = labels.to(device)
+    ref_logps = (torch.randn(n_seq, generator=g) * 10 - 3 * args.T).to(device)
+    probs = {"chosen_probs_win": (0.5 + torch.rand(args.B, generator=g) / 2).to(device),
+             "chosen_probs_lose": (torch.rand(args.B, generator=g) / 2).to(device)}
+    return logits, labels, ref_logps, probs
+
+
+def _step_fn(provider, logits, labels, ref_logps, probs, beta, backward):
+    """One forward (+ backward) of the loss for ``provider``."""
+    import torch
+
+    import sppo_fast
+    from sppo_fast import reference as R
+
+    def reference_loss(x):
+        B = x.shape[0] // 2
+        pol = R.sequence_logps(x, labels)
+        return R.sppo_loss(pol[:B], pol[B:], ref_logps[:B], ref_logps[B:], beta=beta, **probs).mean()
+
+    if provider.startswith("reference"):
+        loss_fn = torch.compile(reference_loss) if provider.endswith("compile") else reference_loss
+    else:
+        backend = provider.split("-")[0]
+        inplace = provider.endswith("inplace")
+
+        def loss_fn(x):
+            return sppo_fast.fused_sppo_loss(x, labels, ref_logps, beta=beta, backend=backend,
+                                             inplace_backward=inplace, **probs)[0]
+
+    if not backward:
+        def fwd():
+            with torch.no_grad():
+                return loss_fn(logits)
+        return fwd
+
+    leaf = logits.requires_grad_()
+
+    def full():
+        loss_fn(_Consume.apply(leaf)).backward()
+    return full
+
+
+def _consume_class():
+    import torch
+
+    class Consume(torch.autograd.Function):
+        """Identity whose backward drops the logits' gradient, as the lm_head backward would consume
+        it. Without it, the gradient would be accumulated into a leaf's .grad (an extra copy when
+        it shares the logits' memory), which a training step never does."""
+
+        @staticmethod
+        def forward(ctx, x):
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, g):
+            return None
+
+    return Consume
+
+
+def worker(args) -> dict:
+    import torch
+
+    global _Consume
+    _Consume = _consume_class()
+    device = "cuda" if args.cuda else "cpu"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    logits, labels, ref_logps, probs = _inputs(args, device)
+    out = {"env": harness.environment()}
+    if args.provider == "inputs":
+        out["peak_rss"] = harness.peak_rss_bytes()
+        return out
+    cuda = device == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    fn = _step_fn(args.provider, logits, labels, ref_logps, probs, args.beta, args.mode == "full")
+    out["time"] = harness.time_fn(fn, warmup=args.warmup, reps=args.reps, cuda=cuda)
+    out["peak_rss"] = harness.peak_rss_bytes()
+    if cuda:
+        out["cuda_extra_peak"] = torch.cuda.max_memory_allocated() - base
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--B", type=int, default=8, help="pairs; the batch holds 2B sequences (default 8)")
+    p.add_argument("--T", type=int, default=256, help="tokens per sequence (default 256)")
+    p.add_argument("--V", type=int, default=32000, help="vocabulary size (default 32000)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--beta", type=float, default=0.001)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=0, help="torch / OpenMP threads (default: torch's)")
+    p.add_argument("--providers", nargs="*", default=None)
+    p.add_argument("--compile", action="store_true", help="also time torch.compile of the reference")
+    p.add_argument("--cuda", action="store_true", help="run on the GPU")
+    p.add_argument("--out", type=Path, default=None, help="CSV path (default benchmarks/results/...)")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--provider", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--mode", default="full", help=argparse.SUPPRESS)
+    args = p.parse_args()
+
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+
+    providers = args.providers or (GPU_PROVIDERS if args.cuda else CPU_PROVIDERS)
+    if args.compile and "reference-compile" not in providers:
+        providers = providers + ["reference-compile"]
+    N = 2 * args.B * args.T
+    shape = f"N={N} (2B={2 * args.B} x T={args.T}) V={args.V} {args.dtype}"
+    elem = {"float32": 4, "bfloat16": 2, "float16": 2}[args.dtype]
+    logits_bytes = N * args.V * elem
+    common = ["--B", str(args.B), "--T", str(args.T), "--V", str(args.V), "--dtype", args.dtype,
+              "--beta", str(args.beta), "--reps", str(args.reps), "--warmup", str(args.warmup),
+              "--threads", str(args.threads)] + (["--cuda"] if args.cuda else [])
+    script = Path(__file__).resolve()
+
+    base = harness.run_worker(script, common + ["--provider", "inputs"])
+    env = base["env"]
+    rows: list[harness.Row] = []
+
+    def row(provider, mode, metric, value, unit):
+        rows.append(harness.Row(OP, provider, mode, shape, metric, value, unit, **env))
+
+    print(f"{OP}: {shape} on {env['device']} (isa {env['isa']}, {env['threads']} threads, "
+          f"torch {env['torch']})")
+    results = {}
+    for provider in providers:
+        for mode in ("forward", "full"):
+            try:
+                r = harness.run_worker(script, common + ["--provider", provider, "--mode", mode])
+            except RuntimeError as exc:
+                print(f"  {provider:<18} {mode:<8} skipped: {str(exc).splitlines()[-1]}")
+                break
+            t = r["time"]
+            results[(provider, mode)] = t["median"]
+            row(provider, mode, "time_median", t["median"] * 1e3, "ms")
+            row(provider, mode, "time_q20", t["q20"] * 1e3, "ms")
+            row(provider, mode, "time_q80", t["q80"] * 1e3, "ms")
+            row(provider, mode, "tokens_per_s", N / t["median"], "tokens/s")
+            if mode == "full":
+                # minimum traffic of a two-pass algorithm: read logits twice, write the gradient once
+                row(provider, mode, "effective_bandwidth", 3 * logits_bytes / t["median"] / 1e9, "GB/s")
+                extra = r.get("cuda_extra_peak", r["peak_rss"] - base["peak_rss"])
+                # the gradient is an output (none for the in-place variant: it reuses the logits)
+                beyond = extra - (0 if provider.endswith("inplace") else logits_bytes)
+                row(provider, mode, "extra_peak_memory", extra / 2**20, "MiB")
+                row(provider, mode, "peak_beyond_logits_and_grad_pct", 100 * beyond / logits_bytes, "%")
+            print(f"  {provider:<18} {mode:<8} {t['median'] * 1e3:9.1f} ms "
+                  f"[{t['q20'] * 1e3:.1f}, {t['q80'] * 1e3:.1f}]"
+                  + (f"  extra peak {extra / 2**20:8.1f} MiB ({100 * beyond / logits_bytes:+.1f}% of logits "
+                     "beyond logits+grad)" if mode == "full" else ""))
+    for provider in providers:
+        if provider != "reference" and (provider, "full") in results and ("reference", "full") in results:
+            speed = results[("reference", "full")] / results[(provider, "full")]
+            row(provider, "full", "speedup_vs_reference", speed, "x")
+            print(f"  {provider}: {speed:.2f}x faster than the eager reference (forward+backward)")
+
+    slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower().replace("(r)", "")).strip("-")
+    out = args.out or script.parent / "results" / f"{OP}-{args.dtype}-V{args.V}-{slug}.csv"
+    harness.write_rows(out, rows)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""Shared benchmark harness: timing with quantiles, peak memory, long-format CSV rows.
+
+Timing: ``time_fn`` runs warm-ups, then ``reps`` timed calls, and reports the median and the 20% /
+80% quantiles (CUDA: events and synchronisation; CPU: ``perf_counter``).
+
+Memory on the CPU: torch's allocations are invisible to tracemalloc, so every variant runs in a
+fresh process (``run_worker``) that reports its peak RSS (``ru_maxrss``); the difference to a worker
+that only allocates the inputs is the variant's extra peak memory. On a GPU:
+``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``.
+
+CSV rows (one per measurement): op, provider, mode, shape, metric, value, unit, device, isa,
+threads, torch, sppo_fast, timestamp. ``plot.py`` draws figures from these files.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+FIELDS = ["op", "provider", "mode", "shape", "metric", "value", "unit", "device", "isa", "threads",
+          "torch", "sppo_fast", "timestamp"]
+
+
+@dataclass
+class Row:
+    op: str
+    provider: str
+    mode: str
+    shape: str
+    metric: str
+    value: float
+    unit: str
+    device: str = ""
+    isa: str = ""
+    threads: int = 0
+    torch: str = ""
+    sppo_fast: str = ""
+    timestamp: str = ""
+
+
+def environment() -> dict:
+    """Device, ISA, thread count and versions for every row."""
+    import torch
+
+    import sppo_fast
+
+    if torch.cuda.is_available():
+        device = torch.cuda.get_device_name()
+    else:
+        device = f"cpu: {_cpu_name()} ({os.cpu_count()} cores)"
+    return {"device": device, "isa": sppo_fast.cpu_isa(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "sppo_fast": sppo_fast.__version__,
+            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def time_fn(fn: Callable[[], object], *, warmup: int = 1, reps: int = 5, cuda: bool = False) -> dict:
+    """Median and 20/80% quantiles of ``fn``'s wall time in seconds."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    times.sort()
+    q = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
+    return {"median": statistics.median(times), "q20": q[0], "q80": q[3], "reps": reps}
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process (Linux reports KiB)."""
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r if sys.platform == "darwin" else r * 1024
+
+
+def run_worker(script: Path, args: Iterable[str]) -> dict:
+    """Run ``script --worker ARGS`` in a fresh Python process and parse the JSON it prints last."""
+    cmd = [sys.executable, str(script), "--worker", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark worker failed ({' '.join(cmd)}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def write_rows(path: Path, rows: list[Row], append: bool = False) -> None:
+    """Write (or append) rows to a CSV file, via a temporary file and an atomic rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    old = path.read_text() if append and path.exists() else ""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w", newline="") as f:
+        if old:
+            f.write(old)
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        if not old:
+            w.writeheader()
+        for r in rows:
+            w.writerow(asdict(r))
+    os.replace(tmp, path)
+
+
+def print_table(rows: list[Row], metrics: tuple[str, ...]) -> None:
+    keep = [r for r in rows if r.metric in metrics]
+    if not keep:
+        return
+    width = max(len(r.provider) for r in keep) + 2
+    print(f"{'provider':<{width}}{'mode':<10}{'metric':<22}{'value':>12}  unit")
+    for r in keep:
+        print(f"{r.provider:<{width}}{r.mode:<10}{r.metric:<22}{r.value:>12.4g}  {r.unit}")

@@ -1,0 +1,68 @@
+"""Draw benchmark figures from the CSV files the benchmark scripts write.
+
+    python benchmarks/plot.py benchmarks/results/*.csv          # one PNG per CSV, next to it
+
+Each figure: forward+backward median time per provider (with the 20-80% range) and, where measured,
+the extra peak memory, so speed and memory read off one picture.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from collections import defaultdict
+from pathlib import Path
+
+
+def plot(csv_path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(csv.DictReader(csv_path.open()))
+    if not rows:
+        raise SystemExit(f"{csv_path}: no rows")
+    val = defaultdict(dict)
+    for r in rows:
+        val[(r["provider"], r["mode"])][r["metric"]] = float(r["value"])
+    providers = list(dict.fromkeys(r["provider"] for r in rows))
+    full = [p for p in providers if "time_median" in val[(p, "full")]]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    ax = axes[0]
+    med = [val[(p, "full")]["time_median"] for p in full]
+    lo = [m - val[(p, "full")]["time_q20"] for p, m in zip(full, med)]
+    hi = [val[(p, "full")]["time_q80"] - m for p, m in zip(full, med)]
+    fwd = [val[(p, "forward")].get("time_median", 0.0) for p in full]
+    ax.bar(full, med, yerr=[lo, hi], capsize=4, color="#4c72b0", label="forward + backward")
+    ax.bar(full, fwd, color="#dd8452", label="forward only")
+    for i, m in enumerate(med):
+        ax.text(i, m, f"{m:.0f} ms", ha="center", va="bottom", fontsize=9)
+    ax.set_ylabel("median time (ms)")
+    ax.set_title("time per step (lower is better)")
+    ax.legend()
+    ax = axes[1]
+    mem = [val[(p, "full")].get("extra_peak_memory", 0.0) for p in full]
+    ax.bar(full, mem, color="#55a868")
+    for i, m in enumerate(mem):
+        ax.text(i, m, f"{m:.0f} MiB", ha="center", va="bottom", fontsize=9)
+    ax.set_ylabel("extra peak memory (MiB)")
+    ax.set_title("memory beyond the inputs (lower is better)")
+    r0 = rows[0]
+    fig.suptitle(f"{r0['op']}: {r0['shape']}\n{r0['device']}, torch {r0['torch']}", fontsize=10)
+    fig.tight_layout()
+    out = csv_path.with_suffix(".png")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("csv", nargs="+", type=Path)
+    for path in p.parse_args().csv:
+        print(f"wrote {plot(path)}")
+
+
+if __name__ == "__main__":
+    main()
