@@ -4,6 +4,7 @@ import importlib.util
 import platform
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,12 +22,14 @@ def test_extension_does_not_link_libtorch():
 
 
 def test_triton_sources_ship_inside_the_package():
+    import importlib.metadata
+
     import sppo_fast.kernels as k
 
-    assert Path(k.__file__).name == "__init__.py"
-    # no top-level module named `kernels` is installed next to sppo_fast
-    site = Path(sppo_fast.__file__).resolve().parent.parent
-    assert not (site / "kernels").exists() or (site / "sppo_fast").exists() and (site / "pyproject.toml").exists()
+    assert k.__name__ == "sppo_fast.kernels" and Path(k.__file__).name == "__init__.py"
+    # nothing of the distribution is installed as a top-level `kernels` package
+    files = importlib.metadata.files("sppo-fast") or []
+    assert not [f for f in files if str(f).split("/")[0] == "kernels"]
 
 
 def test_cpu_isa_dispatch():
@@ -49,3 +52,47 @@ def test_cuda_backend_reports_why():
 def test_auto_backend_on_cpu_is_cpp():
     assert sppo_fast.resolve_backend("auto", torch.device("cpu")) == "cpp"
     assert sppo_fast.available_backends("cpu") == ["cpp", "reference"]
+
+
+# ---- the SPPO_FAST_CUDA option, configured and built with CMake directly -------------------------
+def _cmake(tmp_path, *defs, path_env="/usr/bin:/bin"):
+    if shutil.which("cmake") is None:
+        pytest.skip("cmake not installed")
+    import os
+
+    import pybind11
+
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PATH=path_env)  # a PATH without nvcc
+    env.pop("SPPO_FAST_CUDA", None)
+    env.pop("CUDACXX", None)
+    cmd = ["cmake", "-S", str(root), "-B", str(tmp_path / "build"), f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+           f"-DPython_EXECUTABLE={sys.executable}", *defs]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env)
+
+
+def test_cuda_on_without_nvcc_fails_loudly(tmp_path):
+    r = _cmake(tmp_path, "-DSPPO_FAST_CUDA=ON")
+    assert r.returncode != 0
+    assert "SPPO_FAST_CUDA=ON but no CUDA compiler (nvcc) was found" in r.stderr
+
+
+def test_cuda_option_rejects_unknown_values(tmp_path):
+    r = _cmake(tmp_path, "-DSPPO_FAST_CUDA=sometimes")
+    assert r.returncode != 0 and "SPPO_FAST_CUDA must be AUTO, ON or OFF" in r.stderr
+
+
+@pytest.mark.slow
+def test_cpu_only_build_imports_and_explains(tmp_path):
+    """AUTO without nvcc builds the CPU-only extension; its CUDA backend says it was built without."""
+    r = _cmake(tmp_path, "-DSPPO_FAST_CUDA=AUTO", "-DCMAKE_BUILD_TYPE=Release")
+    assert r.returncode == 0, r.stderr
+    assert "CUDA backend OFF" in r.stdout
+    b = subprocess.run(["cmake", "--build", str(tmp_path / "build"), "-j", "2"], capture_output=True, text=True)
+    assert b.returncode == 0, b.stdout[-3000:] + b.stderr[-3000:]
+    so = next((tmp_path / "build").glob("_C*.so"))
+    code = ("import importlib.util, sys; s = importlib.util.spec_from_file_location('_C', sys.argv[1]); "
+            "m = importlib.util.module_from_spec(s); s.loader.exec_module(m); "
+            "print(m.cuda_compiled(), m.cuda_device_count()[1])")
+    out = subprocess.run([sys.executable, "-c", code, str(so)], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("False") and "built without CUDA" in out
