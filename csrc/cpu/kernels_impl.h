@@ -132,6 +132,24 @@ static inline const A* load_chunk(const T* row, int64_t n, A* buf) {
   }
 }
 
+// ---- rows in parallel -------------------------------------------------------------------------------
+// Calls body(r, b, t, label, buf) for every row r = b * T + t of a [B, T, V] view, rows spread over
+// OpenMP threads (dynamic: ignored rows cost nothing), each thread with its own L1-sized buffer.
+template <typename A, typename Body>
+static inline void for_each_row(int64_t B, int64_t T, const int64_t* labels, int64_t lsb,
+                                int64_t lst, int num_threads, const Body& body) {
+  const int64_t rows = B * T;
+#pragma omp parallel num_threads(num_threads)
+  {
+    alignas(64) A buf[kChunk];
+#pragma omp for schedule(dynamic, 8)
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t b = r / T, t = r % T;
+      body(r, b, t, labels[b * lsb + t * lst], buf);
+    }
+  }
+}
+
 // ---- forward --------------------------------------------------------------------------------------
 // One pass over the row: per chunk, its max, a rescale of the running sum if the max grew, and the
 // chunk's sum of exponentials. The running max starts at -FLT_MAX (finite) so that a row of -inf
@@ -142,16 +160,11 @@ static void fwd_rows(const LogprobFwdArgs& a) {
   const T* base = static_cast<const T*>(a.logits);
   A* tok = static_cast<A*>(a.token_logp);
   A* lse_out = static_cast<A*>(a.lse);
-  const int64_t rows = a.B * a.T, V = a.V;
+  const int64_t V = a.V;
 
-#pragma omp parallel num_threads(a.num_threads)
-  {
-    alignas(64) A buf[kChunk];
-#pragma omp for schedule(dynamic, 8)
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t b = r / a.T, t = r % a.T;
-      const int64_t label = a.labels[b * a.lsb + t * a.lst];
-      if (label == a.ignore_index) { tok[r] = 0; lse_out[2 * r] = lse_out[2 * r + 1] = 0; continue; }
+  for_each_row<A>(a.B, a.T, a.labels, a.lsb, a.lst, a.num_threads,
+                  [&](int64_t r, int64_t b, int64_t t, int64_t label, A* buf) {
+      if (label == a.ignore_index) { tok[r] = 0; lse_out[2 * r] = lse_out[2 * r + 1] = 0; return; }
       const T* row = base + b * a.sb + t * a.st;
       A m = -std::numeric_limits<A>::max(), s = 0;
       for (int64_t c = 0; c < V; c += kChunk) {
@@ -172,8 +185,7 @@ static void fwd_rows(const LogprobFwdArgs& a) {
       lse_out[2 * r] = m;
       lse_out[2 * r + 1] = ls;
       tok[r] = (Io<T>::ld(row, label) - m) - ls;
-    }
-  }
+  });
   if (a.seq_logp) {
     A* seq = static_cast<A*>(a.seq_logp);
     // Sequence sums in double: with beta = 0.001 the SPPO targets reach +-400 nats.
@@ -194,20 +206,15 @@ static void bwd_rows(const LogprobBwdArgs& a) {
   T* obase = static_cast<T*>(a.out);
   const A* lse_in = static_cast<const A*>(a.lse);
   const A* coef = static_cast<const A*>(a.coef);
-  const int64_t rows = a.B * a.T, V = a.V;
+  const int64_t V = a.V;
 
-#pragma omp parallel num_threads(a.num_threads)
-  {
-    alignas(64) A buf[kChunk];
-#pragma omp for schedule(dynamic, 8)
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t b = r / a.T, t = r % a.T;
-      const int64_t label = a.labels[b * a.lsb + t * a.lst];
+  for_each_row<A>(a.B, a.T, a.labels, a.lsb, a.lst, a.num_threads,
+                  [&](int64_t r, int64_t b, int64_t t, int64_t label, A* buf) {
       const T* row = base + b * a.sb + t * a.st;
       T* orow = obase + b * a.osb + t * a.ost;
       if (label == a.ignore_index) {
         for (int64_t i = 0; i < V; ++i) Io<T>::st(orow, i, A(0));
-        continue;
+        return;
       }
       const A g = coef[b * a.csb + t * a.cst];
       const A m = lse_in[2 * r], ls = lse_in[2 * r + 1];
@@ -236,8 +243,8 @@ static void bwd_rows(const LogprobBwdArgs& a) {
       }
       // label term: g * (1 - p) = -g * expm1(log p), accurate when p is close to 1
       Io<T>::st(orow, label, ng * std::expm1((x_label - m) - ls));
-    }
-  }
+      (void)buf;  // unused when T is the accumulation type
+  });
 }
 
 inline void logprob_fwd(const LogprobFwdArgs& a) {
