@@ -11,6 +11,7 @@ definitions live in :mod:`sppo_fast.reference`.
 
 from . import reference
 from ._native import cpu_isa, set_cpu_isa
+from .linear import fused_linear_sppo_loss, linear_sequence_logps
 from .ops import (
     BACKENDS,
     BackendUnavailableError,
@@ -34,7 +35,9 @@ __all__ = [
     "PairwiseResult",
     "available_backends",
     "cpu_isa",
+    "fused_linear_sppo_loss",
     "fused_sppo_loss",
+    "linear_sequence_logps",
     "next_token_labels",
     "pairrm_aggregate",
     "reference",

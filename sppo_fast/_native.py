@@ -63,7 +63,15 @@ def empty_like_fresh(x: Tensor) -> Tensor:
     A fresh 0.5 GB gradient otherwise costs ~130k page faults on its first write, about as long as
     the whole backward kernel on a 2-core machine.
     """
-    out = torch.empty_like(x)
+    return _advise(torch.empty_like(x))
+
+
+def empty_fresh(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """``torch.empty(shape, dtype=dtype)`` on the CPU, faulted in as huge pages where possible."""
+    return _advise(torch.empty(shape, dtype=dtype))
+
+
+def _advise(out: Tensor) -> Tensor:
     if out.device.type == "cpu" and out.nbytes >= (8 << 20):
         _C.advise_hugepages(out.data_ptr(), out.nbytes)
     return out

@@ -1,0 +1,313 @@
+"""The lm_head matmul fused with log-prob gathering and the SPPO loss: the logits never exist.
+
+``fused_linear_sppo_loss(hidden, weight, labels, ref_logps, ...)`` equals
+``fused_sppo_loss(hidden @ weight.T + bias, labels, ref_logps, ...)`` with exact gradients for
+``hidden``, ``weight`` and ``bias``, but holds at most one chunk of logits at a time.
+
+Algorithm (gradient in the forward pass). The SPPO loss is a sum of per-sequence terms, so the
+upstream gradient of every token of sequence ``s`` is one scalar, ``g_s = dloss/dlogp_s``, known as
+soon as that sequence's log-prob sum is. The non-ignored tokens are gathered (prompt and padding
+cost no FLOPs) and cut into chunks of whole sequences under a token budget. For each chunk:
+
+1. ``logits = h_chunk @ W.T (+ b)`` into a reused [chunk, V] float32 buffer (one GEMM);
+2. the native forward kernel: per-token log-probs and the row's (max, log-sum), then the sequence
+   sums, then ``g_s`` for every sequence of the chunk (all complete);
+3. the native backward kernel turns the buffer in place into ``g_s * (onehot - softmax)``;
+4. ``d_hidden[chunk] = G @ W`` and ``d_weight += G.T @ h_chunk`` (two GEMMs), ``d_bias += G.sum(0)``.
+
+Three GEMMs in all, the minimum. A sequence longer than the budget is split into sub-chunks and
+done in two passes (sums first, then recomputed logits and gradients): four GEMMs for its tokens.
+The gradients are computed for an upstream gradient of 1 and scaled in ``backward``; if the
+returned ``policy_logps`` also receive a gradient, one extra recompute pass adds its contribution.
+The probabilities are data: no gradient flows to them (as to the labels).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _native, ops, reference
+
+__all__ = ["fused_linear_sppo_loss", "linear_sequence_logps"]
+
+# Default budget for one chunk of float32 logits (32 MiB: 256 tokens at V = 32000).
+DEFAULT_CHUNK_BYTES = 32 << 20
+
+
+@dataclass(frozen=True)
+class _Options:
+    ignore_index: int
+    chunk_tokens: int
+    loss_scale: float  # 1/2 for sppo and sppo_single, 1 for sppo_hard
+    with_grads: bool = False  # decided outside: grad mode is off inside Function.forward
+
+
+def _chunk_tokens(chunk_tokens: Optional[int], V: int) -> int:
+    if chunk_tokens is None:
+        return max(16, DEFAULT_CHUNK_BYTES // (4 * V))
+    if not isinstance(chunk_tokens, int) or chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens: expected a positive int, got {chunk_tokens!r}")
+    return chunk_tokens
+
+
+def _check_linear(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
+                  ignore_index: int) -> Tensor:
+    for name, t in (("hidden", hidden), ("weight", weight)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in ops._FLOAT_DTYPES:
+            raise TypeError(f"{name}: expected float32, bfloat16, float16 or float64, got {t.dtype}")
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden: expected [B, T, H], got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[2]:
+        raise ValueError(f"weight: expected [V, H] with H = {hidden.shape[2]}, got shape {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight: dtype {weight.dtype} differs from hidden's {hidden.dtype}")
+    if weight.device != hidden.device:
+        raise ValueError(f"weight: on {weight.device} but hidden on {hidden.device}")
+    if bias is not None:
+        if not isinstance(bias, Tensor) or tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias: expected shape ({weight.shape[0]},), got "
+                             f"{tuple(getattr(bias, 'shape', ())) or type(bias).__name__}")
+        if bias.dtype != hidden.dtype or bias.device != hidden.device:
+            raise TypeError(f"bias: expected {hidden.dtype} on {hidden.device}, got {bias.dtype} on {bias.device}")
+    if isinstance(labels, Tensor) and tuple(labels.shape) != tuple(hidden.shape[:2]):
+        raise ValueError(f"labels: shape {tuple(labels.shape)} does not match hidden {tuple(hidden.shape)} "
+                         f"(expected {tuple(hidden.shape[:2])})")
+    # the other label checks only look at the logits' shape: a zero-stride stand-in for them
+    stand_in = hidden.new_empty(()).expand(*hidden.shape[:2], weight.shape[0])
+    return ops._check_labels(labels, stand_in, ignore_index)
+
+
+@dataclass
+class _Plan:
+    rows: Tensor       # [R] flat indices of the non-ignored tokens, in order
+    seq_of_row: Tensor  # [R] sequence of each
+    labels: Tensor     # [R] their labels
+    groups: list       # (row_start, row_end, seq_start, seq_end, whole)
+
+
+def _plan(labels: Tensor, ignore_index: int, chunk_tokens: int) -> _Plan:
+    S, T = labels.shape
+    keep = (labels != ignore_index).reshape(-1)
+    rows = keep.nonzero().squeeze(1)
+    seq_of_row = torch.div(rows, T, rounding_mode="floor")
+    counts = keep.view(S, T).sum(1).tolist()  # S ints: once per call, not per token
+    groups, r, s0, r0 = [], 0, 0, 0
+    for s, c in enumerate(counts):
+        if c > chunk_tokens:  # a long sequence: close the open group, then this one alone
+            if r > r0:
+                groups.append((r0, r, s0, s, True))
+            groups.append((r, r + c, s, s + 1, False))
+            r0, s0 = r + c, s + 1
+        elif r + c - r0 > chunk_tokens:
+            groups.append((r0, r, s0, s, True))
+            r0, s0 = r, s
+        r += c
+    if r > r0 or s0 < S:
+        groups.append((r0, r, s0, S, True))
+    return _Plan(rows, seq_of_row, labels.reshape(-1)[rows], groups)
+
+
+class _Chunked:
+    """The chunk loop of one call: GEMMs through torch, per-row work through ``_native``."""
+
+    def __init__(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], plan: _Plan,
+                 opts: _Options, with_grads: bool):
+        self.acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        self.h = hidden.reshape(-1, hidden.shape[-1])
+        self.w = weight.to(self.acc)  # a copy only for 16-bit weights
+        self.b = None if bias is None else bias.to(self.acc)
+        self.plan, self.opts = plan, opts
+        longest = max((g[1] - g[0] for g in plan.groups), default=0)
+        self.buf = _native.empty_fresh((min(longest, opts.chunk_tokens), weight.shape[0]), self.acc)
+        self.seq = torch.zeros(hidden.shape[0], dtype=torch.float64)
+        if with_grads:
+            self.dh = torch.zeros(self.h.shape, dtype=self.acc)
+            self.dw = torch.zeros(weight.shape, dtype=self.acc)
+            self.db = None if bias is None else torch.zeros(weight.shape[0], dtype=self.acc)
+
+    def _logits(self, r0: int, r1: int) -> tuple[Tensor, Tensor]:
+        """Logits of compact rows [r0, r1) in the shared buffer, and those rows' hidden states."""
+        h = self.h.index_select(0, self.plan.rows[r0:r1]).to(self.acc)
+        out = self.buf[: r1 - r0]
+        if self.b is None:
+            torch.mm(h, self.w.t(), out=out)
+        else:
+            torch.addmm(self.b, h, self.w.t(), out=out)
+        return out, h
+
+    def _forward_rows(self, logits: Tensor, r0: int, r1: int, add_to_sums: bool = True) -> Tensor:
+        tok, lse, _ = _native.logprob_fwd(logits[:, None], self.plan.labels[r0:r1, None],
+                                          self.opts.ignore_index)
+        if add_to_sums:
+            self.seq.index_add_(0, self.plan.seq_of_row[r0:r1], tok[:, 0].double())
+        return lse
+
+    def _backward_rows(self, logits: Tensor, h: Tensor, lse: Tensor, r0: int, r1: int,
+                       coef_seq: Tensor) -> None:
+        """The buffer becomes coef * (onehot - softmax) in place; then the two gradient GEMMs."""
+        coef = coef_seq.to(self.acc)[self.plan.seq_of_row[r0:r1]][:, None]
+        g = logits[:, None]
+        _native.logprob_bwd(g, self.plan.labels[r0:r1, None], lse, coef, self.opts.ignore_index, g)
+        self.dh.index_copy_(0, self.plan.rows[r0:r1], torch.mm(logits, self.w))
+        self.dw.addmm_(logits.t(), h)
+        if self.db is not None:
+            self.db += logits.sum(0)
+
+    def _spans(self, r0: int, r1: int):
+        C = self.opts.chunk_tokens
+        return [(a, min(a + C, r1)) for a in range(r0, r1, C)]
+
+    def logps(self) -> Tensor:
+        """Forward only: the per-sequence log-prob sums [S] (float64)."""
+        for r0, r1, _, _, _ in self.plan.groups:
+            for a, b in self._spans(r0, r1):
+                self._forward_rows(self._logits(a, b)[0], a, b)
+        return self.seq
+
+    def run(self, coef_fn) -> Tensor:
+        """Forward and gradients. ``coef_fn(seq_logps)`` maps the sums of complete sequences to
+        their upstream gradients; returns the sums [S] (float64)."""
+        for r0, r1, s0, s1, whole in self.plan.groups:
+            if whole:  # one chunk of whole sequences: the three GEMMs, logits computed once
+                logits, h = self._logits(r0, r1)
+                lse = self._forward_rows(logits, r0, r1)
+                self._backward_rows(logits, h, lse, r0, r1, coef_fn(self.seq))
+                continue
+            for a, b in self._spans(r0, r1):  # a long sequence, pass 1: its sum
+                self._forward_rows(self._logits(a, b)[0], a, b)
+            coef = coef_fn(self.seq)
+            for a, b in self._spans(r0, r1):  # pass 2: recomputed logits, gradients
+                logits, h = self._logits(a, b)
+                lse = self._forward_rows(logits, a, b, add_to_sums=False)
+                self._backward_rows(logits, h, lse, a, b, coef)
+        return self.seq
+
+
+class _FusedLinearSPPO(torch.autograd.Function):
+    """(loss, policy_logps[S]) with the gradients for an upstream gradient of 1 computed in forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, ref, targets, opts: _Options):
+        S = hidden.shape[0]
+        B = S // 2
+        plan = _plan(labels, opts.ignore_index, opts.chunk_tokens)
+        need = opts.with_grads
+        ref64, t64 = ref.double(), targets.double()
+        # dloss/dlogp_s = 2 * scale * (a_s - t_s) / B: each sequence's own scalar
+        coef = lambda seq: (2 * opts.loss_scale / B) * (seq - ref64 - t64)  # noqa: E731
+        work = _Chunked(hidden, weight, bias, plan, opts, with_grads=need)
+        seq = work.run(coef) if need else work.logps()
+        a = seq - ref64 - t64
+        loss = (opts.loss_scale * (a[:B] ** 2 + a[B:] ** 2)).mean()
+        acc = work.acc
+        ctx.opts = opts
+        ctx.set_materialize_grads(False)
+        if need:
+            ctx.grads = (work.dh.view(hidden.shape), work.dw, work.db)
+            ctx.coef = coef(seq)
+            ctx.save_for_backward(hidden, weight, bias, labels)
+        return loss.to(acc), seq.to(acc)
+
+    @staticmethod
+    def backward(ctx, g_loss, g_pol):
+        hidden, weight, bias, labels = ctx.saved_tensors
+        dh, dw, db = ctx.grads
+        if g_loss is not None:
+            s = g_loss.to(dh.dtype)
+            dh, dw, db = dh * s, dw * s, (None if db is None else db * s)
+        else:
+            dh, dw, db = torch.zeros_like(dh), torch.zeros_like(dw), None if db is None else torch.zeros_like(db)
+        d_ref = None if g_loss is None else -ctx.coef * g_loss.double()
+        if g_pol is not None:  # the policy log-probs are used elsewhere too: one more pass
+            plan = _plan(labels, ctx.opts.ignore_index, ctx.opts.chunk_tokens)
+            extra = _Chunked(hidden, weight, bias, plan, ctx.opts, with_grads=True)
+            gp = g_pol.double()
+            for r0, r1, _, _, _ in plan.groups:
+                for a, b in extra._spans(r0, r1):
+                    logits, h = extra._logits(a, b)
+                    lse = extra._forward_rows(logits, a, b, add_to_sums=False)
+                    extra._backward_rows(logits, h, lse, a, b, gp)
+            dh = dh + extra.dh.view(dh.shape)
+            dw = dw + extra.dw
+            db = None if db is None else db + extra.db
+        return (dh.to(hidden.dtype), dw.to(weight.dtype), None if db is None else db.to(bias.dtype),
+                None, None if d_ref is None else d_ref.to(hidden.dtype), None, None)
+
+
+def _loss_scale(loss_type: str) -> float:
+    return 1.0 if loss_type == "sppo_hard" else 0.5
+
+
+def fused_linear_sppo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, ref_logps: Tensor, *,
+                           bias: Optional[Tensor] = None, chosen_probs_win: Optional[Tensor] = None,
+                           chosen_probs_lose: Optional[Tensor] = None,
+                           chosen_probs: Optional[Tensor] = None, beta: float = 0.001,
+                           loss_type: str = "sppo", ignore_index: int = -100, backend: str = "auto",
+                           chunk_tokens: Optional[int] = None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """``fused_sppo_loss(hidden @ weight.T + bias, labels, ref_logps, ...)`` without the logits.
+
+    Args:
+        hidden: ``[2B, T, H]`` final hidden states (B chosen sequences, then B rejected).
+        weight: ``[V, H]`` lm_head weight; ``bias``: ``[V]`` or None.
+        labels: ``[2B, T]`` aligned labels (see :func:`sppo_fast.next_token_labels`).
+        ref_logps: ``[2B]`` reference log-probs; probabilities, ``beta``, ``loss_type``,
+            ``ignore_index`` as in :func:`sppo_fast.fused_sppo_loss`.
+        chunk_tokens: tokens per chunk of logits (default: 32 MiB of float32 logits).
+    Returns:
+        ``(loss, policy_logps[2B], metrics)``; gradients reach ``hidden``, ``weight``, ``bias``
+        (and ``ref_logps``). Peak extra memory: one [chunk, V] float32 buffer, a float32 copy of a
+        16-bit weight, and the float32 gradients.
+    """
+    labels = _check_linear(hidden, weight, bias, labels, ignore_index)
+    if hidden.shape[0] % 2:
+        raise ValueError(f"hidden: expected an even batch [2B, T, H] (B chosen then B rejected), "
+                         f"got shape {tuple(hidden.shape)}")
+    B = hidden.shape[0] // 2
+    ops._check_logps("ref_logps", ref_logps, 2 * B, hidden.device)
+    ops._check_loss_args(loss_type, beta, B, hidden.device, chosen_probs_win, chosen_probs_lose,
+                         chosen_probs)
+    probs = {"chosen_probs_win": chosen_probs_win, "chosen_probs_lose": chosen_probs_lose,
+             "chosen_probs": chosen_probs}
+    be = ops.resolve_backend(backend, hidden.device)
+    if be == "reference":
+        logits = torch.nn.functional.linear(hidden, weight, bias)
+        return ops.fused_sppo_loss(logits, labels, ref_logps, beta=beta, loss_type=loss_type,
+                                   ignore_index=ignore_index, backend="reference", **probs)
+    t_w, t_l = reference.sppo_targets(beta=beta, loss_type=loss_type, **{
+        k: (None if v is None else v.double()) for k, v in probs.items()})
+    targets = torch.cat([torch.as_tensor(t_w, dtype=torch.float64).expand(B),
+                         torch.as_tensor(t_l, dtype=torch.float64).expand(B)])
+    need = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    opts = _Options(ignore_index, _chunk_tokens(chunk_tokens, weight.shape[0]), _loss_scale(loss_type), need)
+    loss, policy = _FusedLinearSPPO.apply(hidden, weight, bias, labels, ref_logps, targets, opts)
+    acc = policy.dtype
+    metrics = ops._metrics(policy.detach(), ref_logps.detach().to(acc), beta, loss_type,
+                           {k: (None if v is None else v.to(acc)) for k, v in probs.items()})
+    return loss, policy, metrics
+
+
+def linear_sequence_logps(hidden: Tensor, weight: Tensor, labels: Tensor, *,
+                          bias: Optional[Tensor] = None, ignore_index: int = -100,
+                          backend: str = "auto", chunk_tokens: Optional[int] = None) -> Tensor:
+    """``sequence_logps(hidden @ weight.T + bias, labels)`` without the logits; no gradient.
+
+    How the reference model's log-probs are precomputed once per iteration: O(chunk x V) memory.
+    Returns ``[B]`` float32 (float64 for float64 inputs).
+    """
+    labels = _check_linear(hidden, weight, bias, labels, ignore_index)
+    be = ops.resolve_backend(backend, hidden.device)
+    with torch.no_grad():
+        if be == "reference":
+            return reference.sequence_logps(torch.nn.functional.linear(hidden, weight, bias), labels,
+                                            ignore_index)
+        opts = _Options(ignore_index, _chunk_tokens(chunk_tokens, weight.shape[0]), 1.0)
+        plan = _plan(labels, ignore_index, opts.chunk_tokens)
+        work = _Chunked(hidden, weight, bias, plan, opts, with_grads=False)
+        return work.logps().to(work.acc)

@@ -1,0 +1,154 @@
+"""fused_linear_sppo_loss and linear_sequence_logps against hidden @ W.T + b -> the reference."""
+
+import pytest
+import torch
+
+import sppo_fast
+from sppo_fast import reference as R
+
+from conftest import assert_as_accurate
+
+S, T, H, V = 6, 33, 97, 1271  # 2B = 6: B = 3 pairs (odd)
+
+
+def _inputs(gen, *, bias, fully_masked=()):
+    f64 = torch.float64
+    h = torch.randn(S, T, H, generator=gen, dtype=f64)
+    w = torch.randn(V, H, generator=gen, dtype=f64) / 5
+    b = torch.randn(V, generator=gen, dtype=f64) if bias else None
+    labels = torch.randint(0, V, (S, T), generator=gen)
+    labels[:, : int(torch.randint(1, 9, (1,), generator=gen))] = -100
+    for s in fully_masked:
+        labels[s] = -100
+    ref = torch.randn(S, generator=gen, dtype=f64) * 5 - 150
+    probs = {"chosen_probs_win": torch.rand(S // 2, generator=gen, dtype=f64) / 2 + 0.5,
+             "chosen_probs_lose": torch.rand(S // 2, generator=gen, dtype=f64) / 2,
+             "chosen_probs": torch.rand(S // 2, generator=gen, dtype=f64)}
+    return h, w, b, labels, ref, probs
+
+
+def _run(fn, h, w, b, dtype, up=0.7):
+    hh = h.to(dtype).clone().requires_grad_()
+    ww = w.to(dtype).clone().requires_grad_()
+    bb = None if b is None else b.to(dtype).clone().requires_grad_()
+    loss, pol, metrics = fn(hh, ww, bb)
+    (loss * up).backward()  # upstream gradient other than 1
+    return {"loss": loss, "policy": pol, "d_hidden": hh.grad, "d_weight": ww.grad,
+            **({} if bb is None else {"d_bias": bb.grad})}, metrics
+
+
+def _reference(labels, ref, probs, beta, loss_type):
+    return lambda hh, ww, bb: sppo_fast.fused_sppo_loss(
+        torch.nn.functional.linear(hh, ww, bb), labels, ref.to(hh.dtype), beta=beta,
+        loss_type=loss_type, backend="reference", **probs)
+
+
+def _fused(labels, ref, probs, beta, loss_type, chunk=None):
+    return lambda hh, ww, bb: sppo_fast.fused_linear_sppo_loss(
+        hh, ww, labels, ref.to(hh.dtype), bias=bb, beta=beta, loss_type=loss_type,
+        backend="cpp", chunk_tokens=chunk, **probs)
+
+
+@pytest.mark.parametrize("loss_type", sppo_fast.LOSS_TYPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("chunk", [None, 8, 40])  # 8 and 40 < T: sequences longer than a chunk
+def test_matches_reference(loss_type, dtype, bias, chunk, gen):
+    h, w, b, labels, ref, probs = _inputs(gen, bias=bias, fully_masked=(4,))
+    beta = 0.1
+    # truth: float64 on exactly the inputs the kernel sees (rounded to dtype)
+    h, w, b = (None if t is None else t.to(dtype).double() for t in (h, w, b))
+    truth, _ = _run(_reference(labels, ref, probs, beta, loss_type), h, w, b, torch.float64)
+    same, _ = _run(_reference(labels, ref, probs, beta, loss_type), h, w, b, dtype)
+    out, metrics = _run(_fused(labels, ref, probs, beta, loss_type, chunk), h, w, b, dtype)
+    assert out["d_hidden"].dtype == dtype and out["d_weight"].dtype == dtype
+    tol = {torch.float32: 1e-6, torch.bfloat16: 8e-3}[dtype]  # bf16: two ulps of the largest entry
+    for k in truth:
+        assert_as_accurate(out[k], same[k], truth[k], atol=tol, rtol=tol, what=f"{k} {dtype}")
+    assert (out["d_hidden"][4] == 0).all()
+    assert (out["d_hidden"][labels == -100] == 0).all()
+    assert metrics["rewards/chosen"].requires_grad is False
+
+
+def test_same_result_whatever_the_chunk_size(gen):
+    h, w, b, labels, ref, probs = _inputs(gen, bias=True)
+    runs = [_run(_fused(labels, ref, probs, 0.05, "sppo", chunk), h, w, b, torch.float64)[0]
+            for chunk in (1, 5, 33, 34, 100, 10_000)]
+    for r in runs[1:]:
+        for k in r:
+            torch.testing.assert_close(r[k], runs[0][k], rtol=1e-12, atol=1e-12)
+
+
+def test_policy_logps_used_downstream(gen):
+    """A gradient through policy_logps (not only the loss) takes the extra pass and stays exact."""
+    h, w, b, labels, ref, probs = _inputs(gen, bias=True)
+    coef = torch.randn(S, generator=gen, dtype=torch.float64)
+
+    def total(fn):
+        def f(hh, ww, bb):
+            loss, pol, m = fn(hh, ww, bb)
+            return loss + (pol * coef).sum() / 100, pol, m
+        return f
+
+    truth, _ = _run(total(_reference(labels, ref, probs, 0.1, "sppo")), h, w, b, torch.float64)
+    out, _ = _run(total(_fused(labels, ref, probs, 0.1, "sppo", 16)), h, w, b, torch.float64)
+    for k in truth:
+        torch.testing.assert_close(out[k], truth[k], rtol=1e-10, atol=1e-12)
+
+
+def test_gradcheck(gen):
+    f64 = torch.float64
+    h = torch.randn(4, 5, 6, generator=gen, dtype=f64, requires_grad=True)
+    w = torch.randn(11, 6, generator=gen, dtype=f64, requires_grad=True)
+    b = torch.randn(11, generator=gen, dtype=f64, requires_grad=True)
+    labels = torch.randint(0, 11, (4, 5), generator=gen)
+    labels[:, 0] = -100
+    ref = torch.randn(4, generator=gen, dtype=f64)
+    pw, pl = torch.tensor([0.7, 0.9], dtype=f64), torch.tensor([0.2, 0.4], dtype=f64)
+    for chunk in (2, 100):
+        assert torch.autograd.gradcheck(
+            lambda hh, ww, bb: sppo_fast.fused_linear_sppo_loss(
+                hh, ww, labels, ref, bias=bb, chosen_probs_win=pw, chosen_probs_lose=pl, beta=2.0,
+                chunk_tokens=chunk, backend="cpp")[:2], (h, w, b))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_sequence_logps(dtype, gen):
+    h, w, b, labels, _, _ = _inputs(gen, bias=True, fully_masked=(1,))
+    h, w, b = (t.to(dtype).double() for t in (h, w, b))  # truth on the inputs the kernel sees
+    truth = R.sequence_logps(torch.nn.functional.linear(h, w, b), labels)
+    same = R.sequence_logps(torch.nn.functional.linear(h.to(dtype), w.to(dtype), b.to(dtype)), labels)
+    for chunk in (None, 7):
+        out = sppo_fast.linear_sequence_logps(h.to(dtype), w.to(dtype), labels, bias=b.to(dtype),
+                                              chunk_tokens=chunk)
+        assert not out.requires_grad and out[1].item() == 0.0
+        assert_as_accurate(out, same, truth, atol=1e-3, rtol=1e-5, what="linear_sequence_logps")
+
+
+def test_no_grad_forward_matches(gen):
+    h, w, b, labels, ref, probs = _inputs(gen, bias=False)
+    with torch.no_grad():
+        loss, pol, _ = sppo_fast.fused_linear_sppo_loss(h, w, labels, ref, beta=0.1, **probs)
+    truth = _reference(labels, ref, probs, 0.1, "sppo")(h, w, None)
+    torch.testing.assert_close(loss, truth[0], rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(pol, truth[1], rtol=1e-12, atol=1e-10)
+
+
+@pytest.mark.parametrize("mutate, exc, match", [
+    (lambda a: a.update(h=a["h"][0]), ValueError, r"hidden: expected \[B, T, H\]"),
+    (lambda a: a.update(h=a["h"][:5], labels=a["labels"][:5]), ValueError, "hidden: expected an even batch"),
+    (lambda a: a.update(w=a["w"][:, :5]), ValueError, r"weight: expected \[V, H\] with H = 97"),
+    (lambda a: a.update(w=a["w"].float()), TypeError, "weight: dtype torch.float32 differs"),
+    (lambda a: a.update(b=torch.zeros(7, dtype=torch.float64)), ValueError, r"bias: expected shape \(1271,\)"),
+    (lambda a: a["labels"].__setitem__((0, 20), V), ValueError, r"labels: 1 label\(s\) outside \[0, 1271\)"),
+    (lambda a: a.update(labels=a["labels"][:, :4]), ValueError, "labels: shape"),
+    (lambda a: a.update(chunk=0), ValueError, "chunk_tokens: expected a positive int"),
+    (lambda a: a.update(beta=-1.0), ValueError, "beta: must be a finite number > 0"),
+])
+def test_bad_input(mutate, exc, match, gen):
+    h, w, b, labels, ref, probs = _inputs(gen, bias=True)
+    a = {"h": h, "w": w, "b": b, "labels": labels, "chunk": None, "beta": 0.1}
+    mutate(a)
+    with pytest.raises(exc, match=match):
+        sppo_fast.fused_linear_sppo_loss(a["h"], a["w"], a["labels"], ref, bias=a["b"], beta=a["beta"],
+                                         chunk_tokens=a["chunk"], backend="cpp", **probs)
