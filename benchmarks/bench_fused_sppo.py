@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -131,18 +130,9 @@ def main() -> None:
     p.add_argument("--V", type=int, default=32000, help="vocabulary size (default 32000)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--beta", type=float, default=0.001)
-    p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--threads", type=int, default=0, help="torch / OpenMP threads (default: torch's)")
-    p.add_argument("--providers", nargs="*", default=None)
     p.add_argument("--compile", action="store_true", help="also time torch.compile of the reference")
-    p.add_argument("--cuda", action="store_true", help="run on the GPU")
-    p.add_argument("--out", type=Path, default=None, help="CSV path (default benchmarks/results/...)")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--provider", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--mode", default="full", help=argparse.SUPPRESS)
+    harness.add_common_args(p)
     args = p.parse_args()
-
     if args.worker:
         print(json.dumps(worker(args)))
         return
@@ -151,59 +141,29 @@ def main() -> None:
     if args.compile and "reference-compile" not in providers:
         providers = providers + ["reference-compile"]
     N = 2 * args.B * args.T
-    shape = f"N={N} (2B={2 * args.B} x T={args.T}) V={args.V} {args.dtype}"
-    elem = {"float32": 4, "bfloat16": 2, "float16": 2}[args.dtype]
-    logits_bytes = N * args.V * elem
-    common = ["--B", str(args.B), "--T", str(args.T), "--V", str(args.V), "--dtype", args.dtype,
-              "--beta", str(args.beta), "--reps", str(args.reps), "--warmup", str(args.warmup),
-              "--threads", str(args.threads)] + (["--cuda"] if args.cuda else [])
-    script = Path(__file__).resolve()
-
-    base = harness.run_worker(script, common + ["--provider", "inputs"])
-    env = base["env"]
-    rows: list[harness.Row] = []
-
-    def row(provider, mode, metric, value, unit):
-        rows.append(harness.Row(OP, provider, mode, shape, metric, value, unit, **env))
-
-    print(f"{OP}: {shape} on {env['device']} (isa {env['isa']}, {env['threads']} threads, "
-          f"torch {env['torch']})")
-    results = {}
+    logits_bytes = N * args.V * {"float32": 4, "bfloat16": 2, "float16": 2}[args.dtype]
+    d = harness.Driver(Path(__file__).resolve(), OP,
+                       f"N={N} (2B={2 * args.B} x T={args.T}) V={args.V} {args.dtype}",
+                       harness.common_argv(args, ["B", "T", "V", "dtype", "beta"]))
     for provider in providers:
         for mode in ("forward", "full"):
-            try:
-                r = harness.run_worker(script, common + ["--provider", provider, "--mode", mode])
-            except RuntimeError as exc:
-                print(f"  {provider:<18} {mode:<8} skipped: {str(exc).splitlines()[-1]}")
+            r = d.run(provider, mode)
+            if r is None:
                 break
             t = r["time"]
-            results[(provider, mode)] = t["median"]
-            row(provider, mode, "time_median", t["median"] * 1e3, "ms")
-            row(provider, mode, "time_q20", t["q20"] * 1e3, "ms")
-            row(provider, mode, "time_q80", t["q80"] * 1e3, "ms")
-            row(provider, mode, "tokens_per_s", N / t["median"], "tokens/s")
+            d.row(provider, mode, "tokens_per_s", N / t["median"], "tokens/s")
+            line = f"  {provider:<18} {mode:<8} {t['median'] * 1e3:9.1f} ms [{t['q20'] * 1e3:.1f}, {t['q80'] * 1e3:.1f}]"
             if mode == "full":
                 # minimum traffic of a two-pass algorithm: read logits twice, write the gradient once
-                row(provider, mode, "effective_bandwidth", 3 * logits_bytes / t["median"] / 1e9, "GB/s")
-                extra = r.get("cuda_extra_peak", r["peak_rss"] - base["peak_rss"])
+                d.row(provider, mode, "effective_bandwidth", 3 * logits_bytes / t["median"] / 1e9, "GB/s")
                 # the gradient is an output (none for the in-place variant: it reuses the logits)
-                beyond = extra - (0 if provider.endswith("inplace") else logits_bytes)
-                row(provider, mode, "extra_peak_memory", extra / 2**20, "MiB")
-                row(provider, mode, "peak_beyond_logits_and_grad_pct", 100 * beyond / logits_bytes, "%")
-            print(f"  {provider:<18} {mode:<8} {t['median'] * 1e3:9.1f} ms "
-                  f"[{t['q20'] * 1e3:.1f}, {t['q80'] * 1e3:.1f}]"
-                  + (f"  extra peak {extra / 2**20:8.1f} MiB ({100 * beyond / logits_bytes:+.1f}% of logits "
-                     "beyond logits+grad)" if mode == "full" else ""))
-    for provider in providers:
-        if provider != "reference" and (provider, "full") in results and ("reference", "full") in results:
-            speed = results[("reference", "full")] / results[(provider, "full")]
-            row(provider, "full", "speedup_vs_reference", speed, "x")
-            print(f"  {provider}: {speed:.2f}x faster than the eager reference (forward+backward)")
-
-    slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower().replace("(r)", "")).strip("-")
-    out = args.out or script.parent / "results" / f"{OP}-{args.dtype}-V{args.V}-{slug}.csv"
-    harness.write_rows(out, rows)
-    print(f"wrote {out}")
+                beyond = r["extra_peak"] - (0 if provider.endswith("inplace") else logits_bytes)
+                d.row(provider, mode, "peak_beyond_logits_and_grad_pct", 100 * beyond / logits_bytes, "%")
+                line += (f"  extra peak {r['extra_peak'] / 2**20:8.1f} MiB ({100 * beyond / logits_bytes:+.1f}% "
+                         "of the logits beyond logits + gradient)")
+            print(line)
+    d.speedups("reference", providers)
+    d.write(args.out, f"{args.dtype}-V{args.V}")
 
 
 if __name__ == "__main__":

@@ -14,10 +14,12 @@ threads, torch, sppo_fast, timestamp. ``plot.py`` draws figures from these files
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -25,7 +27,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Optional
 
 FIELDS = ["op", "provider", "mode", "shape", "metric", "value", "unit", "device", "isa", "threads",
           "torch", "sppo_fast", "timestamp"]
@@ -136,3 +138,73 @@ def print_table(rows: list[Row], metrics: tuple[str, ...]) -> None:
     print(f"{'provider':<{width}}{'mode':<10}{'metric':<22}{'value':>12}  unit")
     for r in keep:
         print(f"{r.provider:<{width}}{r.mode:<10}{r.metric:<22}{r.value:>12.4g}  {r.unit}")
+
+
+# ---- the driver every benchmark script shares ------------------------------------------------------
+def add_common_args(p) -> None:
+    """Options every benchmark script takes (and the hidden ones of its worker processes)."""
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=0, help="torch / OpenMP threads (default: torch's)")
+    p.add_argument("--providers", nargs="*", default=None)
+    p.add_argument("--cuda", action="store_true", help="run on the GPU")
+    p.add_argument("--out", type=Path, default=None, help="CSV path (default benchmarks/results/...)")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--provider", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--mode", default="full", help=argparse.SUPPRESS)
+
+
+def common_argv(args, names: Iterable[str]) -> list[str]:
+    """Re-serialise the named options (plus the shared ones) for a worker process."""
+    argv = []
+    for name in [*names, "reps", "warmup", "threads"]:
+        argv += [f"--{name}", str(getattr(args, name.replace("-", "_")))]
+    return argv + (["--cuda"] if args.cuda else [])
+
+
+class Driver:
+    """Runs one worker per (provider, mode) in a fresh process, records time and memory rows."""
+
+    def __init__(self, script: Path, op: str, shape: str, argv: list[str]):
+        self.script, self.op, self.shape, self.argv = script, op, shape, argv
+        self.base = run_worker(script, argv + ["--provider", "inputs"])
+        self.env = self.base["env"]
+        self.rows: list[Row] = []
+        self.results: dict[tuple[str, str], dict] = {}
+        print(f"{op}: {shape} on {self.env['device']} (isa {self.env['isa']}, "
+              f"{self.env['threads']} threads, torch {self.env['torch']})")
+
+    def row(self, provider: str, mode: str, metric: str, value: float, unit: str) -> None:
+        self.rows.append(Row(self.op, provider, mode, self.shape, metric, value, unit, **self.env))
+
+    def run(self, provider: str, mode: str) -> Optional[dict]:
+        try:
+            r = run_worker(self.script, self.argv + ["--provider", provider, "--mode", mode])
+        except RuntimeError as exc:
+            print(f"  {provider:<18} {mode:<8} skipped: {str(exc).strip().splitlines()[-1]}")
+            return None
+        t = r["time"]
+        r["extra_peak"] = r.get("cuda_extra_peak", r["peak_rss"] - self.base["peak_rss"])
+        self.results[(provider, mode)] = r
+        self.row(provider, mode, "time_median", t["median"] * 1e3, "ms")
+        self.row(provider, mode, "time_q20", t["q20"] * 1e3, "ms")
+        self.row(provider, mode, "time_q80", t["q80"] * 1e3, "ms")
+        self.row(provider, mode, "extra_peak_memory", r["extra_peak"] / 2**20, "MiB")
+        return r
+
+    def speedups(self, baseline: str, providers: Iterable[str], mode: str = "full") -> None:
+        if (baseline, mode) not in self.results:
+            return
+        ref = self.results[(baseline, mode)]["time"]["median"]
+        for (provider, m), r in self.results.items():
+            if m == mode and provider != baseline and provider in providers:
+                speed = ref / r["time"]["median"]
+                self.row(provider, mode, f"speedup_vs_{baseline}", speed, "x")
+                print(f"  {provider}: {speed:.2f}x faster than {baseline} ({mode})")
+
+    def write(self, out: Optional[Path], tag: str) -> Path:
+        slug = re.sub(r"[^a-z0-9]+", "-", self.env["device"].lower().replace("(r)", "")).strip("-")
+        path = out or self.script.parent / "results" / f"{self.op}-{tag}-{slug}.csv"
+        write_rows(path, self.rows)
+        print(f"wrote {path}")
+        return path

@@ -218,27 +218,45 @@ class _FusedLinearSPPO(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_loss, g_pol):
         hidden, weight, bias, labels = ctx.saved_tensors
-        dh, dw, db = ctx.grads
-        if g_loss is not None:
-            s = g_loss.to(dh.dtype)
-            dh, dw, db = dh * s, dw * s, (None if db is None else db * s)
+        pre, ctx.grads = ctx.grads, None  # hand our buffers to autograd: no copy of d_weight
+        if pre is None:  # a second backward through the same graph (retain_graph): recompute
+            coef = torch.zeros_like(ctx.coef)
+            if g_loss is not None:
+                coef += ctx.coef * g_loss.double()
+            if g_pol is not None:
+                coef += g_pol.double()
+            dh, dw, db = _recompute(hidden, weight, bias, labels, ctx.opts, coef)
         else:
-            dh, dw, db = torch.zeros_like(dh), torch.zeros_like(dw), None if db is None else torch.zeros_like(db)
+            dh, dw, db = pre
+            if g_loss is None:
+                scale = 0.0
+            else:
+                scale = float(g_loss)  # CPU tensors: no device sync
+            if scale != 1.0:
+                for t in (dh, dw, db):
+                    if t is not None:
+                        t.mul_(scale)
+            if g_pol is not None:  # policy_logps used elsewhere too: one more pass adds its part
+                eh, ew, eb = _recompute(hidden, weight, bias, labels, ctx.opts, g_pol.double())
+                dh += eh
+                dw += ew
+                if db is not None:
+                    db += eb
         d_ref = None if g_loss is None else -ctx.coef * g_loss.double()
-        if g_pol is not None:  # the policy log-probs are used elsewhere too: one more pass
-            plan = _plan(labels, ctx.opts.ignore_index, ctx.opts.chunk_tokens)
-            extra = _Chunked(hidden, weight, bias, plan, ctx.opts, with_grads=True)
-            gp = g_pol.double()
-            for r0, r1, _, _, _ in plan.groups:
-                for a, b in extra._spans(r0, r1):
-                    logits, h = extra._logits(a, b)
-                    lse = extra._forward_rows(logits, a, b, add_to_sums=False)
-                    extra._backward_rows(logits, h, lse, a, b, gp)
-            dh = dh + extra.dh.view(dh.shape)
-            dw = dw + extra.dw
-            db = None if db is None else db + extra.db
         return (dh.to(hidden.dtype), dw.to(weight.dtype), None if db is None else db.to(bias.dtype),
                 None, None if d_ref is None else d_ref.to(hidden.dtype), None, None)
+
+
+def _recompute(hidden, weight, bias, labels, opts: _Options, coef_seq: Tensor):
+    """Gradients of sum_s coef_seq[s] * logp_s, by recomputing every chunk's logits."""
+    plan = _plan(labels, opts.ignore_index, opts.chunk_tokens)
+    work = _Chunked(hidden, weight, bias, plan, opts, with_grads=True)
+    for r0, r1, _, _, _ in plan.groups:
+        for a, b in work._spans(r0, r1):
+            logits, h = work._logits(a, b)
+            lse = work._forward_rows(logits, a, b, add_to_sums=False)
+            work._backward_rows(logits, h, lse, a, b, coef_seq)
+    return work.dh.view(hidden.shape), work.dw, work.db
 
 
 def _loss_scale(loss_type: str) -> float:

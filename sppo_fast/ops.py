@@ -230,9 +230,25 @@ class _NativeLogprobs(torch.autograd.Function):
             coef = g_tok.to(acc)
         else:
             coef = g_tok.to(acc) + g_seq.to(acc)[:, None]
-        out = logits if ctx.opts.inplace_backward else _native.empty_like_fresh(logits)
+        inplace = ctx.opts.inplace_backward and _rows_disjoint(logits)
+        out = logits if inplace else _native.empty_like_fresh(logits)
         _native.logprob_bwd(logits, labels, lse, coef, ctx.opts.ignore_index, out)
         return out, None, None
+
+
+def _rows_disjoint(x: Tensor) -> bool:
+    """Whether the V-long rows of ``x[B, T, V]`` (unit stride along V) occupy disjoint memory.
+
+    An expanded or overlapping view (stride 0, or rows closer than V apart) cannot take the
+    gradient in place: several rows would write the same elements.
+    """
+    extent = x.shape[-1]
+    for size, stride in sorted(((n, abs(s)) for n, s in zip(x.shape[:-1], x.stride()[:-1]) if n > 1),
+                               key=lambda d: d[1]):
+        if stride < extent:
+            return False
+        extent = stride * (size - 1) + extent
+    return True
 
 
 def _native_logprobs(logits3: Tensor, labels2: Tensor, ignore_index: int,
@@ -254,7 +270,8 @@ def token_logprobs(logits: Tensor, labels: Tensor, ignore_index: int = -100, *,
         logits: ``[N, V]`` or ``[B, T, V]``; fp32, bf16, fp16 or fp64; last dimension stride 1.
         labels: ``[N]`` or ``[B, T]`` integers in ``[0, V)`` or ``ignore_index``.
         backend: see :mod:`sppo_fast.ops`.
-        inplace_backward: write the gradient into the logits' memory (they are consumed).
+        inplace_backward: write the gradient into the logits' memory (they are consumed); ignored,
+            with a fresh buffer instead, when the logits' rows overlap (e.g. an expanded tensor).
     Returns:
         Log-probabilities shaped like ``labels``; float32 (float64 for fp64 logits).
     """

@@ -152,3 +152,14 @@ def test_bad_input(mutate, exc, match, gen):
     with pytest.raises(exc, match=match):
         sppo_fast.fused_linear_sppo_loss(a["h"], a["w"], a["labels"], ref, bias=a["b"], beta=a["beta"],
                                          chunk_tokens=a["chunk"], backend="cpp", **probs)
+
+
+def test_backward_twice_with_retain_graph(gen):
+    """The first backward hands its precomputed buffers to autograd; a second one recomputes."""
+    h, w, b, labels, ref, probs = _inputs(gen, bias=True)
+    hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+    loss, pol, _ = sppo_fast.fused_linear_sppo_loss(hh, ww, labels, ref, bias=b, beta=0.1, **probs)
+    g1 = torch.autograd.grad(loss * 0.5, (hh, ww), retain_graph=True)
+    g2 = torch.autograd.grad(loss * 0.5, (hh, ww))
+    for x, y in zip(g1, g2):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)

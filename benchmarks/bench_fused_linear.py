@@ -1,0 +1,158 @@
+"""Benchmark fused_linear_sppo_loss (lm_head GEMM + log-probs + SPPO loss, no logits tensor).
+
+    python benchmarks/bench_fused_linear.py            # N = 16 x 256 tokens, H = 512, V = 32000, fp32
+
+Providers: ``reference`` (F.linear, then log_softmax + gather + sum + loss, autograd), ``torch-lce``
+(torch's F.linear_cross_entropy(reduction="none") for the token log-probs, then the SPPO loss),
+``cpp`` (sppo_fast.fused_linear_sppo_loss), and ``gemm3``: only the three GEMMs any exact method must
+do (logits, d_hidden, d_weight: 6 N H V FLOPs), timed in the same run as the yardstick.
+All tokens are labelled by default (--prompt-frac 0), so that every method does all 6 N H V FLOPs.
+Each provider runs in a fresh process; extra peak memory is its peak RSS minus the inputs'.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import harness  # noqa: E402
+
+OP = "fused_linear_sppo_loss"
+PROVIDERS = ["gemm3", "reference", "torch-lce", "cpp"]
+
+
+def _inputs(args):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    dtype = getattr(torch, args.dtype)
+    S = 2 * args.B
+    hidden = torch.randn(S, args.T, args.H, generator=g).to(dtype).requires_grad_()
+    weight = (torch.randn(args.V, args.H, generator=g) / args.H ** 0.5).to(dtype).requires_grad_()
+    labels = torch.randint(0, args.V, (S, args.T), generator=g)
+    labels[:, : int(args.T * args.prompt_frac)] = -100
+    ref_logps = torch.randn(S, generator=g) * 10 - 3 * args.T
+    probs = {"chosen_probs_win": 0.5 + torch.rand(args.B, generator=g) / 2,
+             "chosen_probs_lose": torch.rand(args.B, generator=g) / 2}
+    return hidden, weight, labels, ref_logps, probs
+
+
+def _fn(provider, args, hidden, weight, labels, ref_logps, probs, backward):
+    import torch
+    import torch.nn.functional as F
+
+    import sppo_fast
+    from sppo_fast import reference as R
+
+    B, H = args.B, args.H
+    beta = args.beta
+
+    def sppo(pol):
+        return R.sppo_loss(pol[:B], pol[B:], ref_logps[:B], ref_logps[B:], beta=beta, **probs).mean()
+
+    if provider == "gemm3":
+        N = hidden.shape[0] * hidden.shape[1]
+        h2 = hidden.detach().reshape(N, H)
+        w = weight.detach()
+        logits = torch.empty(N, weight.shape[0], dtype=hidden.dtype)
+        dh, dw = torch.empty_like(h2), torch.empty_like(w)
+
+        def gemms():
+            torch.mm(h2, w.t(), out=logits)
+            if backward:
+                torch.mm(logits, w, out=dh)
+                torch.mm(logits.t(), h2, out=dw)
+        return gemms
+    if provider == "reference":
+        def loss_fn():
+            return sppo(R.sequence_logps(F.linear(hidden, weight), labels))
+    elif provider == "torch-lce":
+        def loss_fn():
+            nll = F.linear_cross_entropy(hidden.reshape(-1, H), weight, labels.reshape(-1),
+                                         reduction="none", ignore_index=-100)
+            return sppo(-nll.view(labels.shape).sum(-1))
+    elif provider == "cpp":
+        def loss_fn():
+            return sppo_fast.fused_linear_sppo_loss(hidden, weight, labels, ref_logps, beta=beta,
+                                                    backend="cpp", **probs)[0]
+    else:
+        raise ValueError(f"unknown provider {provider!r}")
+
+    if not backward:
+        def fwd():
+            with torch.no_grad():
+                return loss_fn()
+        return fwd
+
+    def full():
+        hidden.grad = weight.grad = None
+        loss_fn().backward()
+    return full
+
+
+def worker(args) -> dict:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    inputs = _inputs(args)
+    out = {"env": harness.environment()}
+    if args.provider != "inputs":
+        fn = _fn(args.provider, args, *inputs, backward=args.mode == "full")
+        out["time"] = harness.time_fn(fn, warmup=args.warmup, reps=args.reps)
+    out["peak_rss"] = harness.peak_rss_bytes()
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--B", type=int, default=8, help="pairs; the batch holds 2B sequences (default 8)")
+    p.add_argument("--T", type=int, default=256)
+    p.add_argument("--H", type=int, default=512)
+    p.add_argument("--V", type=int, default=32000)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--beta", type=float, default=0.001)
+    p.add_argument("--prompt-frac", dest="prompt_frac", type=float, default=0.0,
+                   help="fraction of each sequence labelled -100 (default 0: all tokens count)")
+    harness.add_common_args(p)
+    args = p.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+
+    N = 2 * args.B * args.T
+    flops = 6 * N * args.H * args.V
+    d = harness.Driver(Path(__file__).resolve(), OP,
+                       f"N={N} (2B={2 * args.B} x T={args.T}) H={args.H} V={args.V} {args.dtype}",
+                       harness.common_argv(args, ["B", "T", "H", "V", "dtype", "beta", "prompt-frac"]))
+    for provider in args.providers or PROVIDERS:
+        for mode in ("forward", "full"):
+            r = d.run(provider, mode)
+            if r is None:
+                break
+            t = r["time"]["median"]
+            line = f"  {provider:<10} {mode:<8} {t * 1e3:9.1f} ms"
+            if mode == "full":
+                d.row(provider, mode, "gflops_6NHV", flops / t / 1e9, "GFLOP/s")
+                line += f"  {flops / t / 1e9:7.1f} GFLOP/s (6NHV)  extra peak {r['extra_peak'] / 2**20:8.1f} MiB"
+            print(line)
+    res = d.results
+    if ("gemm3", "full") in res and ("cpp", "full") in res:
+        ratio = res[("cpp", "full")]["time"]["median"] / res[("gemm3", "full")]["time"]["median"]
+        d.row("cpp", "full", "time_vs_gemm3", ratio, "x")
+        print(f"  cpp takes {ratio:.3f}x the time of the three GEMMs alone")
+    if ("reference", "full") in res and ("cpp", "full") in res:
+        mem = res[("cpp", "full")]["extra_peak"] / res[("reference", "full")]["extra_peak"]
+        d.row("cpp", "full", "peak_vs_reference", 100 * mem, "%")
+        print(f"  cpp's extra peak memory is {100 * mem:.1f}% of the eager reference's")
+    d.speedups("reference", ["torch-lce", "cpp"])
+    d.speedups("torch-lce", ["cpp"])
+    d.write(args.out, f"{args.dtype}-H{args.H}-V{args.V}")
+
+
+if __name__ == "__main__":
+    main()
