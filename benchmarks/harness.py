@@ -4,8 +4,9 @@ Timing: ``time_fn`` runs warm-ups, then ``reps`` timed calls, and reports the me
 80% quantiles (CUDA: events and synchronisation; CPU: ``perf_counter``).
 
 Memory on the CPU: torch's allocations are invisible to tracemalloc, so every variant runs in a
-fresh process (``run_worker``) that reports its peak RSS (``ru_maxrss``); the difference to a worker
-that only allocates the inputs is the variant's extra peak memory. On a GPU:
+fresh process (``run_worker``) that reports its peak RSS (``ru_maxrss``) twice: once its inputs are
+allocated (in place, without temporaries) and after the timed runs. The difference is the
+variant's extra peak memory; a worker that only allocates the inputs gives the environment row. On a GPU:
 ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``.
 
 CSV rows (one per measurement): op, provider, mode, shape, metric, value, unit, device, isa,
@@ -184,7 +185,9 @@ class Driver:
             print(f"  {provider:<18} {mode:<8} skipped: {str(exc).strip().splitlines()[-1]}")
             return None
         t = r["time"]
-        r["extra_peak"] = r.get("cuda_extra_peak", r["peak_rss"] - self.base["peak_rss"])
+        # extra peak: over the same process's peak once its inputs existed (a fresh process per
+        # variant; comparing within it removes the process-to-process noise of the RSS baseline)
+        r["extra_peak"] = r.get("cuda_extra_peak", r["peak_rss"] - r["inputs_peak_rss"])
         self.results[(provider, mode)] = r
         self.row(provider, mode, "time_median", t["median"] * 1e3, "ms")
         self.row(provider, mode, "time_q20", t["q20"] * 1e3, "ms")
