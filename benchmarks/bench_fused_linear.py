@@ -131,7 +131,7 @@ def main() -> None:
                        f"N={N} (2B={2 * args.B} x T={args.T}) H={args.H} V={args.V} {args.dtype}",
                        harness.common_argv(args, ["B", "T", "H", "V", "dtype", "beta", "prompt-frac"]))
     for provider in args.providers or PROVIDERS:
-        for mode in ("forward", "full"):
+        for mode in args.modes:
             r = d.run(provider, mode)
             if r is None:
                 break

@@ -21,7 +21,7 @@ import harness  # noqa: E402
 
 OP = "fused_sppo_loss"
 CPU_PROVIDERS = ["reference", "cpp", "cpp-inplace"]
-GPU_PROVIDERS = ["reference", "reference-compile", "triton", "cuda"]
+GPU_PROVIDERS = ["copy", "reference", "reference-compile", "triton", "cuda"]
 
 
 def _inputs(args, device):
@@ -54,6 +54,9 @@ def _step_fn(provider, logits, labels, ref_logps, probs, beta, backward):
         pol = R.sequence_logps(x, labels)
         return R.sppo_loss(pol[:B], pol[B:], ref_logps[:B], ref_logps[B:], beta=beta, **probs).mean()
 
+    if provider == "copy":  # the yardstick: a device copy of a logits-sized buffer
+        dst = torch.empty_like(logits)
+        return lambda: dst.copy_(logits)
     if provider.startswith("reference"):
         loss_fn = torch.compile(reference_loss) if provider.endswith("compile") else reference_loss
     else:
@@ -145,13 +148,17 @@ def main() -> None:
                        f"N={N} (2B={2 * args.B} x T={args.T}) V={args.V} {args.dtype}",
                        harness.common_argv(args, ["B", "T", "V", "dtype", "beta"]))
     for provider in providers:
-        for mode in ("forward", "full"):
+        for mode in args.modes:
             r = d.run(provider, mode)
             if r is None:
                 break
             t = r["time"]
             d.row(provider, mode, "tokens_per_s", N / t["median"], "tokens/s")
             line = f"  {provider:<18} {mode:<8} {t['median'] * 1e3:9.1f} ms [{t['q20'] * 1e3:.1f}, {t['q80'] * 1e3:.1f}]"
+            if provider == "copy":
+                d.row(provider, mode, "copy_bandwidth", 2 * logits_bytes / t["median"] / 1e9, "GB/s")
+                print(f"  {provider:<18} device copy {2 * logits_bytes / t['median'] / 1e9:8.1f} GB/s")
+                break
             if mode == "full":
                 # minimum traffic of a two-pass algorithm: read logits twice, write the gradient once
                 d.row(provider, mode, "effective_bandwidth", 3 * logits_bytes / t["median"] / 1e9, "GB/s")
@@ -161,7 +168,15 @@ def main() -> None:
                 line += (f"  extra peak {r['extra_peak'] / 2**20:8.1f} MiB ({100 * beyond / logits_bytes:+.1f}% "
                          "of the logits beyond logits + gradient)")
             print(line)
-    d.speedups("reference", providers)
+    d.speedups("reference", [p for p in providers if p != "copy"])
+    copy = next((r for (p, _), r in d.results.items() if p == "copy"), None)
+    if copy is not None:
+        copy_bw = 2 * logits_bytes / copy["time"]["median"]
+        for p in providers:
+            if (p, "full") in d.results and p != "copy":
+                frac = 3 * logits_bytes / d.results[(p, "full")]["time"]["median"] / copy_bw
+                d.row(p, "full", "fraction_of_copy_bandwidth", 100 * frac, "%")
+                print(f"  {p}: {100 * frac:.0f}% of the device copy bandwidth (3 N V bytes, forward+backward)")
     d.write(args.out, f"{args.dtype}-V{args.V}")
 
 

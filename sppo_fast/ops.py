@@ -4,10 +4,12 @@ Every op takes ``backend="auto" | "reference" | "cpp" | "triton" | "cuda"``:
 
 - ``reference``: the pure-PyTorch definition in :mod:`sppo_fast.reference` (any device).
 - ``cpp``: the native CPU kernels of ``sppo_fast._C`` (CPU tensors).
-- ``triton`` / ``cuda``: the GPU kernels (their own issues; until they land, asking for them raises
-  :class:`BackendUnavailableError` that says why).
-- ``auto``: the fastest backend available for the tensors' device (``cpp`` on CPU; on a CUDA
-  device the reference until the GPU kernels land).
+- ``triton``: the Triton kernels of ``sppo_fast.kernels`` (CUDA tensors; CPU tensors only under
+  Triton's interpreter, ``TRITON_INTERPRET=1``).
+- ``cuda``: the CUDA kernels of the extension (their own issue; until they land, asking for them
+  raises :class:`BackendUnavailableError` that says why).
+- ``auto``: the fastest backend available for the tensors' device (``cpp`` on CPU, ``triton`` on a
+  CUDA device when Triton is installed, else the reference).
 
 The checks run once here, so every backend sees valid input: shapes, dtypes, devices, the label
 range, probabilities in [0, 1] and not NaN, ``beta > 0``, a known ``loss_type`` or ``mode``.
@@ -24,7 +26,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _native, reference
+from . import _native, _triton, reference
 from .reference import LOSS_TYPES, PAIRWISE_MODES, PairwiseResult
 
 __all__ = [
@@ -71,8 +73,7 @@ def _backend_problem(name: str, device: torch.device) -> Optional[str]:
             return f"backend 'cpp' runs on CPU tensors, got tensors on {device}"
         return None if _native.available() else _native.unavailable_reason()
     if name == "triton":
-        return ("the Triton kernels are not part of this version of sppo_fast yet; use "
-                "backend='cpp' on CPU tensors or backend='reference'")
+        return _triton.problem(device)
     if name == "cuda":
         if device.type != "cuda":
             return f"backend 'cuda' runs on CUDA tensors, got tensors on {device}"
@@ -83,7 +84,7 @@ def _backend_problem(name: str, device: torch.device) -> Optional[str]:
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
     """The backends that can run on ``device`` in this installation, fastest first."""
     device = torch.device(device)
-    order = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpp", "reference")
+    order = ("triton", "cuda", "reference") if device.type == "cuda" else ("cpp", "reference")
     return [b for b in order if _backend_problem(b, device) is None]
 
 
@@ -195,13 +196,17 @@ def _check_loss_args(loss_type: str, beta: float, n: int, device: torch.device,
 # ---------------------------------------------------------------------------------------------
 # autograd
 # ---------------------------------------------------------------------------------------------
+_IMPLS = {"cpp": _native, "triton": _triton}
+
+
 @dataclass(frozen=True)
 class _LogprobOptions:
     ignore_index: int
     inplace_backward: bool
+    backend: str  # "cpp" or "triton": the module in _IMPLS that runs the kernels
 
 
-class _NativeLogprobs(torch.autograd.Function):
+class _KernelLogprobs(torch.autograd.Function):
     """``(token_logp[B, T], seq_logp[B])`` of ``logits[B, T, V]`` through the native kernels.
 
     Saves only the per-row logsumexp. The backward gets one coefficient per token
@@ -211,7 +216,7 @@ class _NativeLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: Tensor, labels: Tensor, opts: _LogprobOptions):
-        tok, lse, seq = _native.logprob_fwd(logits, labels, opts.ignore_index)
+        tok, lse, seq = _IMPLS[opts.backend].logprob_fwd(logits, labels, opts.ignore_index)
         ctx.save_for_backward(logits, labels, lse)
         ctx.opts = opts
         ctx.set_materialize_grads(False)
@@ -231,8 +236,9 @@ class _NativeLogprobs(torch.autograd.Function):
         else:
             coef = g_tok.to(acc) + g_seq.to(acc)[:, None]
         inplace = ctx.opts.inplace_backward and _rows_disjoint(logits)
-        out = logits if inplace else _native.empty_like_fresh(logits)
-        _native.logprob_bwd(logits, labels, lse, coef, ctx.opts.ignore_index, out)
+        impl = _IMPLS[ctx.opts.backend]
+        out = logits if inplace else impl.empty_like_fresh(logits)
+        impl.logprob_bwd(logits, labels, lse, coef, ctx.opts.ignore_index, out)
         return out, None, None
 
 
@@ -252,8 +258,9 @@ def _rows_disjoint(x: Tensor) -> bool:
 
 
 def _native_logprobs(logits3: Tensor, labels2: Tensor, ignore_index: int,
-                     inplace_backward: bool) -> tuple[Tensor, Tensor]:
-    return _NativeLogprobs.apply(logits3, labels2, _LogprobOptions(ignore_index, inplace_backward))
+                     inplace_backward: bool, backend: str) -> tuple[Tensor, Tensor]:
+    opts = _LogprobOptions(ignore_index, inplace_backward, backend)
+    return _KernelLogprobs.apply(logits3, labels2, opts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,9 +288,9 @@ def token_logprobs(logits: Tensor, labels: Tensor, ignore_index: int = -100, *,
     if be == "reference":
         return reference.token_logprobs(logits, labels, ignore_index)
     if logits.dim() == 2:
-        tok, _ = _native_logprobs(logits[:, None], labels[:, None], ignore_index, inplace_backward)
+        tok, _ = _native_logprobs(logits[:, None], labels[:, None], ignore_index, inplace_backward, be)
         return tok[:, 0]
-    tok, _ = _native_logprobs(logits, labels, ignore_index, inplace_backward)
+    tok, _ = _native_logprobs(logits, labels, ignore_index, inplace_backward, be)
     return tok
 
 
@@ -305,7 +312,7 @@ def sequence_logps(logits: Tensor, labels: Tensor, ignore_index: int = -100, *,
     be = resolve_backend(backend, logits.device)
     if be == "reference":
         return reference.sequence_logps(logits, labels, ignore_index)
-    _, seq = _native_logprobs(logits, labels, ignore_index, inplace_backward)
+    _, seq = _native_logprobs(logits, labels, ignore_index, inplace_backward, be)
     return seq
 
 
@@ -376,7 +383,7 @@ def fused_sppo_loss(logits: Tensor, labels: Tensor, ref_logps: Tensor, *,
     if be == "reference":
         policy = reference.sequence_logps(logits, labels, ignore_index)
     else:
-        _, policy = _native_logprobs(logits, labels, ignore_index, inplace_backward)
+        _, policy = _native_logprobs(logits, labels, ignore_index, inplace_backward, be)
     acc = policy.dtype
     ref = ref_logps.to(acc)
     probs = {k: (None if v is None else v.to(acc)) for k, v in (
@@ -431,7 +438,9 @@ def pairrm_aggregate(cmp: Tensor, mode: str = "official", *, backend: str = "aut
     if cmp.numel() and bool(cmp[:, off_diag].isnan().any()):
         raise ValueError("cmp: contains NaN off the diagonal")
     be = resolve_backend(backend, cmp.device)
+    if be == "triton" and K > 64 and backend == "auto":
+        be = "reference"  # the Triton kernel keeps a prompt's K x K block in one program
     if be == "reference":
         return reference.pairrm_aggregate(cmp, mode)
     work = cmp if cmp.dtype in (torch.float32, torch.float64) else cmp.float()
-    return _native.pairwise(work, mode)
+    return _IMPLS[be].pairwise(work, mode)

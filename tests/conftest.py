@@ -1,14 +1,17 @@
 """Shared fixtures and the accuracy rule every backend is held to.
 
-Triton's interpreter has to be switched on before any kernel is defined, so it is set here, first.
+Without a GPU the Triton kernels run in Triton's interpreter, which has to be switched on before
+any kernel is defined, so it is set here, first (torch.cuda.is_available() imports no Triton).
 """
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 import sppo_fast  # noqa: E402
 from sppo_fast import _native  # noqa: E402
@@ -18,6 +21,8 @@ _native._C.cpu_set_isa(_native._C.cpu_best_isa())
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 HAS_CUDA = torch.cuda.is_available()
+TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"  # CPU tensors run in Triton's interpreter
+gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 
 
 @pytest.fixture(params=CPU_ISAS)

@@ -56,8 +56,11 @@ def test_auto_backend_on_cpu_is_cpp():
 
 # ---- the SPPO_FAST_CUDA option, configured and built with CMake directly -------------------------
 def _cmake(tmp_path, *defs, path_env="/usr/bin:/bin"):
-    if shutil.which("cmake") is None:
+    cmake = shutil.which("cmake")
+    if cmake is None:
         pytest.skip("cmake not installed")
+    if Path("/usr/local/cuda/bin/nvcc").exists():
+        pytest.skip("CMake finds nvcc in /usr/local/cuda without PATH: cannot hide it here")
     import os
 
     import pybind11
@@ -66,7 +69,7 @@ def _cmake(tmp_path, *defs, path_env="/usr/bin:/bin"):
     env = dict(os.environ, PATH=path_env)  # a PATH without nvcc
     env.pop("SPPO_FAST_CUDA", None)
     env.pop("CUDACXX", None)
-    cmd = ["cmake", "-S", str(root), "-B", str(tmp_path / "build"), f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+    cmd = [cmake, "-S", str(root), "-B", str(tmp_path / "build"), f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
            f"-DPython_EXECUTABLE={sys.executable}", *defs]
     return subprocess.run(cmd, capture_output=True, text=True, env=env)
 
@@ -88,7 +91,7 @@ def test_cpu_only_build_imports_and_explains(tmp_path):
     r = _cmake(tmp_path, "-DSPPO_FAST_CUDA=AUTO", "-DCMAKE_BUILD_TYPE=Release")
     assert r.returncode == 0, r.stderr
     assert "CUDA backend OFF" in r.stdout
-    b = subprocess.run(["cmake", "--build", str(tmp_path / "build"), "-j", "2"], capture_output=True, text=True)
+    b = subprocess.run([shutil.which("cmake"), "--build", str(tmp_path / "build"), "-j", "2"], capture_output=True, text=True)
     assert b.returncode == 0, b.stdout[-3000:] + b.stderr[-3000:]
     so = next((tmp_path / "build").glob("_C*.so"))
     code = ("import importlib.util, sys; s = importlib.util.spec_from_file_location('_C', sys.argv[1]); "

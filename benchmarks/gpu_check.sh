@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The GPU check: run once per session on the lent GPU machine (H100 / H200), well inside 8 minutes.
+#   bash benchmarks/gpu_check.sh [OUT_DIR]      (default: $OUT, else benchmarks/results/gpu)
+# Builds the project with CUDA, runs the GPU tests, runs the GPU benchmarks at N = 16384 tokens,
+# V = 32000 and 128256, bf16, writes CSV + logs under OUT_DIR, and prints a short table last.
+# Commit what it wrote under benchmarks/results/ with the card's name.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR=${1:-${OUT:-benchmarks/results/gpu}}
+mkdir -p "$OUT_DIR"
+status=0
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT_DIR/device.txt"
+python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT_DIR/device.txt"
+
+echo "== build (SPPO_FAST_CUDA=ON)"
+if ! SPPO_FAST_CUDA=ON timeout 240 pip install --no-build-isolation -e . > "$OUT_DIR/build.log" 2>&1; then
+  tail -40 "$OUT_DIR/build.log"; exit 1
+fi
+
+echo "== GPU tests"
+timeout 180 python -m pytest -q -x tests/test_triton.py tests/test_build.py -m "not slow" \
+  > "$OUT_DIR/pytest.log" 2>&1 || status=1
+tail -3 "$OUT_DIR/pytest.log"
+
+echo "== benchmarks"
+for V in 32000 128256; do
+  timeout 150 python benchmarks/bench_fused_sppo.py --cuda --B 8 --T 1024 --V "$V" --dtype bfloat16 \
+    --modes full --providers copy reference reference-compile triton cuda \
+    --out "$OUT_DIR/fused_sppo_loss-bf16-V$V.csv" 2>&1 | tee "$OUT_DIR/bench-V$V.log" | tail -12 \
+    || status=1
+done
+
+echo "== summary"
+python benchmarks/summarize.py "$OUT_DIR"/*.csv
+exit $status

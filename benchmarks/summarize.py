@@ -1,0 +1,36 @@
+"""Print a short table of benchmark CSVs: median time, speed-ups, bandwidth and memory per provider.
+
+    python benchmarks/summarize.py benchmarks/results/*.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from collections import defaultdict
+from pathlib import Path
+
+SHOWN = [("time_median", "ms"), ("speedup_vs_reference", "x ref"), ("fraction_of_copy_bandwidth", "% copy"),
+         ("effective_bandwidth", "GB/s"), ("extra_peak_memory", "MiB extra"), ("time_vs_gemm3", "x gemm3"),
+         ("gflops_6NHV", "GFLOP/s")]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("csv", nargs="+", type=Path)
+    for path in p.parse_args().csv:
+        rows = list(csv.DictReader(path.open()))
+        if not rows:
+            continue
+        val = defaultdict(dict)
+        for r in rows:
+            val[(r["provider"], r["mode"])][r["metric"]] = float(r["value"])
+        cols = [(m, u) for m, u in SHOWN if any(m in v for v in val.values())]
+        print(f"\n{rows[0]['op']}  {rows[0]['shape']}  [{rows[0]['device']}]")
+        print(f"{'provider':<18}{'mode':<9}" + "".join(f"{u:>12}" for _, u in cols))
+        for (prov, mode), v in val.items():
+            print(f"{prov:<18}{mode:<9}" + "".join(f"{v[m]:>12.4g}" if m in v else f"{'':>12}" for m, _ in cols))
+
+
+if __name__ == "__main__":
+    main()

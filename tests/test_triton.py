@@ -1,0 +1,142 @@
+"""The Triton backend against the float64 reference. Without a GPU the kernels run in Triton's
+interpreter on small uneven shapes; on a CUDA device the same tests run, plus full-size ones."""
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+import sppo_fast
+from sppo_fast import reference as R
+
+from _data import make_batch
+from conftest import DTYPES, TRITON_DEVICE, assert_as_accurate, gpu
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+DEV = TRITON_DEVICE
+FWD_ATOL = {torch.float32: 2e-4, torch.bfloat16: 2e-4, torch.float16: 2e-4, torch.float64: 1e-9}
+
+
+def _check(logits, labels, gen, *, inplace=False, rtol=5e-7, fwd_atol=None):
+    dtype = logits.dtype
+    truth_in = logits.detach().double().requires_grad_()
+    truth = R.sequence_logps(truth_in, labels)
+    same_in = logits.detach().clone().requires_grad_()
+    same = R.sequence_logps(same_in, labels)
+    leaf = logits.detach().clone().requires_grad_()
+    out = sppo_fast.sequence_logps(leaf * 1 if inplace else leaf, labels, backend="triton",
+                                   inplace_backward=inplace)
+    assert out.device == logits.device
+    assert_as_accurate(out, same, truth, atol=fwd_atol or FWD_ATOL[dtype], rtol=1e-6, what=f"fwd {dtype}")
+    g = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.device) * 3
+    (truth * g).sum().backward()
+    (same * g.to(same.dtype)).sum().backward()
+    (out * g.to(out.dtype)).sum().backward()
+    assert leaf.grad.dtype == dtype
+    assert_as_accurate(leaf.grad, same_in.grad, truth_in.grad, atol=1e-6 if dtype != torch.float64 else 1e-12,
+                       rtol=0 if dtype == torch.float64 else rtol, what=f"grad {dtype}")
+    return out, leaf.grad
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+def test_sequence_logps_uneven(dtype, gen):
+    logits, labels = make_batch(3, 17, 1271, dtype, gen, fully_masked=(1,))
+    logits, labels = logits.to(DEV), labels.to(DEV)
+    out, grad = _check(logits, labels, gen)
+    assert out[1].item() == 0.0 and (grad[1] == 0).all()
+
+
+def test_shifted_view_and_inplace(gen):
+    logits, labels = make_batch(3, 11, 777, torch.bfloat16, gen, extra_time=1)
+    logits, labels = logits.to(DEV), labels.to(DEV)
+    _check(logits[:, :-1], labels[:, 1:], gen)
+    _check(logits, labels, gen, inplace=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_huge_logits(dtype, gen):
+    logits, labels = make_batch(2, 7, 515, dtype, gen, huge=True)
+    _check(logits.to(DEV), labels.to(DEV), gen, fwd_atol=2.0)
+
+
+def test_row_split_across_programs(gen, monkeypatch):
+    """A row longer than one program's share is cut across programs and recombined."""
+    lp = pytest.importorskip("sppo_fast.kernels.logprobs")
+    monkeypatch.setattr(lp, "DEFAULT_CONFIG", lp.LogprobConfig(block_v=128, split=256, num_warps=4))
+    logits, labels = make_batch(2, 5, 1000, torch.float32, gen)  # 4 programs per row
+    _check(logits.to(DEV), labels.to(DEV), gen)
+
+
+def test_token_logprobs_2d(gen):
+    x = torch.randn(9, 301, generator=gen).to(DEV)
+    labels = torch.randint(0, 301, (9,), generator=gen).to(DEV)
+    labels[2] = -100
+    out = sppo_fast.token_logprobs(x, labels, backend="triton")
+    torch.testing.assert_close(out.double(), R.token_logprobs(x.double(), labels), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("loss_type", sppo_fast.LOSS_TYPES)
+def test_fused_loss(loss_type, gen):
+    B = 2
+    logits, labels = make_batch(2 * B, 9, 311, torch.float32, gen)
+    logits, labels = logits.to(DEV), labels.to(DEV)
+    probs = {"chosen_probs_win": torch.tensor([0.7, 0.9]), "chosen_probs_lose": torch.tensor([0.2, 0.4]),
+             "chosen_probs": torch.tensor([0.6, 0.8])}
+    probs = {k: v.to(DEV) for k, v in probs.items()}
+    ref = torch.randn(2 * B, generator=gen).to(DEV)
+    res = {}
+    for be in ("triton", "reference"):
+        x = logits.clone().requires_grad_()
+        loss, _, _ = sppo_fast.fused_sppo_loss(x, labels, ref, beta=0.1, loss_type=loss_type, backend=be, **probs)
+        (loss * 0.3).backward()
+        res[be] = (loss, x.grad)
+    torch.testing.assert_close(res["triton"][0], res["reference"][0], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(res["triton"][1], res["reference"][1], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("K", [2, 5, 8, 9, 17, 64])
+@pytest.mark.parametrize("mode", sppo_fast.PAIRWISE_MODES)
+def test_pairwise(K, mode, gen):
+    cmp = torch.randn(6, K, K, generator=gen, dtype=torch.float64) * 4
+    a = sppo_fast.pairrm_aggregate(cmp.to(DEV), mode, backend="triton")
+    b = sppo_fast.pairrm_aggregate(cmp, mode, backend="reference")
+    for name, x, y in zip(a._fields, a, b):
+        x = x.cpu()
+        if name == "scores" or not x.dtype.is_floating_point:
+            assert torch.equal(x, y), name  # NumPy's summation order, bit for bit
+        else:
+            assert torch.allclose(x, y, rtol=1e-14, atol=0), name
+
+
+def test_pairwise_float32_and_ties():
+    cmp = torch.zeros(2, 4, 4)
+    cmp[1, 2, 0] = 1.0
+    res = sppo_fast.pairrm_aggregate(cmp.to(DEV), backend="triton")
+    assert res.tied.tolist() == [True, False]
+    assert res.chosen.tolist() == [0, 2] and res.rejected.tolist() == [0, 0]
+
+
+def test_pairwise_too_many_candidates():
+    with pytest.raises(ValueError, match="K <= 64"):
+        sppo_fast.pairrm_aggregate(torch.zeros(1, 65, 65, device=DEV), backend="triton")
+
+
+# ---- full sizes, GPU only ---------------------------------------------------------------------
+@gpu
+@pytest.mark.parametrize("V", [32000, 128256])
+def test_full_size_gpu(V, gen):
+    logits, labels = make_batch(8, 2048, V, torch.bfloat16, gen)  # N = 16384 tokens
+    logits, labels = logits.cuda(), labels.cuda()
+    out = sppo_fast.sequence_logps(logits, labels, backend="triton")
+    truth = R.sequence_logps(logits.float(), labels)
+    assert_as_accurate(out, R.sequence_logps(logits, labels), truth, atol=5e-2, rtol=1e-5)
+
+
+@gpu
+def test_pairwise_gpu_matches_numpy(gen):
+    cmp = torch.randn(4096, 5, 5, generator=gen, dtype=torch.float64)
+    res = sppo_fast.pairrm_aggregate(cmp.cuda(), backend="triton")
+    ref = sppo_fast.pairrm_aggregate(cmp, backend="reference")
+    assert np.array_equal(res.scores.cpu().numpy(), ref.scores.numpy())
+    assert torch.equal(res.chosen.cpu(), ref.chosen)
