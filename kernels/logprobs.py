@@ -19,7 +19,7 @@ import triton.language as tl
 
 # A large negative *finite* start for running maxima: a block of -inf logits then never forms
 # (-inf) - (-inf) = NaN.
-NEG_BIG = -3.0e38
+NEG_BIG = tl.constexpr(-3.0e38)
 
 
 @dataclass(frozen=True)

@@ -83,8 +83,8 @@ def _pairwise_kernel(
     for i in range(0, K):
         tl.store(win_ptr + b * K + i, _numpy_sum(p_ptr, i, K, K, 1, 1) / K)
     # selection: first index of the max / min score
-    w = 0
-    lo = 0
+    w = tl.zeros((), tl.int32)  # typed, not a Python 0: loop-carried values keep one type
+    lo = tl.zeros((), tl.int32)
     s_w = tl.load(s_ptr)
     s_l = s_w
     for i in range(1, K):
