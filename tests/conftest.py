@@ -54,3 +54,37 @@ def assert_as_accurate(out, same_dtype_ref, truth, *, atol, rtol=0.0, what=""):
     scale = truth.double().abs().max().item() if truth.numel() else 0.0
     bound = e_ref + atol + rtol * scale
     assert e_out <= bound, f"{what}: error {e_out:.3g} > reference's own {e_ref:.3g} + tolerance ({bound:.3g})"
+
+
+# atol for log-prob sums of ~100 tokens and for gradient entries, per dtype; the same-dtype
+# reference's own error is added on top (assert_as_accurate).
+FWD_ATOL = {torch.float32: 2e-4, torch.bfloat16: 2e-4, torch.float16: 2e-4, torch.float64: 1e-9}
+GRAD_ATOL = {torch.float32: 1e-6, torch.bfloat16: 1e-6, torch.float16: 1e-6, torch.float64: 1e-12}
+
+
+def check_sequence_logps(logits, labels, gen, backend, *, fwd_scale=1.0, inplace=False):
+    """sequence_logps through ``backend`` against the float64 reference, forward and backward
+    (with a random upstream gradient, not 1). Returns the output and the logits' gradient."""
+    from sppo_fast import reference as R
+
+    dtype = logits.dtype
+    truth_in = logits.detach().double().requires_grad_()
+    truth = R.sequence_logps(truth_in, labels)
+    same_in = logits.detach().clone().requires_grad_()
+    same = R.sequence_logps(same_in, labels)
+    leaf = logits.detach().clone().requires_grad_()
+    out = sppo_fast.sequence_logps(leaf * 1 if inplace else leaf, labels, backend=backend,
+                                   inplace_backward=inplace)
+    assert out.device == logits.device
+    assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert_as_accurate(out, same, truth, atol=FWD_ATOL[dtype] * fwd_scale, rtol=1e-6,
+                       what=f"sequence_logps {backend} {dtype}")
+    g = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.device) * 3
+    (truth * g).sum().backward()
+    (same * g.to(same.dtype)).sum().backward()
+    (out * g.to(out.dtype)).sum().backward()
+    assert leaf.grad.dtype == dtype
+    # rtol: ~8 float32 ulps of the largest gradient entry (|g| reaches ~10 here)
+    assert_as_accurate(leaf.grad, same_in.grad, truth_in.grad, atol=GRAD_ATOL[dtype],
+                       rtol=0 if dtype == torch.float64 else 1e-6, what=f"grad {backend} {dtype}")
+    return out, leaf.grad

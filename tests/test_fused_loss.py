@@ -48,7 +48,10 @@ def test_fused_matches_reference(loss_type, dtype, gen):
     (truth * up).backward()
     (same * up).backward()
     (loss * up).backward()
-    assert_as_accurate(x.grad, xs.grad, xt.grad, atol=1e-5, what="grad logits")
+    # rtol: one output ulp (bf16, fp16) of the largest gradient entry; for fp32, the float32
+    # rounding of the ~-700-nat sequence sums that set each sequence's coefficient (a - target)
+    rtol = {torch.float32: 1e-5, torch.bfloat16: 2**-8, torch.float16: 2**-10}[dtype]
+    assert_as_accurate(x.grad, xs.grad, xt.grad, atol=1e-6, rtol=rtol, what="grad logits")
     assert (x.grad[4] == 0).all()
 
     # metrics: TRL names, detached, consistent with the policy log-probs

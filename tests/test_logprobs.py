@@ -7,36 +7,11 @@ import sppo_fast
 from sppo_fast import reference as R
 
 from _data import make_batch
-from conftest import DTYPES, assert_as_accurate
-
-# atol for log-prob sums of ~100 tokens and for gradient entries, per dtype. The same-dtype
-# reference's own error is added on top (see conftest.assert_as_accurate).
-FWD_ATOL = {torch.float32: 2e-4, torch.bfloat16: 2e-4, torch.float16: 2e-4, torch.float64: 1e-9}
-GRAD_ATOL = {torch.float32: 1e-6, torch.bfloat16: 1e-6, torch.float16: 1e-6, torch.float64: 1e-12}
+from conftest import DTYPES, FWD_ATOL, assert_as_accurate, check_sequence_logps
 
 
 def _check_seq(logits, labels, gen, *, huge=False, inplace=False):
-    dtype = logits.dtype
-    truth_in = logits.detach().double().requires_grad_()
-    truth = R.sequence_logps(truth_in, labels)
-    same_in = logits.detach().clone().requires_grad_()
-    same = R.sequence_logps(same_in, labels)
-    x = logits.detach().clone().requires_grad_()
-    out = sppo_fast.sequence_logps(x if not inplace else x * 1, labels, backend="cpp",
-                                   inplace_backward=inplace)
-    assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    atol = FWD_ATOL[dtype] * (1e4 if huge else 1)
-    assert_as_accurate(out, same, truth, atol=atol, rtol=1e-6, what=f"sequence_logps {dtype}")
-
-    g = torch.randn(out.shape, generator=gen, dtype=torch.float64) * 3  # upstream grad != 1
-    (truth * g).sum().backward()
-    (same * g.to(same.dtype)).sum().backward()
-    (out * g.to(out.dtype)).sum().backward()
-    assert x.grad.dtype == dtype
-    # rtol: a few float32 ulps of the largest gradient entry (|g| reaches ~10 here)
-    assert_as_accurate(x.grad, same_in.grad, truth_in.grad, atol=GRAD_ATOL[dtype],
-                       rtol=0 if dtype == torch.float64 else 5e-7, what=f"grad {dtype}")
-    return out, x.grad
+    return check_sequence_logps(logits, labels, gen, "cpp", fwd_scale=1e4 if huge else 1.0, inplace=inplace)
 
 
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
