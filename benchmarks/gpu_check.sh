@@ -19,9 +19,15 @@ if ! SPPO_FAST_CUDA=ON timeout 240 pip install --no-build-isolation -e . > "$OUT
 fi
 
 echo "== GPU tests"
-timeout 180 python -m pytest -q -x tests/test_triton.py tests/test_build.py -m "not slow" \
+timeout 200 python -m pytest -q tests/test_triton.py tests/test_cuda.py tests/test_build.py -m "not slow" \
   > "$OUT_DIR/pytest.log" 2>&1 || status=1
 tail -3 "$OUT_DIR/pytest.log"
+if command -v compute-sanitizer >/dev/null 2>&1; then
+  echo "== compute-sanitizer memcheck over the CUDA tests (small shapes)"
+  timeout 150 compute-sanitizer --tool memcheck --error-exitcode 9 \
+    python -m pytest -q tests/test_cuda.py -k "not full_size" > "$OUT_DIR/memcheck.log" 2>&1 || status=1
+  grep -E "ERROR SUMMARY|passed|failed" "$OUT_DIR/memcheck.log" | tail -3
+fi
 
 echo "== benchmarks"
 for V in 32000 128256; do

@@ -40,7 +40,7 @@ PYBIND11_MODULE(_C, m) {
       "logprob_fwd",
       [](uintptr_t logits, int dtype, int64_t B, int64_t T, int64_t V, int64_t sb, int64_t st,
          uintptr_t labels, int64_t lsb, int64_t lst, int64_t ignore_index, uintptr_t token_logp,
-         uintptr_t lse, uintptr_t seq_logp, int num_threads) {
+         uintptr_t lse, uintptr_t seq_logp, int num_threads, uintptr_t stream, int device) {
         check_dtype(dtype, "logits");
         check_sizes(B, T, V);
         LogprobFwdArgs a{ptr<const void>(logits), dtype, B, T, V, sb, st,
@@ -48,19 +48,22 @@ PYBIND11_MODULE(_C, m) {
                          ptr<void>(token_logp), ptr<void>(lse), ptr<void>(seq_logp),
                          num_threads < 1 ? 1 : num_threads};
         py::gil_scoped_release nogil;
-        cpu::logprob_fwd(a);
+        if (device >= 0) cuda::logprob_fwd(a, stream, device);
+        else cpu::logprob_fwd(a);
       },
       py::arg("logits"), py::arg("dtype"), py::arg("B"), py::arg("T"), py::arg("V"), py::arg("sb"),
       py::arg("st"), py::arg("labels"), py::arg("lsb"), py::arg("lst"), py::arg("ignore_index"),
       py::arg("token_logp"), py::arg("lse"), py::arg("seq_logp"), py::arg("num_threads"),
-      "Per-row logsumexp and label log-prob of logits[B, T, V] (CPU), plus per-sequence sums.");
+      py::arg("stream") = 0, py::arg("device") = -1,
+      "Per-row (max, log-sum) and label log-prob of logits[B, T, V], plus per-sequence sums (CPU;\n"
+      "CUDA device pointers when device >= 0, on `stream`; seq_logp must be null there).");
 
   m.def(
       "logprob_bwd",
       [](uintptr_t logits, int dtype, int64_t B, int64_t T, int64_t V, int64_t sb, int64_t st,
          uintptr_t labels, int64_t lsb, int64_t lst, int64_t ignore_index, uintptr_t lse,
          uintptr_t coef, int64_t csb, int64_t cst, uintptr_t out, int64_t osb, int64_t ost,
-         int num_threads) {
+         int num_threads, uintptr_t stream, int device) {
         check_dtype(dtype, "logits");
         check_sizes(B, T, V);
         LogprobBwdArgs a{ptr<const void>(logits), dtype, B, T, V, sb, st,
@@ -68,20 +71,23 @@ PYBIND11_MODULE(_C, m) {
                          ptr<const void>(lse), ptr<const void>(coef), csb, cst,
                          ptr<void>(out), osb, ost, num_threads < 1 ? 1 : num_threads};
         py::gil_scoped_release nogil;
-        cpu::logprob_bwd(a);
+        if (device >= 0) cuda::logprob_bwd(a, stream, device);
+        else cpu::logprob_bwd(a);
       },
       py::arg("logits"), py::arg("dtype"), py::arg("B"), py::arg("T"), py::arg("V"), py::arg("sb"),
       py::arg("st"), py::arg("labels"), py::arg("lsb"), py::arg("lst"), py::arg("ignore_index"),
       py::arg("lse"), py::arg("coef"), py::arg("csb"), py::arg("cst"), py::arg("out"),
-      py::arg("osb"), py::arg("ost"), py::arg("num_threads"),
-      "out = coef * (onehot(label) - softmax(logits)) from the saved logsumexp (CPU).");
+      py::arg("osb"), py::arg("ost"), py::arg("num_threads"), py::arg("stream") = 0,
+      py::arg("device") = -1,
+      "out = coef * (onehot(label) - softmax(logits)) from the saved row stats (CPU, or CUDA).");
 
   m.def(
       "pairwise",
       [](uintptr_t cmp, int dtype, int64_t B, int64_t K, int64_t sb, int64_t si, int64_t sj,
          int mode, uintptr_t scores, uintptr_t probs, uintptr_t win_rates, uintptr_t chosen,
          uintptr_t rejected, uintptr_t chosen_probs, uintptr_t chosen_probs_win,
-         uintptr_t chosen_probs_lose, uintptr_t tied, int num_threads) {
+         uintptr_t chosen_probs_lose, uintptr_t tied, int num_threads, uintptr_t stream,
+         int device) {
         if (dtype != kFloat32 && dtype != kFloat64)
           throw std::invalid_argument("cmp: the CPU aggregation takes float32 or float64");
         if (K < 2) throw std::invalid_argument("cmp: need K >= 2 candidates");
@@ -92,8 +98,14 @@ PYBIND11_MODULE(_C, m) {
                        ptr<double>(chosen_probs_win), ptr<double>(chosen_probs_lose),
                        ptr<bool>(tied), num_threads < 1 ? 1 : num_threads};
         py::gil_scoped_release nogil;
-        cpu::pairwise(a);
+        if (device >= 0) cuda::pairwise(a, stream, device);
+        else cpu::pairwise(a);
       },
+      py::arg("cmp"), py::arg("dtype"), py::arg("B"), py::arg("K"), py::arg("sb"), py::arg("si"),
+      py::arg("sj"), py::arg("mode"), py::arg("scores"), py::arg("probs"), py::arg("win_rates"),
+      py::arg("chosen"), py::arg("rejected"), py::arg("chosen_probs"), py::arg("chosen_probs_win"),
+      py::arg("chosen_probs_lose"), py::arg("tied"), py::arg("num_threads"), py::arg("stream") = 0,
+      py::arg("device") = -1,
       "PairRM aggregation of cmp[B, K, K] into scores, probabilities and the SPPO selection (CPU).");
 
   m.def(

@@ -63,6 +63,11 @@ namespace cuda {
 bool compiled();
 // Number of visible CUDA devices; 0 with a reason in *why when there are none.
 int device_count(std::string* why);
+// The same three ops on device pointers, launched on `stream` (torch's current CUDA stream) of
+// `device`. Launch failures raise std::runtime_error naming the kernel and the CUDA error.
+void logprob_fwd(const LogprobFwdArgs& a, uintptr_t stream, int device);
+void logprob_bwd(const LogprobBwdArgs& a, uintptr_t stream, int device);
+void pairwise(const PairwiseArgs& a, uintptr_t stream, int device);
 }  // namespace cuda
 
 }  // namespace sppo_fast

@@ -1,8 +1,11 @@
-"""The ``cpp`` backend: torch tensors in, the extension's raw-pointer kernels, torch tensors out.
+"""The ``cpp`` and ``cuda`` backends: torch tensors in, the extension's raw-pointer kernels, torch
+tensors out.
 
 ``sppo_fast._C`` never links libtorch; this module turns validated tensors into data pointers,
-sizes, element strides and dtype codes (the contract in ``csrc/ops.h``) and allocates the outputs.
-Callers (``sppo_fast.ops``) have already checked shapes, dtypes, devices and label ranges.
+sizes, element strides and dtype codes (the contract in ``csrc/ops.h``) and allocates the outputs
+on the tensors' device. CPU tensors run the OpenMP kernels; CUDA tensors the CUDA kernels, on
+torch's current stream of their device. Callers (``sppo_fast.ops``) have already checked shapes,
+dtypes, devices and label ranges.
 """
 
 from __future__ import annotations
@@ -57,6 +60,13 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
+def _where(t: Tensor) -> tuple[int, int]:
+    """(stream, device) arguments of a launch: (0, -1) runs the CPU kernels."""
+    if t.device.type == "cuda":
+        return torch.cuda.current_stream(t.device).cuda_stream, t.device.index
+    return 0, -1
+
+
 def empty_like_fresh(x: Tensor) -> Tensor:
     """``torch.empty_like(x)`` whose pages the kernel will fault in as huge pages where possible.
 
@@ -85,18 +95,20 @@ def logprob_fwd(logits: Tensor, labels: Tensor, ignore_index: int) -> tuple[Tens
     """
     B, T, V = logits.shape
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    tok = torch.empty((B, T), dtype=acc)
-    lse = torch.empty((B, T, 2), dtype=acc)
-    seq = torch.empty((B,), dtype=acc)
+    dev = logits.device
+    tok = torch.empty((B, T), dtype=acc, device=dev)
+    lse = torch.empty((B, T, 2), dtype=acc, device=dev)
+    on_cpu = dev.type == "cpu"
+    seq = torch.zeros((B,), dtype=acc, device=dev)
     if B * T:
         _C.logprob_fwd(
             logits.data_ptr(), DTYPE_CODES[logits.dtype], B, T, V,
             logits.stride(0), logits.stride(1),
             labels.data_ptr(), labels.stride(0), labels.stride(1), ignore_index,
-            tok.data_ptr(), lse.data_ptr(), seq.data_ptr(), _threads(),
+            tok.data_ptr(), lse.data_ptr(), seq.data_ptr() if on_cpu else 0, _threads(), *_where(logits),
         )
-    else:
-        seq.zero_()
+        if not on_cpu:  # the CUDA kernel writes per-token values; the O(B T) sums stay in torch
+            seq = tok.sum(1, dtype=torch.float64).to(acc)
     return tok, lse, seq
 
 
@@ -115,30 +127,30 @@ def logprob_bwd(
             logits.stride(0), logits.stride(1),
             labels.data_ptr(), labels.stride(0), labels.stride(1), ignore_index,
             lse.data_ptr(), coef.data_ptr(), coef.stride(0), coef.stride(1),
-            out.data_ptr(), out.stride(0), out.stride(1), _threads(),
+            out.data_ptr(), out.stride(0), out.stride(1), _threads(), *_where(logits),
         )
     return out
 
 
 def pairwise(cmp: Tensor, mode: str) -> PairwiseResult:
-    """PairRM aggregation of ``cmp[B, K, K]`` (float32 or float64) on the CPU."""
+    """PairRM aggregation of ``cmp[B, K, K]`` (float32 or float64), on cmp's device."""
     B, K, _ = cmp.shape
-    f64 = torch.float64
+    f64, dev = torch.float64, cmp.device
     res = PairwiseResult(
-        scores=torch.empty((B, K), dtype=torch.float32),
-        probs=torch.empty((B, K, K), dtype=f64),
-        win_rates=torch.empty((B, K), dtype=f64),
-        chosen=torch.empty((B,), dtype=torch.int64),
-        rejected=torch.empty((B,), dtype=torch.int64),
-        chosen_probs=torch.empty((B,), dtype=f64),
-        chosen_probs_win=torch.empty((B,), dtype=f64),
-        chosen_probs_lose=torch.empty((B,), dtype=f64),
-        tied=torch.empty((B,), dtype=torch.bool),
+        scores=torch.empty((B, K), dtype=torch.float32, device=dev),
+        probs=torch.empty((B, K, K), dtype=f64, device=dev),
+        win_rates=torch.empty((B, K), dtype=f64, device=dev),
+        chosen=torch.empty((B,), dtype=torch.int64, device=dev),
+        rejected=torch.empty((B,), dtype=torch.int64, device=dev),
+        chosen_probs=torch.empty((B,), dtype=f64, device=dev),
+        chosen_probs_win=torch.empty((B,), dtype=f64, device=dev),
+        chosen_probs_lose=torch.empty((B,), dtype=f64, device=dev),
+        tied=torch.empty((B,), dtype=torch.bool, device=dev),
     )
     if B:
         _C.pairwise(
             cmp.data_ptr(), DTYPE_CODES[cmp.dtype], B, K, cmp.stride(0), cmp.stride(1),
             cmp.stride(2), 0 if mode == "official" else 1,
-            *(t.data_ptr() for t in res), _threads(),
+            *(t.data_ptr() for t in res), _threads(), *_where(cmp),
         )
     return res

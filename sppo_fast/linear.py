@@ -45,6 +45,7 @@ class _Options:
     chunk_tokens: int
     loss_scale: float  # 1/2 for sppo and sppo_single, 1 for sppo_hard
     with_grads: bool = False  # decided outside: grad mode is off inside Function.forward
+    backend: str = "cpp"  # which kernels do the per-chunk work: "cpp", "cuda" or "triton"
 
 
 def _chunk_tokens(chunk_tokens: Optional[int], V: int) -> int:
@@ -95,7 +96,7 @@ class _Plan:
 def _plan(labels: Tensor, ignore_index: int, chunk_tokens: int) -> _Plan:
     S, T = labels.shape
     keep = (labels != ignore_index).reshape(-1)
-    rows = keep.nonzero().squeeze(1)
+    rows = keep.nonzero().squeeze(1)  # on a GPU: one host sync per call, like the line below
     seq_of_row = torch.div(rows, T, rounding_mode="floor")
     counts = keep.view(S, T).sum(1).tolist()  # S ints: once per call, not per token
     groups, r, s0, r0 = [], 0, 0, 0
@@ -120,17 +121,21 @@ class _Chunked:
     def __init__(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], plan: _Plan,
                  opts: _Options, with_grads: bool):
         self.acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        self.impl = ops._IMPLS[opts.backend]
+        dev = hidden.device
         self.h = hidden.reshape(-1, hidden.shape[-1])
         self.w = weight.to(self.acc)  # a copy only for 16-bit weights
         self.b = None if bias is None else bias.to(self.acc)
         self.plan, self.opts = plan, opts
         longest = max((g[1] - g[0] for g in plan.groups), default=0)
-        self.buf = _native.empty_fresh((min(longest, opts.chunk_tokens), weight.shape[0]), self.acc)
-        self.seq = torch.zeros(hidden.shape[0], dtype=torch.float64)
+        shape = (min(longest, opts.chunk_tokens), weight.shape[0])
+        self.buf = (_native.empty_fresh(shape, self.acc) if dev.type == "cpu"
+                    else torch.empty(shape, dtype=self.acc, device=dev))
+        self.seq = torch.zeros(hidden.shape[0], dtype=torch.float64, device=dev)
         if with_grads:
-            self.dh = torch.zeros(self.h.shape, dtype=self.acc)
-            self.dw = torch.zeros(weight.shape, dtype=self.acc)
-            self.db = None if bias is None else torch.zeros(weight.shape[0], dtype=self.acc)
+            self.dh = torch.zeros(self.h.shape, dtype=self.acc, device=dev)
+            self.dw = torch.zeros(weight.shape, dtype=self.acc, device=dev)
+            self.db = None if bias is None else torch.zeros(weight.shape[0], dtype=self.acc, device=dev)
 
     def _logits(self, r0: int, r1: int) -> tuple[Tensor, Tensor]:
         """Logits of compact rows [r0, r1) in the shared buffer, and those rows' hidden states."""
@@ -143,8 +148,8 @@ class _Chunked:
         return out, h
 
     def _forward_rows(self, logits: Tensor, r0: int, r1: int, add_to_sums: bool = True) -> Tensor:
-        tok, lse, _ = _native.logprob_fwd(logits[:, None], self.plan.labels[r0:r1, None],
-                                          self.opts.ignore_index)
+        tok, lse, _ = self.impl.logprob_fwd(logits[:, None], self.plan.labels[r0:r1, None],
+                                            self.opts.ignore_index)
         if add_to_sums:
             self.seq.index_add_(0, self.plan.seq_of_row[r0:r1], tok[:, 0].double())
         return lse
@@ -154,7 +159,7 @@ class _Chunked:
         """The buffer becomes coef * (onehot - softmax) in place; then the two gradient GEMMs."""
         coef = coef_seq.to(self.acc)[self.plan.seq_of_row[r0:r1]][:, None]
         g = logits[:, None]
-        _native.logprob_bwd(g, self.plan.labels[r0:r1, None], lse, coef, self.opts.ignore_index, g)
+        self.impl.logprob_bwd(g, self.plan.labels[r0:r1, None], lse, coef, self.opts.ignore_index, g)
         self.dh.index_copy_(0, self.plan.rows[r0:r1], torch.mm(logits, self.w))
         self.dw.addmm_(logits.t(), h)
         if self.db is not None:
@@ -230,9 +235,11 @@ class _FusedLinearSPPO(torch.autograd.Function):
             dh, dw, db = pre
             if g_loss is None:
                 scale = 0.0
+            elif g_loss.device.type == "cpu":
+                scale = float(g_loss)  # free on the CPU, and lets loss.backward() skip the pass
             else:
-                scale = float(g_loss)  # CPU tensors: no device sync
-            if scale != 1.0:
+                scale = g_loss.to(dh.dtype)  # no host sync on a GPU
+            if not (isinstance(scale, float) and scale == 1.0):
                 for t in (dh, dw, db):
                     if t is not None:
                         t.mul_(scale)
@@ -300,10 +307,10 @@ def fused_linear_sppo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, ref_l
                                    ignore_index=ignore_index, backend="reference", **probs)
     t_w, t_l = reference.sppo_targets(beta=beta, loss_type=loss_type, **{
         k: (None if v is None else v.double()) for k, v in probs.items()})
-    targets = torch.cat([torch.as_tensor(t_w, dtype=torch.float64).expand(B),
-                         torch.as_tensor(t_l, dtype=torch.float64).expand(B)])
+    targets = torch.cat([torch.as_tensor(t_w, dtype=torch.float64, device=hidden.device).expand(B),
+                         torch.as_tensor(t_l, dtype=torch.float64, device=hidden.device).expand(B)])
     need = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-    opts = _Options(ignore_index, _chunk_tokens(chunk_tokens, weight.shape[0]), _loss_scale(loss_type), need)
+    opts = _Options(ignore_index, _chunk_tokens(chunk_tokens, weight.shape[0]), _loss_scale(loss_type), need, be)
     loss, policy = _FusedLinearSPPO.apply(hidden, weight, bias, labels, ref_logps, targets, opts)
     acc = policy.dtype
     metrics = ops._metrics(policy.detach(), ref_logps.detach().to(acc), beta, loss_type,
@@ -325,7 +332,7 @@ def linear_sequence_logps(hidden: Tensor, weight: Tensor, labels: Tensor, *,
         if be == "reference":
             return reference.sequence_logps(torch.nn.functional.linear(hidden, weight, bias), labels,
                                             ignore_index)
-        opts = _Options(ignore_index, _chunk_tokens(chunk_tokens, weight.shape[0]), 1.0)
+        opts = _Options(ignore_index, _chunk_tokens(chunk_tokens, weight.shape[0]), 1.0, False, be)
         plan = _plan(labels, ignore_index, opts.chunk_tokens)
         work = _Chunked(hidden, weight, bias, plan, opts, with_grads=False)
         return work.logps().to(work.acc)

@@ -6,8 +6,8 @@ Every op takes ``backend="auto" | "reference" | "cpp" | "triton" | "cuda"``:
 - ``cpp``: the native CPU kernels of ``sppo_fast._C`` (CPU tensors).
 - ``triton``: the Triton kernels of ``sppo_fast.kernels`` (CUDA tensors; CPU tensors only under
   Triton's interpreter, ``TRITON_INTERPRET=1``).
-- ``cuda``: the CUDA kernels of the extension (their own issue; until they land, asking for them
-  raises :class:`BackendUnavailableError` that says why).
+- ``cuda``: the CUDA kernels compiled into the extension (CUDA tensors; a build without nvcc, or
+  a machine without a GPU, raises :class:`BackendUnavailableError` that says why).
 - ``auto``: the fastest backend available for the tensors' device (``cpp`` on CPU, ``triton`` on a
   CUDA device when Triton is installed, else the reference).
 
@@ -60,8 +60,7 @@ def _cuda_backend_problem() -> str:
         return why
     if count == 0:
         return f"no CUDA device is available ({why})"
-    return ("the CUDA kernels are not part of this version of sppo_fast yet; "
-            "use backend='reference' on CUDA tensors")
+    return None
 
 
 def _backend_problem(name: str, device: torch.device) -> Optional[str]:
@@ -196,14 +195,14 @@ def _check_loss_args(loss_type: str, beta: float, n: int, device: torch.device,
 # ---------------------------------------------------------------------------------------------
 # autograd
 # ---------------------------------------------------------------------------------------------
-_IMPLS = {"cpp": _native, "triton": _triton}
+_IMPLS = {"cpp": _native, "cuda": _native, "triton": _triton}
 
 
 @dataclass(frozen=True)
 class _LogprobOptions:
     ignore_index: int
     inplace_backward: bool
-    backend: str  # "cpp" or "triton": the module in _IMPLS that runs the kernels
+    backend: str  # "cpp", "cuda" or "triton": the module in _IMPLS that runs the kernels
 
 
 class _KernelLogprobs(torch.autograd.Function):

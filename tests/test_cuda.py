@@ -1,0 +1,79 @@
+"""The CUDA backend (kernels compiled into sppo_fast._C) against the float64 reference.
+
+GPU-only: skipped without a CUDA device. benchmarks/gpu_check.sh runs this file on the lent GPU
+machine, once plainly and once under compute-sanitizer's memcheck.
+"""
+
+import pytest
+import torch
+
+import sppo_fast
+from sppo_fast import _native
+
+from _data import make_batch
+from conftest import DTYPES, HAS_CUDA, check_sequence_logps
+
+pytestmark = pytest.mark.skipif(not HAS_CUDA or not _native.cuda_status()[0],
+                                reason="needs a CUDA device and a CUDA build")
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+@pytest.mark.parametrize("V", [1271, 1272, 32000])  # odd and even rows: unaligned and aligned 16-byte loads
+def test_sequence_logps(dtype, V, gen):
+    logits, labels = make_batch(3, 33, V, dtype, gen, fully_masked=(1,))
+    out, grad = check_sequence_logps(logits.cuda(), labels.cuda(), gen, "cuda")
+    assert out[1].item() == 0.0 and (grad[1] == 0).all()
+
+
+def test_views_inplace_huge(gen):
+    logits, labels = make_batch(3, 17, 777, torch.bfloat16, gen, extra_time=1)
+    logits, labels = logits.cuda(), labels.cuda()
+    check_sequence_logps(logits[:, :-1], labels[:, 1:], gen, "cuda")
+    check_sequence_logps(logits, labels, gen, "cuda", inplace=True)
+    big, big_labels = make_batch(2, 9, 515, torch.float32, gen, huge=True)
+    check_sequence_logps(big.cuda(), big_labels.cuda(), gen, "cuda", fwd_scale=1e4)
+
+
+@pytest.mark.parametrize("loss_type", sppo_fast.LOSS_TYPES)
+def test_fused_loss(loss_type, gen):
+    logits, labels = make_batch(4, 21, 1001, torch.float32, gen)
+    logits, labels = logits.cuda(), labels.cuda()
+    probs = {"chosen_probs_win": torch.tensor([0.7, 0.9]), "chosen_probs_lose": torch.tensor([0.2, 0.4]),
+             "chosen_probs": torch.tensor([0.6, 0.8])}
+    probs = {k: v.cuda() for k, v in probs.items()}
+    ref = torch.randn(4, generator=gen).cuda()
+    res = {}
+    for be in ("cuda", "reference"):
+        x = logits.clone().requires_grad_()
+        loss, _, _ = sppo_fast.fused_sppo_loss(x, labels, ref, beta=0.1, loss_type=loss_type, backend=be, **probs)
+        (loss * 0.3).backward()
+        res[be] = (loss, x.grad)
+    torch.testing.assert_close(res["cuda"][0], res["reference"][0], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(res["cuda"][1], res["reference"][1], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("K", [2, 5, 9, 64, 130])
+@pytest.mark.parametrize("mode", sppo_fast.PAIRWISE_MODES)
+def test_pairwise(K, mode, gen):
+    cmp = torch.randn(33, K, K, generator=gen, dtype=torch.float64) * 4
+    a = sppo_fast.pairrm_aggregate(cmp.cuda(), mode, backend="cuda")
+    b = sppo_fast.pairrm_aggregate(cmp, mode, backend="reference")
+    for name, x, y in zip(a._fields, a, b):
+        x = x.cpu()
+        if name == "scores" or not x.dtype.is_floating_point:
+            assert torch.equal(x, y), name
+        else:
+            assert torch.allclose(x, y, rtol=1e-14, atol=0), name
+
+
+@pytest.mark.parametrize("V", [32000, 128256])
+def test_full_size(V, gen):
+    """N = 16384 tokens; truth in float32 (a float64 copy of these logits would not fit)."""
+    from conftest import assert_as_accurate
+    from sppo_fast import reference as R
+
+    logits, labels = make_batch(8, 2048, V, torch.bfloat16, gen)
+    logits, labels = logits.cuda(), labels.cuda()
+    out = sppo_fast.sequence_logps(logits, labels, backend="cuda")
+    assert_as_accurate(out, R.sequence_logps(logits, labels), R.sequence_logps(logits.float(), labels),
+                       atol=5e-2, rtol=1e-5)
