@@ -23,22 +23,25 @@ import harness  # noqa: E402
 
 OP = "fused_linear_sppo_loss"
 PROVIDERS = ["gemm3", "reference", "torch-lce", "cpp"]
+GPU_PROVIDERS = ["gemm3", "reference", "torch-lce", "triton", "cuda", "liger", "cce"]
 
 
 def _inputs(args):
     import torch
 
-    g = torch.Generator().manual_seed(0)
+    dev = "cuda" if args.cuda else "cpu"
+    g = torch.Generator(device=dev).manual_seed(0)
     dtype = getattr(torch, args.dtype)
     S = 2 * args.B
     # filled in place: no temporary inflates the peak memory measured after the inputs exist
-    hidden = torch.empty(S, args.T, args.H, dtype=dtype).normal_(generator=g).requires_grad_()
-    weight = torch.empty(args.V, args.H, dtype=dtype).normal_(0.0, args.H ** -0.5, generator=g).requires_grad_()
-    labels = torch.randint(0, args.V, (S, args.T), generator=g)
+    hidden = torch.empty(S, args.T, args.H, dtype=dtype, device=dev).normal_(generator=g).requires_grad_()
+    weight = torch.empty(args.V, args.H, dtype=dtype, device=dev).normal_(0.0, args.H ** -0.5, generator=g)
+    weight.requires_grad_()
+    labels = torch.randint(0, args.V, (S, args.T), generator=g, device=dev)
     labels[:, : int(args.T * args.prompt_frac)] = -100
-    ref_logps = torch.randn(S, generator=g) * 10 - 3 * args.T
-    probs = {"chosen_probs_win": 0.5 + torch.rand(args.B, generator=g) / 2,
-             "chosen_probs_lose": torch.rand(args.B, generator=g) / 2}
+    ref_logps = torch.randn(S, generator=g, device=dev) * 10 - 3 * args.T
+    probs = {"chosen_probs_win": 0.5 + torch.rand(args.B, generator=g, device=dev) / 2,
+             "chosen_probs_lose": torch.rand(args.B, generator=g, device=dev) / 2}
     return hidden, weight, labels, ref_logps, probs
 
 
@@ -59,7 +62,7 @@ def _fn(provider, args, hidden, weight, labels, ref_logps, probs, backward):
         N = hidden.shape[0] * hidden.shape[1]
         h2 = hidden.detach().reshape(N, H)
         w = weight.detach()
-        logits = torch.empty(N, weight.shape[0], dtype=hidden.dtype)
+        logits = torch.empty(N, weight.shape[0], dtype=hidden.dtype, device=hidden.device)
         dh, dw = torch.empty_like(h2), torch.empty_like(w)
 
         def gemms():
@@ -76,10 +79,23 @@ def _fn(provider, args, hidden, weight, labels, ref_logps, probs, backward):
             nll = F.linear_cross_entropy(hidden.reshape(-1, H), weight, labels.reshape(-1),
                                          reduction="none", ignore_index=-100)
             return sppo(-nll.view(labels.shape).sum(-1))
-    elif provider == "cpp":
+    elif provider in ("cpp", "triton", "cuda"):
         def loss_fn():
             return sppo_fast.fused_linear_sppo_loss(hidden, weight, labels, ref_logps, beta=beta,
-                                                    backend="cpp", **probs)[0]
+                                                    backend=provider, **probs)[0]
+    elif provider == "cce":  # Apple's cut-cross-entropy: per-token losses, then the SPPO loss
+        from cut_cross_entropy import linear_cross_entropy
+
+        def loss_fn():
+            nll = linear_cross_entropy(hidden, weight, labels, reduction="none", ignore_index=-100)
+            return sppo(-nll.view(labels.shape).float().sum(-1))
+    elif provider == "liger":  # Liger-Kernel's fused linear DPO loss with TRL's sppo_hard
+        from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+
+        liger = LigerFusedLinearDPOLoss(beta=beta, loss_type="sppo_hard", use_ref_model=False)
+
+        def loss_fn():
+            return liger(weight, hidden, labels)[0]
     else:
         raise ValueError(f"unknown provider {provider!r}")
 
@@ -103,8 +119,14 @@ def worker(args) -> dict:
     inputs = _inputs(args)
     out = {"env": harness.environment(), "inputs_peak_rss": harness.peak_rss_bytes()}
     if args.provider != "inputs":
+        if args.cuda:
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
         fn = _fn(args.provider, args, *inputs, backward=args.mode == "full")
-        out["time"] = harness.time_fn(fn, warmup=args.warmup, reps=args.reps)
+        out["time"] = harness.time_fn(fn, warmup=args.warmup, reps=args.reps, cuda=args.cuda)
+        if args.cuda:
+            out["cuda_extra_peak"] = torch.cuda.max_memory_allocated() - base
     out["peak_rss"] = harness.peak_rss_bytes()
     return out
 
@@ -130,7 +152,7 @@ def main() -> None:
     d = harness.Driver(Path(__file__).resolve(), OP,
                        f"N={N} (2B={2 * args.B} x T={args.T}) H={args.H} V={args.V} {args.dtype}",
                        harness.common_argv(args, ["B", "T", "H", "V", "dtype", "beta", "prompt-frac"]))
-    for provider in args.providers or PROVIDERS:
+    for provider in args.providers or (GPU_PROVIDERS if args.cuda else PROVIDERS):
         for mode in args.modes:
             r = d.run(provider, mode)
             if r is None:
@@ -142,16 +164,19 @@ def main() -> None:
                 line += f"  {flops / t / 1e9:7.1f} GFLOP/s (6NHV)  extra peak {r['extra_peak'] / 2**20:8.1f} MiB"
             print(line)
     res = d.results
-    if ("gemm3", "full") in res and ("cpp", "full") in res:
-        ratio = res[("cpp", "full")]["time"]["median"] / res[("gemm3", "full")]["time"]["median"]
-        d.row("cpp", "full", "time_vs_gemm3", ratio, "x")
-        print(f"  cpp takes {ratio:.3f}x the time of the three GEMMs alone")
-    if ("reference", "full") in res and ("cpp", "full") in res:
-        mem = res[("cpp", "full")]["extra_peak"] / res[("reference", "full")]["extra_peak"]
-        d.row("cpp", "full", "peak_vs_reference", 100 * mem, "%")
-        print(f"  cpp's extra peak memory is {100 * mem:.1f}% of the eager reference's")
-    d.speedups("reference", ["torch-lce", "cpp"])
-    d.speedups("torch-lce", ["cpp"])
+    ours = [p for p in ("cpp", "triton", "cuda") if (p, "full") in res]
+    for p in ours:
+        if ("gemm3", "full") in res:
+            ratio = res[(p, "full")]["time"]["median"] / res[("gemm3", "full")]["time"]["median"]
+            d.row(p, "full", "time_vs_gemm3", ratio, "x")
+            print(f"  {p} takes {ratio:.3f}x the time of the three GEMMs alone")
+        if ("reference", "full") in res:
+            mem = res[(p, "full")]["extra_peak"] / res[("reference", "full")]["extra_peak"]
+            d.row(p, "full", "peak_vs_reference", 100 * mem, "%")
+            print(f"  {p}'s extra peak memory is {100 * mem:.1f}% of the eager reference's")
+    d.speedups("reference", ["torch-lce", "liger", "cce", *ours])
+    for peer in ("torch-lce", "liger", "cce"):
+        d.speedups(peer, ours)
     d.write(args.out, f"{args.dtype}-H{args.H}-V{args.V}")
 
 

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The GPU check: run once per session on the lent GPU machine (H100 / H200), well inside 8 minutes.
 #   bash benchmarks/gpu_check.sh [OUT_DIR]      (default: $OUT, else benchmarks/results/gpu)
-# Builds the project with CUDA, runs the GPU tests, runs the GPU benchmarks at N = 16384 tokens,
-# V = 32000 and 128256, bf16, writes CSV + logs under OUT_DIR, and prints a short table last.
+# Builds the project with CUDA, runs the GPU tests (and the CUDA ones under compute-sanitizer), runs
+# the GPU benchmarks at N = 16384 tokens, V = 32000 and 128256, bf16 (fused_sppo_loss; and
+# fused_linear_sppo_loss at H = 4096 against Liger-Kernel and cut-cross-entropy when their wheels were
+# carried over and installed), writes CSV + logs under OUT_DIR, and prints a short table last.
 # Commit what it wrote under benchmarks/results/ with the card's name.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -35,6 +37,12 @@ for V in 32000 128256; do
     --modes full --providers copy reference reference-compile triton cuda \
     --out "$OUT_DIR/fused_sppo_loss-bf16-V$V.csv" 2>&1 | tee "$OUT_DIR/bench-V$V.log" | tail -12 \
     || status=1
+done
+
+for V in 32000 128256; do
+  timeout 120 python benchmarks/bench_fused_linear.py --cuda --B 8 --T 1024 --H 4096 --V "$V" --dtype bfloat16 \
+    --modes full --out "$OUT_DIR/fused_linear_sppo_loss-bf16-V$V.csv" 2>&1 \
+    | tee "$OUT_DIR/bench-linear-V$V.log" | tail -12 || status=1
 done
 
 echo "== summary"
