@@ -136,6 +136,11 @@ PYBIND11_MODULE(_C, m) {
         return py::make_tuple(n, why);
       },
       "(number of CUDA devices, reason when there are none)");
+#ifdef SPPO_FAST_CUDA_ARCHS_CSV
+  m.attr("cuda_archs") = SPPO_FAST_CUDA_ARCHS_CSV;  // e.g. "90" or "80,90"
+#else
+  m.attr("cuda_archs") = "";
+#endif
 #ifdef SPPO_FAST_VERSION
   m.attr("__version__") = SPPO_FAST_VERSION;
 #endif

@@ -19,6 +19,7 @@ Checking the label range reads the labels once ([B, T], cheap; on a GPU it is on
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Optional
@@ -52,7 +53,7 @@ class BackendUnavailableError(RuntimeError):
 # ---------------------------------------------------------------------------------------------
 # backend selection
 # ---------------------------------------------------------------------------------------------
-def _cuda_backend_problem() -> str:
+def _cuda_backend_problem(device: Optional[torch.device] = None) -> Optional[str]:
     if not _native.available():
         return _native.unavailable_reason()
     compiled, count, why = _native.cuda_status()
@@ -60,6 +61,14 @@ def _cuda_backend_problem() -> str:
         return why
     if count == 0:
         return f"no CUDA device is available ({why})"
+    if device is not None:
+        # SASS runs on its own architecture, PTX on it and newer ones: one built arch <= the GPU's
+        major, minor = torch.cuda.get_device_capability(device)
+        sm = 10 * major + minor
+        built = [int(re.match(r"\d+", a).group()) for a in _native._C.cuda_archs.split(",") if a]
+        if built and not any(a <= sm for a in built):
+            return (f"the CUDA kernels were built for sm_{_native._C.cuda_archs}, this GPU is sm_{sm}: "
+                    f"rebuild with SPPO_FAST_CUDA_ARCHS={sm}")
     return None
 
 
@@ -76,7 +85,7 @@ def _backend_problem(name: str, device: torch.device) -> Optional[str]:
     if name == "cuda":
         if device.type != "cuda":
             return f"backend 'cuda' runs on CUDA tensors, got tensors on {device}"
-        return _cuda_backend_problem()
+        return _cuda_backend_problem(device)
     raise ValueError(f"backend: expected one of {BACKENDS}, got {name!r}")
 
 

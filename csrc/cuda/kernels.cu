@@ -134,7 +134,8 @@ __global__ void __launch_bounds__(kThreads) logprob_fwd_kernel(LogprobFwdArgs a)
     const A ls = log(ms.s);
     lse[2 * r] = ms.m;
     lse[2 * r + 1] = ls;
-    tok[r] = (A(to_acc(row[label])) - ms.m) - ls;
+    // a row of -inf logits (sum 0) has no softmax: -inf, as the CPU backend gives
+    tok[r] = ms.s > A(0) ? (A(to_acc(row[label])) - ms.m) - ls : -INFINITY;
   }
 }
 
@@ -153,9 +154,11 @@ __global__ void __launch_bounds__(kThreads) logprob_bwd_kernel(LogprobBwdArgs a)
   const T* row = static_cast<const T*>(a.logits) + b * a.sb + t * a.st;
   T* orow = static_cast<T*>(a.out) + b * a.osb + t * a.ost;
   // each element is read, then written, by the same thread: safe when out == logits
+  // g * (onehot - p) = -g * p off the label and -g * expm1(log p) on it (accurate when p ~ 1)
   auto grad = [&](A x, int64_t i) -> A {
-    const A p = keep ? exp_acc((x - m) - ls) : A(0);
-    return g * (A(i == label) - p);
+    if (!keep) return A(0);
+    const A lp = (x - m) - ls;
+    return -g * (i == label ? A(expm1(lp)) : exp_acc(lp));
   };
   int64_t head, nvec;
   split_row(orow, a.V, &head, &nvec);  // orow and row share their alignment in every use here
@@ -182,14 +185,39 @@ __global__ void pairwise_kernel(PairwiseArgs a) {
   if (b < a.B) pairwise_impl::aggregate_one<A>(a, b);
 }
 
-void set_device(int device) { check(cudaSetDevice(device), "cudaSetDevice"); }
+// Makes `device` current for one launch and restores the caller's device afterwards: the driver's
+// current context is shared with torch's runtime, so leaving it changed would move torch's
+// current device under the caller.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    check(cudaGetDevice(&previous_), "cudaGetDevice");
+    if (previous_ != device) check(cudaSetDevice(device), "cudaSetDevice");
+  }
+  ~DeviceGuard() {
+    int now = -1;
+    if (cudaGetDevice(&now) == cudaSuccess && now != previous_) cudaSetDevice(previous_);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = 0;
+};
+
+// One block per row: the grid's x dimension holds at most 2^31 - 1 blocks.
+unsigned int row_blocks(int64_t rows) {
+  if (rows > 2147483647LL)
+    throw std::invalid_argument("logits: more than 2^31 - 1 rows (B * T) for one CUDA launch");
+  return static_cast<unsigned int>(rows);
+}
 
 }  // namespace
 
 void logprob_fwd(const LogprobFwdArgs& a, uintptr_t stream, int device) {
-  const int64_t rows = a.B * a.T;
-  if (rows == 0) return;
-  set_device(device);
+  if (a.B * a.T == 0) return;
+  const unsigned int rows = row_blocks(a.B * a.T);
+  DeviceGuard guard(device);
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   switch (a.dtype) {
     case kFloat32: logprob_fwd_kernel<float><<<rows, kThreads, 0, s>>>(a); break;
@@ -202,9 +230,9 @@ void logprob_fwd(const LogprobFwdArgs& a, uintptr_t stream, int device) {
 }
 
 void logprob_bwd(const LogprobBwdArgs& a, uintptr_t stream, int device) {
-  const int64_t rows = a.B * a.T;
-  if (rows == 0) return;
-  set_device(device);
+  if (a.B * a.T == 0) return;
+  const unsigned int rows = row_blocks(a.B * a.T);
+  DeviceGuard guard(device);
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   switch (a.dtype) {
     case kFloat32: logprob_bwd_kernel<float><<<rows, kThreads, 0, s>>>(a); break;
@@ -218,7 +246,7 @@ void logprob_bwd(const LogprobBwdArgs& a, uintptr_t stream, int device) {
 
 void pairwise(const PairwiseArgs& a, uintptr_t stream, int device) {
   if (a.B == 0) return;
-  set_device(device);
+  DeviceGuard guard(device);
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   const int threads = 128;
   const int64_t blocks = (a.B + threads - 1) / threads;
