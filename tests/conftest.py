@@ -88,3 +88,24 @@ def check_sequence_logps(logits, labels, gen, backend, *, fwd_scale=1.0, inplace
     assert_as_accurate(leaf.grad, same_in.grad, truth_in.grad, atol=GRAD_ATOL[dtype],
                        rtol=0 if dtype == torch.float64 else 1e-6, what=f"grad {backend} {dtype}")
     return out, leaf.grad
+
+
+def check_fused_loss_backend(backend, device, loss_type, gen):
+    """fused_sppo_loss through ``backend`` on ``device`` equals the reference backend's, loss and
+    logits gradient (upstream gradient 0.3), for ``loss_type``."""
+    from _data import make_batch
+
+    logits, labels = make_batch(4, 21, 1001, torch.float32, gen)
+    logits, labels = logits.to(device), labels.to(device)
+    probs = {"chosen_probs_win": torch.tensor([0.7, 0.9]), "chosen_probs_lose": torch.tensor([0.2, 0.4]),
+             "chosen_probs": torch.tensor([0.6, 0.8])}
+    probs = {k: v.to(device) for k, v in probs.items()}
+    ref = torch.randn(4, generator=gen).to(device)
+    res = {}
+    for be in (backend, "reference"):
+        x = logits.clone().requires_grad_()
+        loss, _, _ = sppo_fast.fused_sppo_loss(x, labels, ref, beta=0.1, loss_type=loss_type, backend=be, **probs)
+        (loss * 0.3).backward()
+        res[be] = (loss, x.grad)
+    torch.testing.assert_close(res[backend][0], res["reference"][0], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(res[backend][1], res["reference"][1], rtol=1e-4, atol=1e-6)

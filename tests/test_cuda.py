@@ -11,7 +11,7 @@ import sppo_fast
 from sppo_fast import _native
 
 from _data import make_batch
-from conftest import DTYPES, HAS_CUDA, check_sequence_logps
+from conftest import DTYPES, HAS_CUDA, check_fused_loss_backend, check_sequence_logps
 
 pytestmark = pytest.mark.skipif(not HAS_CUDA or not _native.cuda_status()[0],
                                 reason="needs a CUDA device and a CUDA build")
@@ -36,20 +36,7 @@ def test_views_inplace_huge(gen):
 
 @pytest.mark.parametrize("loss_type", sppo_fast.LOSS_TYPES)
 def test_fused_loss(loss_type, gen):
-    logits, labels = make_batch(4, 21, 1001, torch.float32, gen)
-    logits, labels = logits.cuda(), labels.cuda()
-    probs = {"chosen_probs_win": torch.tensor([0.7, 0.9]), "chosen_probs_lose": torch.tensor([0.2, 0.4]),
-             "chosen_probs": torch.tensor([0.6, 0.8])}
-    probs = {k: v.cuda() for k, v in probs.items()}
-    ref = torch.randn(4, generator=gen).cuda()
-    res = {}
-    for be in ("cuda", "reference"):
-        x = logits.clone().requires_grad_()
-        loss, _, _ = sppo_fast.fused_sppo_loss(x, labels, ref, beta=0.1, loss_type=loss_type, backend=be, **probs)
-        (loss * 0.3).backward()
-        res[be] = (loss, x.grad)
-    torch.testing.assert_close(res["cuda"][0], res["reference"][0], rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(res["cuda"][1], res["reference"][1], rtol=1e-4, atol=1e-6)
+    check_fused_loss_backend("cuda", "cuda", loss_type, gen)
 
 
 @pytest.mark.parametrize("K", [2, 5, 9, 64, 130])

@@ -11,7 +11,7 @@ import sppo_fast
 from sppo_fast import reference as R
 
 from _data import make_batch
-from conftest import DTYPES, TRITON_DEVICE, assert_as_accurate, check_sequence_logps, gpu
+from conftest import DTYPES, TRITON_DEVICE, assert_as_accurate, check_fused_loss_backend, check_sequence_logps, gpu
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 DEV = TRITON_DEVICE
@@ -60,21 +60,7 @@ def test_token_logprobs_2d(gen):
 
 @pytest.mark.parametrize("loss_type", sppo_fast.LOSS_TYPES)
 def test_fused_loss(loss_type, gen):
-    B = 2
-    logits, labels = make_batch(2 * B, 9, 311, torch.float32, gen)
-    logits, labels = logits.to(DEV), labels.to(DEV)
-    probs = {"chosen_probs_win": torch.tensor([0.7, 0.9]), "chosen_probs_lose": torch.tensor([0.2, 0.4]),
-             "chosen_probs": torch.tensor([0.6, 0.8])}
-    probs = {k: v.to(DEV) for k, v in probs.items()}
-    ref = torch.randn(2 * B, generator=gen).to(DEV)
-    res = {}
-    for be in ("triton", "reference"):
-        x = logits.clone().requires_grad_()
-        loss, _, _ = sppo_fast.fused_sppo_loss(x, labels, ref, beta=0.1, loss_type=loss_type, backend=be, **probs)
-        (loss * 0.3).backward()
-        res[be] = (loss, x.grad)
-    torch.testing.assert_close(res["triton"][0], res["reference"][0], rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(res["triton"][1], res["reference"][1], rtol=1e-4, atol=1e-6)
+    check_fused_loss_backend("triton", DEV, loss_type, gen)
 
 
 @pytest.mark.parametrize("K", [2, 5, 8, 9, 17, 64])

@@ -214,18 +214,26 @@ unsigned int row_blocks(int64_t rows) {
 
 }  // namespace
 
+namespace {
+// Calls f(T{}) with T the element type named by a dtype code.
+template <typename F>
+void with_dtype(int dtype, const F& f) {
+  switch (dtype) {
+    case kFloat32: f(float{}); break;
+    case kFloat64: f(double{}); break;
+    case kBFloat16: f(__nv_bfloat16{}); break;
+    case kFloat16: f(__half{}); break;
+    default: throw std::invalid_argument("logits: unknown dtype code");
+  }
+}
+}  // namespace
+
 void logprob_fwd(const LogprobFwdArgs& a, uintptr_t stream, int device) {
   if (a.B * a.T == 0) return;
   const unsigned int rows = row_blocks(a.B * a.T);
   DeviceGuard guard(device);
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  switch (a.dtype) {
-    case kFloat32: logprob_fwd_kernel<float><<<rows, kThreads, 0, s>>>(a); break;
-    case kFloat64: logprob_fwd_kernel<double><<<rows, kThreads, 0, s>>>(a); break;
-    case kBFloat16: logprob_fwd_kernel<__nv_bfloat16><<<rows, kThreads, 0, s>>>(a); break;
-    case kFloat16: logprob_fwd_kernel<__half><<<rows, kThreads, 0, s>>>(a); break;
-    default: throw std::invalid_argument("logits: unknown dtype code");
-  }
+  with_dtype(a.dtype, [&](auto tag) { logprob_fwd_kernel<decltype(tag)><<<rows, kThreads, 0, s>>>(a); });
   check(cudaGetLastError(), "logprob_fwd_kernel launch");
 }
 
@@ -234,13 +242,7 @@ void logprob_bwd(const LogprobBwdArgs& a, uintptr_t stream, int device) {
   const unsigned int rows = row_blocks(a.B * a.T);
   DeviceGuard guard(device);
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  switch (a.dtype) {
-    case kFloat32: logprob_bwd_kernel<float><<<rows, kThreads, 0, s>>>(a); break;
-    case kFloat64: logprob_bwd_kernel<double><<<rows, kThreads, 0, s>>>(a); break;
-    case kBFloat16: logprob_bwd_kernel<__nv_bfloat16><<<rows, kThreads, 0, s>>>(a); break;
-    case kFloat16: logprob_bwd_kernel<__half><<<rows, kThreads, 0, s>>>(a); break;
-    default: throw std::invalid_argument("logits: unknown dtype code");
-  }
+  with_dtype(a.dtype, [&](auto tag) { logprob_bwd_kernel<decltype(tag)><<<rows, kThreads, 0, s>>>(a); });
   check(cudaGetLastError(), "logprob_bwd_kernel launch");
 }
 
