@@ -151,7 +151,8 @@ def main() -> None:
     flops = 6 * N * args.H * args.V
     d = harness.Driver(Path(__file__).resolve(), OP,
                        f"N={N} (2B={2 * args.B} x T={args.T}) H={args.H} V={args.V} {args.dtype}",
-                       harness.common_argv(args, ["B", "T", "H", "V", "dtype", "beta", "prompt-frac"]))
+                       harness.common_argv(args, ["B", "T", "H", "V", "dtype", "beta", "prompt-frac"]),
+                       args.out, f"{args.dtype}-H{args.H}-V{args.V}")
     for provider in args.providers or (GPU_PROVIDERS if args.cuda else PROVIDERS):
         for mode in args.modes:
             r = d.run(provider, mode)
@@ -177,7 +178,7 @@ def main() -> None:
     d.speedups("reference", ["torch-lce", "liger", "cce", *ours])
     for peer in ("torch-lce", "liger", "cce"):
         d.speedups(peer, ours)
-    d.write(args.out, f"{args.dtype}-H{args.H}-V{args.V}")
+    d.write()
 
 
 if __name__ == "__main__":

@@ -146,7 +146,8 @@ def main() -> None:
     logits_bytes = N * args.V * {"float32": 4, "bfloat16": 2, "float16": 2}[args.dtype]
     d = harness.Driver(Path(__file__).resolve(), OP,
                        f"N={N} (2B={2 * args.B} x T={args.T}) V={args.V} {args.dtype}",
-                       harness.common_argv(args, ["B", "T", "V", "dtype", "beta"]))
+                       harness.common_argv(args, ["B", "T", "V", "dtype", "beta"]), args.out,
+                       f"{args.dtype}-V{args.V}")
     for provider in providers:
         for mode in args.modes:
             r = d.run(provider, mode)
@@ -177,7 +178,7 @@ def main() -> None:
                 frac = 3 * logits_bytes / d.results[(p, "full")]["time"]["median"] / copy_bw
                 d.row(p, "full", "fraction_of_copy_bandwidth", 100 * frac, "%")
                 print(f"  {p}: {100 * frac:.0f}% of the device copy bandwidth (3 N V bytes, forward+backward)")
-    d.write(args.out, f"{args.dtype}-V{args.V}")
+    d.write()
 
 
 if __name__ == "__main__":

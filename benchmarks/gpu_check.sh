@@ -1,16 +1,29 @@
 #!/usr/bin/env bash
-# The GPU check: run once per session on the lent GPU machine (H100 / H200), well inside 8 minutes.
+# The GPU check: run once per session on the lent GPU machine (H100 / H200); it stops starting new
+# steps after BUDGET seconds (default 420) so that the whole run stays inside 8 minutes.
 #   bash benchmarks/gpu_check.sh [OUT_DIR]      (default: $OUT, else benchmarks/results/gpu)
-# Builds the project with CUDA, runs the GPU tests (and the CUDA ones under compute-sanitizer), runs
-# the GPU benchmarks at N = 16384 tokens, V = 32000 and 128256, bf16 (fused_sppo_loss; and
-# fused_linear_sppo_loss at H = 4096 against Liger-Kernel and cut-cross-entropy when their wheels were
-# carried over and installed), writes CSV + logs under OUT_DIR, and prints a short table last.
+# In order of priority: build with CUDA; the GPU tests (Triton and CUDA, full sizes); benchmarks of
+# fused_sppo_loss (N = 16384, bf16, V = 32000 then 128256: device copy, eager reference,
+# torch.compile of it, triton, cuda) and fused_linear_sppo_loss (H = 4096; torch, triton, cuda, and
+# Liger-Kernel / cut-cross-entropy when their wheels were carried over and installed); the CUDA tests
+# under compute-sanitizer memcheck. CSVs and logs go to OUT_DIR; a short table is printed last.
 # Commit what it wrote under benchmarks/results/ with the card's name.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-benchmarks/results/gpu}}
+BUDGET=${BUDGET:-420}
 mkdir -p "$OUT_DIR"
 status=0
+
+# step NAME LIMIT CMD...: run CMD with at most LIMIT seconds, never past the budget
+step() {
+  local name=$1 limit=$2; shift 2
+  local left=$((BUDGET - SECONDS))
+  if [ "$left" -lt 20 ]; then echo "== $name: skipped (budget spent)"; return; fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  echo "== $name (<= ${limit}s)"
+  timeout "$limit" "$@" || { echo "   $name: failed or timed out"; status=1; }
+}
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT_DIR/device.txt"
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT_DIR/device.txt"
@@ -20,31 +33,33 @@ if ! SPPO_FAST_CUDA=ON timeout 240 pip install --no-build-isolation -e . > "$OUT
   tail -40 "$OUT_DIR/build.log"; exit 1
 fi
 
-echo "== GPU tests"
-timeout 200 python -m pytest -q tests/test_triton.py tests/test_cuda.py tests/test_build.py -m "not slow" \
-  > "$OUT_DIR/pytest.log" 2>&1 || status=1
-tail -3 "$OUT_DIR/pytest.log"
+step "GPU tests" 150 sh -c "python -m pytest -q tests/test_triton.py tests/test_cuda.py tests/test_build.py \
+  -m 'not slow' > '$OUT_DIR/pytest.log' 2>&1; s=\$?; tail -3 '$OUT_DIR/pytest.log'; exit \$s"
+
+bench_sppo() {  # V PROVIDERS...
+  local V=$1; shift
+  python benchmarks/bench_fused_sppo.py --cuda --B 8 --T 1024 --V "$V" --dtype bfloat16 --modes full \
+    --providers "$@" --out "$OUT_DIR/fused_sppo_loss-bf16-V$V.csv" > "$OUT_DIR/bench-sppo-V$V.log" 2>&1
+  local s=$?; tail -8 "$OUT_DIR/bench-sppo-V$V.log"; return $s
+}
+bench_linear() {  # V
+  python benchmarks/bench_fused_linear.py --cuda --B 8 --T 1024 --H 4096 --V "$1" --dtype bfloat16 \
+    --modes full --out "$OUT_DIR/fused_linear_sppo_loss-bf16-V$1.csv" > "$OUT_DIR/bench-linear-V$1.log" 2>&1
+  local s=$?; tail -8 "$OUT_DIR/bench-linear-V$1.log"; return $s
+}
+export -f bench_sppo bench_linear
+export OUT_DIR
+
+step "fused_sppo_loss V=32000" 120 bash -c "bench_sppo 32000 copy reference reference-compile triton cuda"
+step "fused_linear_sppo_loss V=32000" 90 bash -c "bench_linear 32000"
+step "fused_sppo_loss V=128256" 90 bash -c "bench_sppo 128256 copy reference triton cuda"
+step "fused_linear_sppo_loss V=128256" 90 bash -c "bench_linear 128256"
 if command -v compute-sanitizer >/dev/null 2>&1; then
-  echo "== compute-sanitizer memcheck over the CUDA tests (small shapes)"
-  timeout 150 compute-sanitizer --tool memcheck --error-exitcode 9 \
-    python -m pytest -q tests/test_cuda.py -k "not full_size" > "$OUT_DIR/memcheck.log" 2>&1 || status=1
-  grep -E "ERROR SUMMARY|passed|failed" "$OUT_DIR/memcheck.log" | tail -3
+  step "compute-sanitizer memcheck (CUDA tests, small shapes)" 120 sh -c "compute-sanitizer --tool memcheck \
+    --error-exitcode 9 python -m pytest -q tests/test_cuda.py -k 'not full_size' > '$OUT_DIR/memcheck.log' 2>&1; \
+    s=\$?; grep -E 'ERROR SUMMARY|passed|failed' '$OUT_DIR/memcheck.log' | tail -3; exit \$s"
 fi
 
-echo "== benchmarks"
-for V in 32000 128256; do
-  timeout 150 python benchmarks/bench_fused_sppo.py --cuda --B 8 --T 1024 --V "$V" --dtype bfloat16 \
-    --modes full --providers copy reference reference-compile triton cuda \
-    --out "$OUT_DIR/fused_sppo_loss-bf16-V$V.csv" 2>&1 | tee "$OUT_DIR/bench-V$V.log" | tail -12 \
-    || status=1
-done
-
-for V in 32000 128256; do
-  timeout 120 python benchmarks/bench_fused_linear.py --cuda --B 8 --T 1024 --H 4096 --V "$V" --dtype bfloat16 \
-    --modes full --out "$OUT_DIR/fused_linear_sppo_loss-bf16-V$V.csv" 2>&1 \
-    | tee "$OUT_DIR/bench-linear-V$V.log" | tail -12 || status=1
-done
-
-echo "== summary"
+echo "== summary (${SECONDS}s)"
 python benchmarks/summarize.py "$OUT_DIR"/*.csv
 exit $status

@@ -176,12 +176,14 @@ def common_argv(args, names: Iterable[str]) -> list[str]:
 class Driver:
     """Runs one worker per (provider, mode) in a fresh process, records time and memory rows."""
 
-    def __init__(self, script: Path, op: str, shape: str, argv: list[str]):
+    def __init__(self, script: Path, op: str, shape: str, argv: list[str], out: Optional[Path], tag: str):
         self.script, self.op, self.shape, self.argv = script, op, shape, argv
         self.base = run_worker(script, argv + ["--provider", "inputs"])
         self.env = self.base["env"]
         self.rows: list[Row] = []
         self.results: dict[tuple[str, str], dict] = {}
+        slug = re.sub(r"[^a-z0-9]+", "-", self.env["device"].lower().replace("(r)", "")).strip("-")
+        self.path = out or script.parent / "results" / f"{op}-{tag}-{slug}.csv"
         print(f"{op}: {shape} on {self.env['device']} (isa {self.env['isa']}, "
               f"{self.env['threads']} threads, torch {self.env['torch']})")
 
@@ -203,6 +205,7 @@ class Driver:
         self.row(provider, mode, "time_q20", t["q20"] * 1e3, "ms")
         self.row(provider, mode, "time_q80", t["q80"] * 1e3, "ms")
         self.row(provider, mode, "extra_peak_memory", r["extra_peak"] / 2**20, "MiB")
+        write_rows(self.path, self.rows)  # after every provider: a timed-out run keeps what it measured
         return r
 
     def speedups(self, baseline: str, providers: Iterable[str], mode: str = "full") -> None:
@@ -215,9 +218,7 @@ class Driver:
                 self.row(provider, mode, f"speedup_vs_{baseline}", speed, "x")
                 print(f"  {provider}: {speed:.2f}x faster than {baseline} ({mode})")
 
-    def write(self, out: Optional[Path], tag: str) -> Path:
-        slug = re.sub(r"[^a-z0-9]+", "-", self.env["device"].lower().replace("(r)", "")).strip("-")
-        path = out or self.script.parent / "results" / f"{self.op}-{tag}-{slug}.csv"
-        write_rows(path, self.rows)
-        print(f"wrote {path}")
-        return path
+    def write(self) -> Path:
+        write_rows(self.path, self.rows)
+        print(f"wrote {self.path}")
+        return self.path

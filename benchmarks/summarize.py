@@ -19,6 +19,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("csv", nargs="+", type=Path)
     for path in p.parse_args().csv:
+        if not path.is_file():
+            print(f"{path}: no such file (nothing measured)")
+            continue
         rows = list(csv.DictReader(path.open()))
         if not rows:
             continue
