@@ -108,4 +108,5 @@ def check_fused_loss_backend(backend, device, loss_type, gen):
         (loss * 0.3).backward()
         res[be] = (loss, x.grad)
     torch.testing.assert_close(res[backend][0], res["reference"][0], rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(res[backend][1], res["reference"][1], rtol=1e-4, atol=1e-6)
+    scale = res["reference"][1].abs().max().item()  # both float32: a tolerance on the gradient's scale
+    torch.testing.assert_close(res[backend][1], res["reference"][1], rtol=1e-4, atol=1e-6 * max(1.0, scale))

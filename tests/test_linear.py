@@ -181,5 +181,5 @@ def test_chunks_through_triton_kernels(gen):
                                                         chunk_tokens=4, **probs)
         (loss * 0.3).backward()
         out[be] = (loss, pol, hh.grad, ww.grad)
-    for x, y in zip(out["triton"], out["reference"]):
-        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+    for x, y in zip(out["triton"], out["reference"]):  # both float32: a tolerance on the tensor's scale
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5 * max(1.0, y.abs().max().item()))
