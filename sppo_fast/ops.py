@@ -215,7 +215,8 @@ class _LogprobOptions:
 
 
 class _KernelLogprobs(torch.autograd.Function):
-    """``(token_logp[B, T], seq_logp[B])`` of ``logits[B, T, V]`` through the native kernels.
+    """``(token_logp[B, T], seq_logp[B])`` of ``logits[B, T, V]`` through a kernel backend
+    (``cpp``, ``cuda`` or ``triton``: the module ``_IMPLS[opts.backend]``).
 
     Saves only the per-row logsumexp. The backward gets one coefficient per token
     (``g_tok + g_seq[b]``) and writes ``coef * (onehot - softmax)`` in one pass; with
