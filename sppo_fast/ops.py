@@ -218,7 +218,7 @@ class _KernelLogprobs(torch.autograd.Function):
     """``(token_logp[B, T], seq_logp[B])`` of ``logits[B, T, V]`` through a kernel backend
     (``cpp``, ``cuda`` or ``triton``: the module ``_IMPLS[opts.backend]``).
 
-    Saves only the per-row logsumexp. The backward gets one coefficient per token
+    Saves only each row's (max, log-sum), i.e. its logsumexp. The backward gets one coefficient per token
     (``g_tok + g_seq[b]``) and writes ``coef * (onehot - softmax)`` in one pass; with
     ``inplace_backward`` the gradient overwrites the logits buffer (no second B*T*V tensor).
     """
