@@ -1,0 +1,633 @@
+"""PairRM, the pairwise reward model SPPO ranks with, and an engine that scores every ordered pair.
+
+SPPO samples K responses per prompt and asks PairRM about all K(K-1) ordered pairs. PairRM reads
+
+    [CLS] <|source|> x [SEP] [CLS] <|candidate1|> y_i [SEP] [CLS] <|candidate2|> y_j [SEP]
+
+through a DeBERTa-v3 backbone and returns ``M[i, j] = head([h_src; h_c1]) - head([h_src; h_c2])``,
+the logit that ``y_i`` beats ``y_j`` (``h_*`` are the final hidden states at the three marker tokens).
+The official pipeline runs the 20 pair positions one after another with batch size 1. Here:
+
+- :class:`PairRM` is LLM-Blender's ``DebertaV2PairRM`` (same architecture, same state-dict names),
+  so ``PairRM.from_pretrained("llm-blender/PairRM-hf")`` loads the released weights, and
+  :func:`load_pairrm` also reads the original ``llm-blender/PairRM`` checkpoint layout.
+- :class:`PairInputBuilder` tokenizes each text once per prompt (not once per pair), with the official
+  truncation, and neutralises marker strings inside user text.
+- :class:`PairRMRanker` builds all ordered pairs of many prompts, sorts them by length into buckets
+  bounded by ``rows * L**2`` (the size of DeBERTa's attention tensors), runs each bucket once and
+  hands ``M[B, K, K]`` to :func:`sppo_fast.pairrm_aggregate`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterable, NamedTuple, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from . import deberta, ops
+from .reference import PAIRWISE_MODES, PairwiseResult
+
+try:  # transformers is needed for the model; the rest of sppo_fast works without it
+    from transformers import DebertaV2Config
+    from transformers.modeling_outputs import SequenceClassifierOutput
+    from transformers.models.deberta_v2.modeling_deberta_v2 import DebertaV2Model, DebertaV2PreTrainedModel
+except ImportError as _err:  # pragma: no cover - exercised only without transformers
+    raise ImportError("sppo_fast.pairrm needs transformers: pip install 'transformers>=4.46'") from _err
+
+SOURCE_MARKER = "<|source|>"
+CANDIDATE1_MARKER = "<|candidate1|>"
+CANDIDATE2_MARKER = "<|candidate2|>"
+CANDIDATE_MARKER = "<|candidate|>"
+# Order matters: LLM-Blender adds them in this order, so they get consecutive ids (128001..128004).
+MARKERS = (SOURCE_MARKER, CANDIDATE1_MARKER, CANDIDATE2_MARKER, CANDIDATE_MARKER)
+
+ATTN_IMPLS = ("torch", "hf")
+SOURCE_MAX_LENGTH = 1224
+CANDIDATE_MAX_LENGTH = 412
+
+# DeBERTa-v3-large, the backbone of the released PairRM (vocab 128000 + [MASK] + the 4 markers).
+DEBERTA_V3_LARGE = dict(
+    vocab_size=128005, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+    intermediate_size=4096, hidden_act="gelu", max_position_embeddings=512, type_vocab_size=0,
+    layer_norm_eps=1e-7, relative_attention=True, max_relative_positions=-1, position_buckets=256,
+    norm_rel_ebd="layer_norm", share_att_key=True, pos_att_type="p2c|c2p", position_biased_input=False,
+    pad_token_id=0, sep_token_id=2,
+)
+# The tiny model of the tests, benchmarks and the embedded default: same architecture, 2 layers.
+TINY = dict(DEBERTA_V3_LARGE, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=512)
+
+
+def neutralise_markers(text: str) -> str:
+    """``text`` with every PairRM marker string broken by a space after its ``<``.
+
+    The tokenizer turns a literal ``"<|source|>"`` in user text into the marker token, which would
+    make PairRM pool the wrong position (LLM-Blender crashes on it). ``"< |source|>"`` tokenizes as
+    ordinary text. Texts without markers are returned unchanged.
+    """
+    while any(m in text for m in MARKERS):
+        for m in MARKERS:
+            text = text.replace(m, m[0] + " " + m[1:])
+    return text
+
+
+def add_marker_tokens(tokenizer) -> dict[str, int]:
+    """Add the four PairRM markers as ordinary tokens (as LLM-Blender does); returns their ids."""
+    tokenizer.add_tokens(list(MARKERS))
+    return {m: tokenizer.convert_tokens_to_ids(m) for m in MARKERS}
+
+
+def pairrm_config(tokenizer=None, *, base: dict = TINY, **overrides) -> DebertaV2Config:
+    """A PairRM config: DeBERTa-v2 backbone fields plus LLM-Blender's head and marker fields.
+
+    With ``tokenizer`` (which must hold the markers, see :func:`add_marker_tokens`), the vocabulary
+    size and the marker, separator and padding ids are read from it.
+    """
+    fields = dict(base, n_tasks=1, drop_out=0.05, source_prefix_id=128001, cand1_prefix_id=128002,
+                  cand2_prefix_id=128003, cand_prefix_id=128004)
+    if tokenizer is not None:
+        ids = _marker_ids(tokenizer)
+        fields.update(vocab_size=len(tokenizer), sep_token_id=tokenizer.sep_token_id,
+                      pad_token_id=tokenizer.pad_token_id, source_prefix_id=ids[SOURCE_MARKER],
+                      cand1_prefix_id=ids[CANDIDATE1_MARKER], cand2_prefix_id=ids[CANDIDATE2_MARKER],
+                      cand_prefix_id=ids[CANDIDATE_MARKER])
+    fields.update(overrides)
+    return DebertaV2Config(**fields)
+
+
+def _marker_ids(tokenizer) -> dict[str, int]:
+    ids = {}
+    for m in MARKERS:
+        i = tokenizer.convert_tokens_to_ids(m)
+        if i is None or i == tokenizer.unk_token_id or tokenizer.convert_ids_to_tokens(i) != m:
+            raise ValueError(f"tokenizer has no {m!r} token; PairRM needs its four marker tokens: "
+                             "call sppo_fast.pairrm.add_marker_tokens(tokenizer) first")
+        ids[m] = i
+    return ids
+
+
+class PairRM(DebertaV2PreTrainedModel):
+    """LLM-Blender's ``DebertaV2PairRM``: a DeBERTa-v2/v3 backbone and a two-layer head.
+
+    ``M = head([h_src; h_c1]) - head([h_src; h_c2])`` averaged over ``n_tasks``. State-dict names
+    (``pretrained_model.*``, ``head_layer.{1,4}.*``) are LLM-Blender's, so its checkpoints load
+    unchanged and ours load into its class.
+    """
+
+    def __init__(self, config: DebertaV2Config):
+        super().__init__(config)
+        self.n_tasks = config.n_tasks
+        self.drop_out = config.drop_out
+        self.pretrained_model = DebertaV2Model(config)
+        self.hidden_size = config.hidden_size
+        self.sep_token_id = config.sep_token_id
+        self.source_prefix_id = config.source_prefix_id
+        self.cand_prefix_id = config.cand_prefix_id
+        self.cand1_prefix_id = config.cand1_prefix_id
+        self.cand2_prefix_id = config.cand2_prefix_id
+        H = config.hidden_size
+        self.head_layer = nn.Sequential(nn.Dropout(self.drop_out), nn.Linear(2 * H, H), nn.Tanh(),
+                                        nn.Dropout(self.drop_out), nn.Linear(H, self.n_tasks))
+        self.post_init()
+
+    def pair_logits(self, input_ids: Tensor, attention_mask: Tensor, positions: Tensor, *,
+                    attn_impl: str = "torch") -> Tensor:
+        """``M`` for each row: ``input_ids, attention_mask [N, L]``, ``positions [N, 3]`` (the
+        indices of the source, candidate-1 and candidate-2 markers). Returns ``[N]`` float32
+        (float64 for a float64 model).
+
+        ``attn_impl``: ``"torch"`` (default, :func:`sppo_fast.deberta.encode`: the last layer only
+        at the three pooled rows, leaner attention) or ``"hf"`` (Hugging Face's eager forward, as
+        LLM-Blender runs it). Same weights, same result up to float rounding.
+        """
+        if attn_impl == "hf":
+            h = self.pretrained_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            rows = torch.arange(h.shape[0], device=h.device)
+            src, c1, c2 = (h[rows, positions[:, k]] for k in range(3))
+        elif attn_impl == "torch":
+            src, c1, c2 = deberta.encode(self.pretrained_model, input_ids, attention_mask, positions).unbind(1)
+        else:
+            raise ValueError(f"attn_impl: expected one of {ATTN_IMPLS}, got {attn_impl!r}")
+        # One head call on [2N, 2H]: the same GEMMs as LLM-Blender's two calls, half the launches.
+        scores = self.head_layer(torch.cat([torch.cat([src, c1], -1), torch.cat([src, c2], -1)], 0))
+        left, right = (scores if scores.dtype == torch.float64 else scores.float()).chunk(2, 0)
+        return (left - right).mean(-1)
+
+    def marker_positions(self, input_ids: Tensor) -> Tensor:
+        """``[N, 3]`` positions of the source / candidate-1 / candidate-2 markers, one each per row."""
+        cols = []
+        for name, tid in (("<|source|>", self.source_prefix_id), ("<|candidate1|>", self.cand1_prefix_id),
+                          ("<|candidate2|>", self.cand2_prefix_id)):
+            hit = input_ids == tid
+            count = hit.sum(-1)
+            if bool((count != 1).any()):
+                bad = int((count != 1).nonzero()[0, 0])
+                raise ValueError(f"input_ids row {bad}: expected exactly one {name} token (id {tid}), "
+                                 f"found {int(count[bad])}")
+            cols.append(hit.int().argmax(-1))
+        return torch.stack(cols, -1)
+
+    def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
+                labels: Optional[Tensor] = None, **_unused) -> SequenceClassifierOutput:
+        """LLM-Blender's interface: the markers are found in ``input_ids``; ``logits`` is ``[N]``.
+        With ``labels`` (``>0``: candidate 1 better), the loss is ``-log sigmoid(logit * sign)``."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        logits = self.pair_logits(input_ids, attention_mask, self.marker_positions(input_ids))
+        loss = None
+        if labels is not None:
+            loss = -nn.functional.logsigmoid(logits * labels.float().sign().reshape(-1)).mean()
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+def load_pairrm(name_or_path: str = "llm-blender/PairRM-hf", *, device: str | torch.device = "cpu",
+                dtype: torch.dtype = torch.float32, **hub_kwargs):
+    """``(model, tokenizer)`` of a released PairRM, from the hub (online users) or a local folder.
+
+    Reads both layouts: the Hugging Face port (``llm-blender/PairRM-hf``: a ``deberta-v2`` config
+    with the marker ids, tokenizer files with the markers) and LLM-Blender's original
+    (``llm-blender/PairRM``: a ``RankerConfig`` json and a state dict; its tokenizer is
+    ``microsoft/deberta-v3-large`` plus the markers, as ``Blender.loadranker`` builds it).
+    """
+    from transformers import AutoTokenizer
+
+    path = Path(name_or_path)
+    if not path.exists():
+        from huggingface_hub import snapshot_download
+
+        path = Path(snapshot_download(name_or_path, **hub_kwargs))
+    cfg = json.loads((path / "config.json").read_text())
+    if "ranker_type" not in cfg:  # the Hugging Face port
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        _marker_ids(tokenizer)
+        model = PairRM.from_pretrained(path, dtype=dtype)
+        return model.to(device).eval(), tokenizer
+    backbone = cfg.get("model_name") or "microsoft/deberta-v3-large"
+    local_tok = path / "tokenizer"
+    tokenizer = AutoTokenizer.from_pretrained(local_tok if local_tok.exists() else backbone)
+    add_marker_tokens(tokenizer)
+    base = json.loads((local_tok / "backbone_config.json").read_text()) if (local_tok / "backbone_config.json").exists() \
+        else DEBERTA_V3_LARGE
+    config = pairrm_config(tokenizer, base=base, n_tasks=cfg.get("n_tasks", 1),
+                           drop_out=cfg.get("drop_out", 0.05))
+    model = PairRM(config)
+    if (path / "model.safetensors").exists():
+        from safetensors.torch import load_file
+
+        state = load_file(str(path / "model.safetensors"))
+    else:
+        state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing or unexpected:
+        raise ValueError(f"{path}: state dict does not match PairRM: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    return model.to(device=device, dtype=dtype).eval(), tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodedPrompt:
+    """One prompt's token ids, each text tokenized once: ``source`` is ``[CLS] <|source|> x [SEP]``,
+    ``candidates[k]`` is ``[CLS] <|candidate|> y_k [SEP]`` (the marker is swapped per pair slot)."""
+    source: np.ndarray
+    candidates: tuple[np.ndarray, ...]
+
+
+class PairInputBuilder:
+    """Tokenize prompts and candidates for PairRM exactly as LLM-Blender's collator does.
+
+    - Literal ``"[SEP]"`` (the tokenizer's separator) in any text becomes a space (official).
+    - Marker strings in user text are neutralised (:func:`neutralise_markers`; the official code
+      crashes on them).
+    - Truncation (official): the source to ``source_max_length`` tokens (1224, ``[CLS]``/``[SEP]``
+      included), each candidate to ``candidate_max_length + (source_max_length - S) // 2`` (412 + ...)
+      where ``S`` is the longest source among ``truncation_group`` consecutive prompts.
+      ``truncation_group=1`` (default) is what SPPO gets (it ranks with batch size 1) and equals the
+      Hugging Face port's per-example budget ``(1224 + 2 * 412 - S) // 2``; ``truncation_group=B``
+      reproduces LLM-Blender's ``rank(..., batch_size=B)``.
+    """
+
+    def __init__(self, tokenizer, *, source_max_length: int = SOURCE_MAX_LENGTH,
+                 candidate_max_length: int = CANDIDATE_MAX_LENGTH, truncation_group: int = 1):
+        if source_max_length < 3 or candidate_max_length < 3:
+            raise ValueError("source_max_length and candidate_max_length must be >= 3 "
+                             "([CLS], marker, [SEP])")
+        if truncation_group < 1:
+            raise ValueError(f"truncation_group must be >= 1, got {truncation_group}")
+        if tokenizer.sep_token is None or tokenizer.cls_token is None:
+            raise ValueError("PairRM's tokenizer needs [CLS] and [SEP] tokens")
+        self.tokenizer = tokenizer
+        self.ids = _marker_ids(tokenizer)
+        self.source_max_length = source_max_length
+        self.candidate_max_length = candidate_max_length
+        self.truncation_group = truncation_group
+        self.sep_id = tokenizer.sep_token_id
+
+    def _clean(self, text: str) -> str:
+        if not isinstance(text, str):
+            raise TypeError(f"PairRM texts must be str, got {type(text).__name__}")
+        return neutralise_markers(text).replace(self.tokenizer.sep_token, " ")
+
+    def _tokenize(self, texts: list[str]) -> list[list[int]]:
+        return self.tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"] if texts else []
+
+    def _cut(self, ids: list[int], n: int) -> np.ndarray:
+        # = the tokenizer's own truncation to max_length n: keep [CLS] + n - 2 tokens, then [SEP]
+        if len(ids) > n:
+            ids = ids[: n - 1] + [self.sep_id]
+        return np.asarray(ids, dtype=np.int64)
+
+    def encode(self, prompts: Sequence[str], candidates: Sequence[Sequence[str]]) -> list[EncodedPrompt]:
+        """Token ids of each prompt and its candidates (see the class docstring for truncation)."""
+        if len(prompts) != len(candidates):
+            raise ValueError(f"got {len(prompts)} prompts but {len(candidates)} candidate lists")
+        src = self._tokenize([SOURCE_MARKER + self._clean(p) for p in prompts])
+        flat = [CANDIDATE_MARKER + self._clean(c) for cs in candidates for c in cs]
+        cand = iter(self._tokenize(flat))
+        out = []
+        src = [self._cut(s, self.source_max_length) for s in src]
+        for g in range(0, len(prompts), self.truncation_group):
+            longest = max(len(s) for s in src[g: g + self.truncation_group])
+            budget = self.candidate_max_length + (self.source_max_length - longest) // 2
+            for b in range(g, min(g + self.truncation_group, len(prompts))):
+                cs = tuple(self._cut(next(cand), budget) for _ in candidates[b])
+                out.append(EncodedPrompt(src[b], cs))
+        for e in out:  # the pooled positions below rely on each marker sitting at index 1
+            if e.source[1] != self.ids[SOURCE_MARKER] or any(c[1] != self.ids[CANDIDATE_MARKER] for c in e.candidates):
+                raise ValueError("tokenizer did not keep the PairRM marker as the token after [CLS]; "
+                                 "is it a [CLS] x [SEP] tokenizer with the markers added?")
+        return out
+
+
+class RankResult(NamedTuple):
+    """:func:`sppo_fast.pairrm_aggregate`'s fields plus ``cmp[B, K, K]``, PairRM's logits
+    (float32, ``cmp[b, i, j]``: candidate ``i`` in the first slot beats ``j``; diagonal 0)."""
+    cmp: Tensor
+    scores: Tensor
+    probs: Tensor
+    win_rates: Tensor
+    chosen: Tensor
+    rejected: Tensor
+    chosen_probs: Tensor
+    chosen_probs_win: Tensor
+    chosen_probs_lose: Tensor
+    tied: Tensor
+
+    def records(self, prompts: Sequence[str], candidates: Sequence[Sequence[str]]) -> list[dict]:
+        """One dict per prompt with SPPO's official fields (``prompt``, ``chosen``, ``rejected`` as
+        ``[user, assistant]`` message lists, ``chosen_probs``, ``chosen_probs_win``,
+        ``chosen_probs_lose``) plus the candidates, ``scores``, ``cmp``, ``probs``, ``win_rates``,
+        the chosen/rejected indices and ``tied``."""
+        out = []
+        for b, (p, cs) in enumerate(zip(prompts, candidates)):
+            w, l = int(self.chosen[b]), int(self.rejected[b])
+            out.append({
+                "prompt": p,
+                "chosen": [{"role": "user", "content": p}, {"role": "assistant", "content": cs[w]}],
+                "rejected": [{"role": "user", "content": p}, {"role": "assistant", "content": cs[l]}],
+                "chosen_probs": float(self.chosen_probs[b]),
+                "chosen_probs_win": float(self.chosen_probs_win[b]),
+                "chosen_probs_lose": float(self.chosen_probs_lose[b]),
+                "candidates": list(cs),
+                "scores": self.scores[b].tolist(),
+                "cmp": self.cmp[b].tolist(),
+                "probs": self.probs[b].tolist(),
+                "win_rates": self.win_rates[b].tolist(),
+                "chosen_index": w,
+                "rejected_index": l,
+                "tied": bool(self.tied[b]),
+            })
+        return out
+
+
+COMPARE_MODES = ("[A,B]", "[B,A]", "[A,B]+[B,A]")
+
+
+class PairRMRanker:
+    """Batched PairRM ranking: every ordered pair of many prompts, bucketed by length.
+
+    Args:
+        model, tokenizer: a :class:`PairRM` and its tokenizer (with the markers).
+        budget: the most ``rows * L**2`` one forward may hold (``L``: the bucket's longest row).
+            DeBERTa's eager attention builds several ``[rows, heads, L, L]`` tensors; on a CPU they
+            must stay in cache, which is why the budget counts ``L**2`` and not tokens. Default:
+            ``2**20`` on CPU (measured, see ``benchmarks/bench_pairrm.py``), ``2**26`` on CUDA.
+        max_rows: the most pair rows in one forward (default 256).
+        prompts_per_step: prompts whose pairs are sorted and bucketed together (default 64).
+        autocast_dtype: ``torch.float16`` (default on CUDA, as the official fp16 runs) or
+            ``torch.bfloat16`` autocast; ``None`` runs in the model's dtype (default on CPU: fp32).
+        attn_impl: the backbone's attention, see :meth:`PairRM.pair_logits` (default ``"torch"``).
+        mode, backend: passed to :func:`sppo_fast.pairrm_aggregate`.
+        progress: show a progress bar over prompts.
+        Remaining keyword arguments go to :class:`PairInputBuilder` (truncation).
+    """
+
+    def __init__(self, model: PairRM, tokenizer, *, budget: Optional[int] = None,
+                 max_rows: int = 256, prompts_per_step: int = 64,
+                 autocast_dtype: Optional[torch.dtype] = "auto", attn_impl: str = "torch",
+                 mode: str = "official",
+                 backend: str = "auto", progress: bool = True, **builder_kwargs):
+        if mode not in PAIRWISE_MODES:
+            raise ValueError(f"mode: expected one of {PAIRWISE_MODES}, got {mode!r}")
+        if attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"attn_impl: expected one of {ATTN_IMPLS}, got {attn_impl!r}")
+        self.attn_impl = attn_impl
+        if max_rows < 1 or prompts_per_step < 1:
+            raise ValueError("max_rows and prompts_per_step must be >= 1")
+        self.model = model.eval()
+        self.builder = PairInputBuilder(tokenizer, **builder_kwargs)
+        self.device = next(model.parameters()).device
+        on_cuda = self.device.type == "cuda"
+        self.budget = int(budget if budget is not None else (2 ** 26 if on_cuda else 2 ** 20))
+        if self.budget < 1:
+            raise ValueError(f"budget must be >= 1, got {budget}")
+        self.max_rows = max_rows
+        self.prompts_per_step = prompts_per_step
+        self.autocast_dtype = (torch.float16 if on_cuda else None) if autocast_dtype == "auto" else autocast_dtype
+        self.mode = mode
+        self.backend = backend
+        self.progress = progress
+        if self.builder.ids[SOURCE_MARKER] != model.source_prefix_id:
+            raise ValueError(f"tokenizer's <|source|> id {self.builder.ids[SOURCE_MARKER]} differs from the "
+                             f"model's source_prefix_id {model.source_prefix_id}: wrong tokenizer?")
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str = "llm-blender/PairRM-hf", *, device="cpu", **kwargs):
+        """Load a released PairRM (:func:`load_pairrm`) and wrap it."""
+        model, tokenizer = load_pairrm(name_or_path, device=device)
+        return cls(model, tokenizer, **kwargs)
+
+    # -- pair building --------------------------------------------------------------------------
+    def _buckets(self, lengths: np.ndarray) -> list[np.ndarray]:
+        order = np.argsort(-lengths, kind="stable")
+        out, start = [], 0
+        while start < len(order):
+            L = int(lengths[order[start]])
+            n = max(1, min(self.max_rows, self.budget // (L * L)))
+            out.append(order[start: start + n])
+            start += n
+        return out
+
+    def _run_rows(self, rows: list[tuple[EncodedPrompt, int, int]]) -> np.ndarray:
+        """PairRM logits of ``(prompt, i, j)`` rows, bucketed; returns float32 ``[len(rows)]``."""
+        ids1, ids2 = self.builder.ids[CANDIDATE1_MARKER], self.builder.ids[CANDIDATE2_MARKER]
+        pad = self.builder.tokenizer.pad_token_id or 0
+        lengths = np.array([len(e.source) + len(e.candidates[i]) + len(e.candidates[j]) for e, i, j in rows])
+        out = np.empty(len(rows), dtype=np.float32)
+        for bucket in self._buckets(lengths):
+            L = int(lengths[bucket[0]])
+            ids = np.full((len(bucket), L), pad, dtype=np.int64)
+            mask = np.zeros((len(bucket), L), dtype=np.int64)
+            pos = np.empty((len(bucket), 3), dtype=np.int64)
+            for r, k in enumerate(bucket):
+                e, i, j = rows[k]
+                s, a, b = len(e.source), len(e.candidates[i]), len(e.candidates[j])
+                ids[r, :s] = e.source
+                ids[r, s: s + a] = e.candidates[i]
+                ids[r, s + a: s + a + b] = e.candidates[j]
+                ids[r, s + 1], ids[r, s + a + 1] = ids1, ids2
+                mask[r, : s + a + b] = 1
+                pos[r] = (1, s + 1, s + a + 1)
+            out[bucket] = self._forward(ids, mask, pos)
+        return out
+
+    def _forward(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        dev = self.device
+        t = [torch.from_numpy(x).to(dev, non_blocking=True) for x in (ids, mask, pos)]
+        with torch.inference_mode(), torch.autocast(dev.type, dtype=self.autocast_dtype or torch.float32,
+                                                    enabled=self.autocast_dtype is not None):
+            logits = self.model.pair_logits(*t, attn_impl=self.attn_impl)
+        return logits.float().cpu().numpy()
+
+    def _progress(self, total: int, desc: str):
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, unit="prompt", disable=not self.progress, dynamic_ncols=True)
+
+    # -- public API -----------------------------------------------------------------------------
+    def pair_matrix(self, prompts: Sequence[str], candidates: Sequence[Sequence[str]]) -> Tensor:
+        """``cmp[B, K, K]`` float32: PairRM's logit that candidate ``i`` (first slot) beats ``j``,
+        for every ordered pair ``i != j``; the diagonal is 0 (never computed, as in LLM-Blender)."""
+        K = _check_candidates(prompts, candidates)
+        cmp = torch.zeros(len(prompts), K, K, dtype=torch.float32)
+        with self._progress(len(prompts), "PairRM") as bar:
+            for g in range(0, len(prompts), self.prompts_per_step):
+                enc = self.builder.encode(prompts[g: g + self.prompts_per_step],
+                                          candidates[g: g + self.prompts_per_step])
+                rows = [(e, i, j) for e in enc for i in range(K) for j in range(K) if i != j]
+                vals = torch.from_numpy(self._run_rows(rows)).view(len(enc), K * (K - 1))
+                off = ~torch.eye(K, dtype=torch.bool)
+                cmp[g: g + len(enc)][:, off] = vals
+                bar.update(len(enc))
+        return cmp
+
+    def rank(self, prompts: Sequence[str], candidates: Sequence[Sequence[str]], *,
+             mode: Optional[str] = None) -> RankResult:
+        """Rank K candidates per prompt: ``cmp`` plus scores, probabilities, win rates, chosen /
+        rejected and SPPO's probability fields (:func:`sppo_fast.pairrm_aggregate`)."""
+        cmp = self.pair_matrix(prompts, candidates)
+        agg: PairwiseResult = ops.pairrm_aggregate(cmp, mode or self.mode, backend=self.backend)
+        return RankResult(cmp, *agg)
+
+    def compare(self, prompts: Sequence[str], candidates_a: Sequence[str], candidates_b: Sequence[str], *,
+                mode: str = "[A,B]+[B,A]", return_logits: bool = False):
+        """Is A better than B? LLM-Blender's ``Blender.compare``.
+
+        ``"[A,B]+[B,A]"`` (default, both orders, cancelling PairRM's position bias) gives
+        ``M[A, B] - M[B, A]``; ``"[A,B]"`` gives ``M[A, B]``; ``"[B,A]"`` gives ``-M[B, A]``, so that
+        a positive logit means "A is better" in every mode, as LLM-Blender's docstring says (its
+        code returns ``M[B, A]`` unnegated in that mode). Returns a float32 tensor of logits with
+        ``return_logits``, else a bool tensor ``logit > 0``.
+        """
+        if mode not in COMPARE_MODES:
+            raise ValueError(f"mode: expected one of {COMPARE_MODES}, got {mode!r}")
+        if not len(prompts) == len(candidates_a) == len(candidates_b):
+            raise ValueError(f"got {len(prompts)} prompts, {len(candidates_a)} A and {len(candidates_b)} B")
+        enc = self.builder.encode(prompts, [[a, b] for a, b in zip(candidates_a, candidates_b)])
+        rows = []
+        if mode != "[B,A]":
+            rows += [(e, 0, 1) for e in enc]
+        if mode != "[A,B]":
+            rows += [(e, 1, 0) for e in enc]
+        vals = torch.from_numpy(self._run_rows(rows))
+        n = len(enc)
+        logits = {"[A,B]": vals, "[B,A]": -vals, "[A,B]+[B,A]": vals[:n] - vals[n:]}[mode]
+        return logits if return_logits else logits > 0
+
+    def rank_dataset(self, dataset, output: str | os.PathLike, *, prompt_column: str = "prompt",
+                     candidates_column: str = "candidates", shard_size: int = 256,
+                     mode: Optional[str] = None) -> Path:
+        """Rank a ``datasets.Dataset`` (or any sequence of dicts) and write ``output`` (Parquet).
+
+        Rows need ``prompt_column`` (str) and ``candidates_column`` (list of K str). Work is done
+        in shards of ``shard_size`` prompts; each finished shard is written atomically under
+        ``<output>.parts/``, so a rerun after an interruption skips finished shards (after checking
+        that they hold the same prompts). The output is written to a temporary name and renamed
+        when complete; the parts are then removed. Returns the output path.
+        """
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        output = Path(output)
+        if output.exists():
+            return output
+        if shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        columns = getattr(dataset, "column_names", None)
+        if columns is not None:
+            for c in (prompt_column, candidates_column):
+                if c not in columns:
+                    raise ValueError(f"dataset has no column {c!r}; columns: {columns}")
+        n = len(dataset)
+        parts = output.with_name(output.name + ".parts")
+        parts.mkdir(parents=True, exist_ok=True)
+        tables = []
+        with self._progress(n, "PairRM ranking") as bar:
+            for s, start in enumerate(range(0, n, shard_size)):
+                batch = _rows(dataset, start, min(n, start + shard_size))
+                prompts = [r[prompt_column] for r in batch]
+                cands = [list(r[candidates_column]) for r in batch]
+                digest = hashlib.sha256(json.dumps([prompts, cands]).encode()).hexdigest()
+                path = parts / f"shard-{s:06d}.parquet"
+                if path.exists():
+                    table = pq.read_table(path)
+                    if (table.schema.metadata or {}).get(b"sppo_fast.inputs") != digest.encode():
+                        raise ValueError(f"{path} was written for different prompts or candidates; "
+                                         f"remove {parts} to start over")
+                else:
+                    progress, self.progress = self.progress, False
+                    try:
+                        result = self.rank(prompts, cands, mode=mode)
+                    finally:
+                        self.progress = progress
+                    table = pa.Table.from_pylist(result.records(prompts, cands))
+                    table = table.replace_schema_metadata({"sppo_fast.inputs": digest})
+                    _atomic_write_parquet(table, path)
+                tables.append(table.replace_schema_metadata(None))
+                bar.update(len(batch))
+        if tables:
+            _atomic_write_parquet(pa.concat_tables(tables), output)
+        else:
+            _atomic_write_parquet(pa.table({prompt_column: pa.array([], pa.string())}), output)
+        shutil.rmtree(parts, ignore_errors=True)
+        return output
+
+
+def _check_candidates(prompts: Sequence[str], candidates: Sequence[Sequence[str]]) -> int:
+    if len(prompts) != len(candidates):
+        raise ValueError(f"got {len(prompts)} prompts but {len(candidates)} candidate lists")
+    if not candidates:
+        return 2
+    K = len(candidates[0])
+    for b, cs in enumerate(candidates):
+        if isinstance(cs, str):
+            raise TypeError(f"candidates[{b}] is a str; expected a list of K candidate strings")
+        if len(cs) != K:
+            raise ValueError(f"every prompt needs the same number of candidates: candidates[0] has {K}, "
+                             f"candidates[{b}] has {len(cs)}")
+    if K < 2:
+        raise ValueError(f"PairRM ranking needs K >= 2 candidates per prompt, got {K}")
+    return K
+
+
+def _rows(dataset, start: int, stop: int) -> list[dict[str, Any]]:
+    if hasattr(dataset, "select"):  # datasets.Dataset: one Arrow slice, not row by row
+        sl = dataset[start:stop]
+        keys = list(sl)
+        return [dict(zip(keys, vals)) for vals in zip(*(sl[k] for k in keys))]
+    return [dataset[i] for i in range(start, stop)]
+
+
+def _atomic_write_parquet(table, path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    pq.write_table(table, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def tiny_pairrm(*, seed: int = 0, tokenizer=None, **overrides):
+    """``(model, tokenizer)``: a randomly initialised PairRM of the released architecture at tiny size
+    (hidden 128, 2 layers, 4 heads; override any DeBERTa field) and an in-process trained tokenizer
+    with the markers. Deterministic for a given ``seed``."""
+    from .tiny import tiny_tokenizer
+
+    if tokenizer is None:
+        tokenizer = tiny_tokenizer(seed=seed)
+        add_marker_tokens(tokenizer)
+    config = pairrm_config(tokenizer, **overrides)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = PairRM(config)
+    return model.eval(), tokenizer
+
+
+def redraw_weights_(model: nn.Module, *, seed: int = 0) -> nn.Module:
+    """Re-draw every weight at O(1) output scale, in place (for tests and demos).
+
+    The default initialisation (std 0.02) gives PairRM logits near 1e-5, which would make any
+    tolerance check pass vacuously. Linear weights get std ``1/sqrt(fan_in)``, embeddings std 1,
+    LayerNorm gains ``1 + N(0, 0.1)``, biases ``N(0, 0.1)``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embeddings" not in name:
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
+            elif p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=g))
+            elif "LayerNorm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    return model
