@@ -188,36 +188,42 @@ class PairRM(DebertaV2PreTrainedModel):
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
 
-def load_pairrm(name_or_path: str = "llm-blender/PairRM-hf", *, device: str | torch.device = "cpu",
-                dtype: torch.dtype = torch.float32, **hub_kwargs):
+def load_pairrm(name_or_path: str = "llm-blender/PairRM-hf", *, backbone: Optional[str] = None,
+                device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, **hub_kwargs):
     """``(model, tokenizer)`` of a released PairRM, from the hub (online users) or a local folder.
 
-    Reads both layouts: the Hugging Face port (``llm-blender/PairRM-hf``: a ``deberta-v2`` config
-    with the marker ids, tokenizer files with the markers) and LLM-Blender's original
-    (``llm-blender/PairRM``: a ``RankerConfig`` json and a state dict; its tokenizer is
-    ``microsoft/deberta-v3-large`` plus the markers, as ``Blender.loadranker`` builds it).
-    """
-    from transformers import AutoTokenizer
+    Reads both layouts:
 
-    path = Path(name_or_path)
-    if not path.exists():
+    - the Hugging Face port (``llm-blender/PairRM-hf``): a ``deberta-v2`` config with the marker
+      ids, tokenizer files with the markers, ``PairRM``'s weights;
+    - LLM-Blender's original (``llm-blender/PairRM``, what SPPO loads): a ``RankerConfig`` json and
+      a state dict. Its backbone config and tokenizer come from ``backbone`` (default: the config's
+      ``model_name``, ``microsoft/deberta-v3-large``), plus the markers, as ``Blender.loadranker``
+      builds them.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    def local(p):
+        if Path(p).exists():
+            return Path(p)
         from huggingface_hub import snapshot_download
 
-        path = Path(snapshot_download(name_or_path, **hub_kwargs))
+        return Path(snapshot_download(p, **hub_kwargs))
+
+    path = local(name_or_path)
     cfg = json.loads((path / "config.json").read_text())
     if "ranker_type" not in cfg:  # the Hugging Face port
         tokenizer = AutoTokenizer.from_pretrained(path)
         _marker_ids(tokenizer)
         model = PairRM.from_pretrained(path, dtype=dtype)
         return model.to(device).eval(), tokenizer
-    backbone = cfg.get("model_name") or "microsoft/deberta-v3-large"
-    local_tok = path / "tokenizer"
-    tokenizer = AutoTokenizer.from_pretrained(local_tok if local_tok.exists() else backbone)
+    if cfg.get("ranker_type") != "pairranker":
+        raise ValueError(f"{path}: ranker_type {cfg.get('ranker_type')!r} is not PairRM's 'pairranker'")
+    bb = local(backbone or cfg.get("model_name") or "microsoft/deberta-v3-large")
+    tokenizer = AutoTokenizer.from_pretrained(bb)
     add_marker_tokens(tokenizer)
-    base = json.loads((local_tok / "backbone_config.json").read_text()) if (local_tok / "backbone_config.json").exists() \
-        else DEBERTA_V3_LARGE
-    config = pairrm_config(tokenizer, base=base, n_tasks=cfg.get("n_tasks", 1),
-                           drop_out=cfg.get("drop_out", 0.05))
+    base = {k: v for k, v in AutoConfig.from_pretrained(bb).to_dict().items() if k in DEBERTA_V3_LARGE}
+    config = pairrm_config(tokenizer, base=base, n_tasks=cfg.get("n_tasks", 1), drop_out=cfg.get("drop_out", 0.05))
     model = PairRM(config)
     if (path / "model.safetensors").exists():
         from safetensors.torch import load_file
@@ -400,9 +406,10 @@ class PairRMRanker:
                              f"model's source_prefix_id {model.source_prefix_id}: wrong tokenizer?")
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str = "llm-blender/PairRM-hf", *, device="cpu", **kwargs):
+    def from_pretrained(cls, name_or_path: str = "llm-blender/PairRM-hf", *, device="cpu",
+                        backbone: Optional[str] = None, **kwargs):
         """Load a released PairRM (:func:`load_pairrm`) and wrap it."""
-        model, tokenizer = load_pairrm(name_or_path, device=device)
+        model, tokenizer = load_pairrm(name_or_path, device=device, backbone=backbone)
         return cls(model, tokenizer, **kwargs)
 
     # -- pair building --------------------------------------------------------------------------
@@ -499,7 +506,10 @@ class PairRMRanker:
             rows += [(e, 1, 0) for e in enc]
         vals = torch.from_numpy(self._run_rows(rows))
         n = len(enc)
-        logits = {"[A,B]": vals, "[B,A]": -vals, "[A,B]+[B,A]": vals[:n] - vals[n:]}[mode]
+        if mode == "[A,B]+[B,A]":
+            logits = vals[:n] - vals[n:]
+        else:
+            logits = vals if mode == "[A,B]" else -vals
         return logits if return_logits else logits > 0
 
     def rank_dataset(self, dataset, output: str | os.PathLike, *, prompt_column: str = "prompt",

@@ -1,0 +1,371 @@
+"""PairRM model, input builder and ranking engine, held to LLM-Blender's own code on the same weights.
+
+The tiny model's weights are re-drawn at O(1) scale: with the default initialisation PairRM's
+logits are ~1e-5 and any tolerance check would pass vacuously (``test_weights_are_not_vacuous``).
+"""
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import sppo_fast
+from sppo_fast import deberta
+from sppo_fast import pairrm as prm
+from sppo_fast.tiny import synthetic_text
+
+llm_blender_compat = pytest.importorskip("sppo_fast.llm_blender_compat")
+try:
+    llm_blender_compat.import_llm_blender()
+except ImportError:  # pragma: no cover
+    pytest.skip("llm-blender is not installed (pip install -e '.[test]')", allow_module_level=True)
+
+ATOL = 2e-5  # float32 noise on logits of O(1) (different GEMM shapes and op orders)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, tok = prm.tiny_pairrm(seed=0)
+    prm.redraw_weights_(model, seed=1)
+    return model, tok
+
+
+@pytest.fixture(scope="module")
+def blender(tiny):
+    return llm_blender_compat.llm_blender_ranker(*tiny)
+
+
+def texts(seed, n, lo, hi):
+    rng = random.Random(seed)
+    return [synthetic_text(rng, rng.randint(lo, hi)) for _ in range(n)]
+
+
+def prompts_and_candidates(seed, B, K, lo=3, hi=40):
+    return texts(seed, B, lo, hi), [texts(seed * 100 + b, K, lo, hi) for b in range(B)]
+
+
+def blender_matrix(blender, prompts, candidates):
+    """LLM-Blender's ``_full_predict`` one prompt at a time (batch size 1, as SPPO runs it)."""
+    from llm_blender.blender.blender_utils import RankerDataset
+
+    ds = RankerDataset(prompts, candidates)
+    out = []
+    with torch.no_grad():
+        for b in range(len(prompts)):
+            batch = blender.ranker_collator([ds[b]])
+            out.append(blender.ranker._full_predict(**{k: v for k, v in batch.items() if v is not None})["logits"])
+    return torch.cat(out)
+
+
+def test_weights_are_not_vacuous(tiny):
+    p, c = prompts_and_candidates(1, 2, 4)
+    cmp = prm.PairRMRanker(*tiny, progress=False).pair_matrix(p, c)
+    off = cmp[:, ~torch.eye(4, dtype=torch.bool)]
+    assert off.abs().mean() > 0.05 and off.std() > 0.02
+
+
+def test_state_dict_loads_into_llm_blender_and_back(tiny):
+    from llm_blender.pair_ranker.pairrm import DebertaV2PairRM
+
+    model, tok = tiny
+    theirs = DebertaV2PairRM(model.config).eval()
+    assert list(theirs.state_dict()) == list(model.state_dict())
+    theirs.load_state_dict(model.state_dict(), strict=True)
+    ours = prm.PairRM(model.config).eval()
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    builder = prm.PairInputBuilder(tok)
+    e = builder.encode(["a question"], [["first answer", "second one"]])[0]
+    ids = torch.tensor(np.concatenate([e.source, e.candidates[0], e.candidates[1]]))[None]
+    ids[0, len(e.source) + 1] = model.cand1_prefix_id
+    ids[0, len(e.source) + len(e.candidates[0]) + 1] = model.cand2_prefix_id
+    with torch.no_grad():
+        a = theirs(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        b = ours(input_ids=ids).logits
+    torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+
+
+def test_llm_blender_ranker_shares_our_names(tiny, blender):
+    assert set(blender.ranker.state_dict()) == set(tiny[0].state_dict()) - {
+        k for k in tiny[0].state_dict() if k.endswith("position_ids")}
+
+
+@pytest.mark.parametrize("B,K", [(3, 5), (2, 2), (1, 7)])
+def test_matrix_scores_selection_match_llm_blender(tiny, blender, B, K):
+    from llm_blender.gpt_eval.utils import get_scores_from_cmps
+
+    p, c = prompts_and_candidates(B * 10 + K, B, K)
+    res = prm.PairRMRanker(*tiny, progress=False).rank(p, c)
+    ref = blender_matrix(blender, p, c)
+    torch.testing.assert_close(res.cmp, ref, atol=ATOL, rtol=0)
+    ref_scores = get_scores_from_cmps(ref.numpy())
+    np.testing.assert_allclose(res.scores.numpy(), ref_scores, atol=ATOL, rtol=0)
+    torch.testing.assert_close(res.scores, torch.from_numpy(blender.rank(p, c, return_scores=True, batch_size=1)),
+                               atol=ATOL, rtol=0)
+    # selection: the same wherever the decision is not within float noise
+    s = np.sort(ref_scores, -1)
+    clear = (s[:, -1] - s[:, -2] > 10 * ATOL) & (s[:, 1] - s[:, 0] > 10 * ATOL)
+    assert clear.any()
+    np.testing.assert_array_equal(res.chosen.numpy()[clear], ref_scores.argmax(-1)[clear])
+    np.testing.assert_array_equal(res.rejected.numpy()[clear], ref_scores.argmin(-1)[clear])
+    # the probability fields are pairrm_aggregate of the matrix
+    agg = sppo_fast.pairrm_aggregate(res.cmp, backend="reference")
+    for name, v in agg._asdict().items():
+        torch.testing.assert_close(getattr(res, name), v)
+
+
+@pytest.mark.parametrize("group", [1, 3])
+def test_truncation_matches_llm_blender(tiny, blender, group):
+    """Short limits so that every text is cut; ``truncation_group=B`` is LLM-Blender at batch size B."""
+    model, tok = tiny
+    src_max, cand_max = 24, 12
+    p = texts(7, 5, 1, 25)  # some sources cut, some not: budgets differ from prompt to prompt
+    c = [texts(70 + b, 4, 15, 60) for b in range(5)]
+    ranker = prm.PairRMRanker(model, tok, progress=False, source_max_length=src_max,
+                              candidate_max_length=cand_max, truncation_group=group)
+    bl = llm_blender_compat.llm_blender_ranker(model, tok, source_max_length=src_max, candidate_max_length=cand_max)
+    ours = ranker.rank(p, c).scores
+    theirs = torch.from_numpy(bl.rank(p, c, return_scores=True, batch_size=group))
+    torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
+    enc = ranker.builder.encode(p, c)
+    assert max(len(e.source) for e in enc) == src_max  # the cut happened
+    per_prompt = prm.PairInputBuilder(tok, source_max_length=src_max, candidate_max_length=cand_max).encode(p, c)
+    differs = any(len(a) != len(b) for e, f in zip(enc, per_prompt) for a, b in zip(e.candidates, f.candidates))
+    assert differs == (group > 1)  # the shared budget of a group is in force
+
+
+def test_ids_match_llm_blender_collator_at_official_lengths(tiny, blender):
+    """Token ids of every ordered pair, texts longer than the official 1224 / 412 budgets."""
+    model, tok = tiny
+    p = [texts(3, 1, 1500, 1600)[0], texts(4, 1, 20, 30)[0]]
+    c = [texts(5, 3, 10, 700), texts(6, 3, 400, 600)]
+    from llm_blender.blender.blender_utils import RankerDataset
+
+    builder = prm.PairInputBuilder(tok)
+    enc = builder.encode(p, c)
+    assert len(enc[0].source) == prm.SOURCE_MAX_LENGTH
+    for b in range(2):
+        batch = blender.ranker_collator([RankerDataset(p, c)[b]])
+        for i in range(3):
+            for j in range(3):
+                if i == j:
+                    continue
+                c1, c2 = batch["candidate_ids"][:, i].clone(), batch["candidate_ids"][:, j].clone()
+                c1[c1 == model.cand_prefix_id] = model.cand1_prefix_id
+                c2[c2 == model.cand_prefix_id] = model.cand2_prefix_id
+                ids, mask = blender.ranker.cat_ids(batch["source_ids"], batch["source_attention_mask"],
+                                                   c1, batch["candidate_attention_mask"][:, i],
+                                                   c2, batch["candidate_attention_mask"][:, j])
+                theirs = ids[0][mask[0].bool()].tolist()
+                e = enc[b]
+                ours = np.concatenate([e.source, e.candidates[i], e.candidates[j]])
+                ours[len(e.source) + 1] = model.cand1_prefix_id
+                ours[len(e.source) + len(e.candidates[i]) + 1] = model.cand2_prefix_id
+                assert ours.tolist() == theirs
+
+
+def test_hf_port_budget_equals_official_per_prompt(tiny):
+    """The HF port's per-example budget (1224 + 2*412 - S) // 2 is the official one at batch size 1."""
+    for S in range(3, prm.SOURCE_MAX_LENGTH + 1):
+        assert (prm.SOURCE_MAX_LENGTH + 2 * prm.CANDIDATE_MAX_LENGTH - S) // 2 == \
+            prm.CANDIDATE_MAX_LENGTH + (prm.SOURCE_MAX_LENGTH - S) // 2
+
+
+def test_result_independent_of_buckets_and_order(tiny):
+    p, c = prompts_and_candidates(11, 6, 4, lo=3, hi=80)
+    base = prm.PairRMRanker(*tiny, progress=False).pair_matrix(p, c)
+    for kw in (dict(budget=1), dict(budget=10 ** 9, max_rows=1000), dict(max_rows=3, prompts_per_step=2),
+               dict(prompts_per_step=1)):
+        torch.testing.assert_close(prm.PairRMRanker(*tiny, progress=False, **kw).pair_matrix(p, c), base,
+                                   atol=ATOL, rtol=0)
+    perm = [3, 0, 5, 1, 4, 2]
+    shuffled = prm.PairRMRanker(*tiny, progress=False).pair_matrix([p[i] for i in perm], [c[i] for i in perm])
+    torch.testing.assert_close(shuffled, base[perm], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("lengths", [(700,), (300, 130, 129, 5)])
+def test_attention_impls_against_float64(tiny, lengths):
+    """Our DeBERTa path vs Hugging Face's eager one: padded batches, distances on both sides of the
+    linear/log bucket boundary (128) and beyond max_relative_positions (512)."""
+    model, _ = tiny
+    g = torch.Generator().manual_seed(0)
+    L = max(lengths)
+    ids = torch.randint(5, model.config.vocab_size, (len(lengths), L), generator=g)
+    mask = (torch.arange(L)[None] < torch.tensor(lengths)[:, None]).long()
+    pos = torch.stack([torch.randint(0, n, (3,), generator=g) for n in lengths])
+    m64 = prm.PairRM(model.config).eval()
+    m64.load_state_dict(model.state_dict())
+    m64.double()
+    valid = mask.bool()
+    with torch.no_grad():
+        truth = m64.pretrained_model(input_ids=ids, attention_mask=mask).last_hidden_state[valid]
+        got64 = deberta.encode(m64.pretrained_model, ids, mask)[valid]
+        hf32 = model.pretrained_model(input_ids=ids, attention_mask=mask).last_hidden_state[valid].double()
+        ours32 = deberta.encode(model.pretrained_model, ids, mask)[valid].double()
+        pooled = deberta.encode(model.pretrained_model, ids, mask, pos)
+        full = deberta.encode(model.pretrained_model, ids, mask)
+        logits = {impl: m64.pair_logits(ids, mask, pos, attn_impl=impl) for impl in prm.ATTN_IMPLS}
+    assert truth.std() > 0.5  # O(1) hidden states: the tolerances below are not vacuous
+    # HF computes the 1/sqrt(3d) scale and the log buckets in float32 even in float64 models
+    torch.testing.assert_close(got64, truth, atol=1e-6, rtol=0)
+    assert (ours32 - truth).abs().max() <= 2 * (hf32 - truth).abs().max() + 1e-6
+    torch.testing.assert_close(pooled, full[torch.arange(len(lengths))[:, None], pos], atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits["torch"], logits["hf"], atol=1e-6, rtol=0)
+
+
+def test_marker_strings_in_text(tiny):
+    model, tok = tiny
+    ranker = prm.PairRMRanker(model, tok, progress=False)
+    good = prompts_and_candidates(21, 2, 3)
+    bad_p = "Explain <|source|> and <|candidate1|>[SEP]<|candidate2|> please <|candidate|>"
+    bad_c = ["<|candidate|> hi <|candidate1|>", "[SEP]", "<|source|><|source|>"]
+    p = [good[0][0], bad_p, good[0][1]]
+    c = [good[1][0], bad_c, good[1][1]]
+    res = ranker.rank(p, c)
+    alone = ranker.rank(*good)
+    torch.testing.assert_close(res.cmp[[0, 2]], alone.cmp, atol=ATOL, rtol=0)
+    # the neutralised row is what the user text reads like with the markers broken
+    manual = ranker.rank([prm.neutralise_markers(bad_p)], [[prm.neutralise_markers(x) for x in bad_c]])
+    torch.testing.assert_close(res.cmp[1], manual.cmp[0], atol=ATOL, rtol=0)
+    for e in ranker.builder.encode([bad_p], [bad_c]):
+        for piece in (e.source, *e.candidates):
+            assert sum(int(t) in ranker.builder.ids.values() for t in piece) == 1
+    assert prm.neutralise_markers("no markers [SEP] here") == "no markers [SEP] here"
+
+
+def test_empty_and_very_long_texts(tiny):
+    ranker = prm.PairRMRanker(*tiny, progress=False)
+    long = texts(31, 1, 3000, 3000)[0]
+    res = ranker.rank(["", long], [["", "x", long], [long, "", "short answer"]])
+    assert torch.isfinite(res.cmp).all()
+    enc = ranker.builder.encode([long], [[long, ""]])[0]
+    assert len(enc.source) == prm.SOURCE_MAX_LENGTH
+    assert len(enc.candidates[0]) == prm.CANDIDATE_MAX_LENGTH and len(enc.candidates[1]) == 3
+
+
+@pytest.mark.parametrize("mode", prm.COMPARE_MODES)
+def test_compare_matches_llm_blender(tiny, blender, mode):
+    p, c = prompts_and_candidates(41, 4, 2)
+    a, b = [x[0] for x in c], [x[1] for x in c]
+    ours = prm.PairRMRanker(*tiny, progress=False).compare(p, a, b, mode=mode, return_logits=True)
+    theirs = torch.from_numpy(np.asarray(blender.compare(p, a, b, mode=mode, return_logits=True, batch_size=1)))
+    if mode == "[B,A]":
+        theirs = -theirs  # LLM-Blender returns M[B, A] there; positive means "A better" in ours
+    torch.testing.assert_close(ours, theirs.float(), atol=ATOL, rtol=0)
+    assert prm.PairRMRanker(*tiny, progress=False).compare(p, a, b, mode=mode).dtype == torch.bool
+
+
+def test_rank_dataset_resumes_and_writes_atomically(tiny, tmp_path, monkeypatch):
+    import datasets
+
+    p, c = prompts_and_candidates(51, 7, 3)
+    ds = datasets.Dataset.from_dict({"prompt": p, "candidates": c})
+    out = tmp_path / "ranked.parquet"
+    ranker = prm.PairRMRanker(*tiny, progress=False)
+    calls = []
+    real_rank = ranker.rank
+
+    def flaky(prompts, cands, **kw):
+        calls.append(len(prompts))
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed while ranking the second shard
+        return real_rank(prompts, cands, **kw)
+
+    monkeypatch.setattr(ranker, "rank", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        ranker.rank_dataset(ds, out, shard_size=3)
+    assert not out.exists()
+    assert sorted(x.name for x in (tmp_path / "ranked.parquet.parts").iterdir()) == ["shard-000000.parquet"]
+    ranker.rank_dataset(ds, out, shard_size=3)
+    assert calls == [3, 3, 3, 1]  # the finished shard was not redone
+    assert not (tmp_path / "ranked.parquet.parts").exists()
+    got = datasets.Dataset.from_parquet(str(out))
+    want = real_rank(p, c)
+    assert got["prompt"] == p
+    np.testing.assert_allclose(np.array(got["cmp"]), want.cmp.numpy(), atol=ATOL)
+    np.testing.assert_allclose(got["chosen_probs_win"], want.chosen_probs_win.numpy(), atol=1e-5)
+    for row, w, l, cs in zip(got, want.chosen.tolist(), want.rejected.tolist(), c):
+        assert row["chosen"][1]["content"] == cs[row["chosen_index"]]
+        assert row["rejected"][0] == {"role": "user", "content": row["prompt"]}
+    assert {"prompt", "chosen", "rejected", "chosen_probs", "chosen_probs_win", "chosen_probs_lose",
+            "candidates", "scores", "cmp", "tied"} <= set(got.column_names)
+    # a finished output is not recomputed; parts written for other inputs are refused
+    assert ranker.rank_dataset(ds, out) == out
+    ranker.rank_dataset(ds.select(range(3)), tmp_path / "b.parquet", shard_size=3)
+    (tmp_path / "c.parquet.parts").mkdir()
+    (tmp_path / "b.parquet").rename(tmp_path / "c.parquet.parts" / "shard-000000.parquet")
+    other = datasets.Dataset.from_dict({"prompt": p[3:6], "candidates": c[3:6]})
+    with pytest.raises(ValueError, match="different prompts"):
+        ranker.rank_dataset(other, tmp_path / "c.parquet", shard_size=3)
+
+
+def test_save_and_load_both_checkpoint_layouts(tiny, tmp_path):
+    model, tok = tiny
+    p, c = prompts_and_candidates(61, 2, 3)
+    want = prm.PairRMRanker(model, tok, progress=False).pair_matrix(p, c)
+    # the Hugging Face port: save_pretrained folder with the tokenizer
+    model.save_pretrained(tmp_path / "hf")
+    tok.save_pretrained(tmp_path / "hf")
+    got = prm.PairRMRanker.from_pretrained(str(tmp_path / "hf"), progress=False).pair_matrix(p, c)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    # LLM-Blender's original: RankerConfig json + state dict; backbone config and marker-less tokenizer
+    from sppo_fast.tiny import tiny_tokenizer
+
+    bb = tmp_path / "backbone"
+    tiny_tokenizer(seed=0).save_pretrained(bb)
+    cfg = model.config.to_dict()
+    from transformers import DebertaV2Config
+
+    DebertaV2Config(**{k: v for k, v in cfg.items() if k in prm.DEBERTA_V3_LARGE}).save_pretrained(bb)
+    orig = tmp_path / "orig"
+    orig.mkdir()
+    (orig / "config.json").write_text(json.dumps({"ranker_type": "pairranker", "model_type": "deberta",
+                                                  "model_name": str(bb), "n_tasks": 1, "drop_out": 0.05}))
+    torch.save(model.state_dict(), orig / "pytorch_model.bin")
+    got = prm.PairRMRanker.from_pretrained(str(orig), progress=False).pair_matrix(p, c)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def test_bad_inputs_have_clear_errors(tiny):
+    model, tok = tiny
+    ranker = prm.PairRMRanker(model, tok, progress=False)
+    with pytest.raises(ValueError, match="same number of candidates"):
+        ranker.rank(["a", "b"], [["x", "y"], ["x", "y", "z"]])
+    with pytest.raises(ValueError, match="K >= 2"):
+        ranker.rank(["a"], [["x"]])
+    with pytest.raises(TypeError, match="list of K candidate"):
+        ranker.rank(["a"], ["xy"])
+    with pytest.raises(ValueError, match="2 prompts but 1"):
+        ranker.rank(["a", "b"], [["x", "y"]])
+    with pytest.raises(TypeError, match="must be str"):
+        ranker.rank(["a"], [["x", None]])
+    with pytest.raises(ValueError, match="attn_impl"):
+        prm.PairRMRanker(model, tok, attn_impl="flash")
+    with pytest.raises(ValueError, match="mode"):
+        ranker.compare(["a"], ["x"], ["y"], mode="A>B")
+    from sppo_fast.tiny import tiny_tokenizer
+
+    with pytest.raises(ValueError, match="marker tokens"):
+        prm.PairInputBuilder(tiny_tokenizer(seed=0))
+    with pytest.raises(ValueError, match="exactly one <\\|candidate1\\|>"):
+        model(input_ids=torch.tensor([[1, model.source_prefix_id, 2]]))
+    with pytest.raises(ValueError, match="no column 'responses'"):
+        import datasets
+
+        ranker.rank_dataset(datasets.Dataset.from_dict({"prompt": ["a"]}), "/tmp/never.parquet",
+                            candidates_column="responses")
+
+
+@pytest.mark.gpu
+def test_cuda_autocast_matches_cpu(tiny):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model, tok = tiny
+    p, c = prompts_and_candidates(71, 4, 5, lo=50, hi=300)
+    cpu = prm.PairRMRanker(model, tok, progress=False).pair_matrix(p, c)
+    gpu_model = prm.PairRM(model.config).eval()
+    gpu_model.load_state_dict(model.state_dict())
+    for dtype, tol in ((None, 1e-4), (torch.float16, 3e-2), (torch.bfloat16, 1e-1)):
+        got = prm.PairRMRanker(gpu_model.cuda(), tok, progress=False, autocast_dtype=dtype).pair_matrix(p, c)
+        torch.testing.assert_close(got, cpu, atol=tol, rtol=0)
