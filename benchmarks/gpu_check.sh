@@ -33,7 +33,7 @@ if ! SPPO_FAST_CUDA=ON timeout 240 pip install --no-build-isolation -e . > "$OUT
   tail -40 "$OUT_DIR/build.log"; exit 1
 fi
 
-step "GPU tests" 150 sh -c "python -m pytest -q tests/test_triton.py tests/test_cuda.py tests/test_build.py \
+step "GPU tests" 150 sh -c "python -m pytest -q tests/test_triton.py tests/test_cuda.py tests/test_build.py tests/test_pairrm.py \
   -m 'not slow' > '$OUT_DIR/pytest.log' 2>&1; s=\$?; tail -3 '$OUT_DIR/pytest.log'; exit \$s"
 
 bench_sppo() {  # V PROVIDERS...
@@ -52,6 +52,9 @@ export OUT_DIR
 
 step "fused_sppo_loss V=32000" 120 bash -c "bench_sppo 32000 copy reference reference-compile triton cuda"
 step "fused_linear_sppo_loss V=32000" 90 bash -c "bench_linear 32000"
+step "PairRM ranking, DeBERTa-v3-large shapes" 120 sh -c "python benchmarks/bench_pairrm.py --cuda --model large \
+  --prompts 32 --blender-prompts 16 --out '$OUT_DIR/pairrm-large-cuda.csv' > '$OUT_DIR/bench-pairrm.log' 2>&1; \
+  s=\$?; tail -8 '$OUT_DIR/bench-pairrm.log'; exit \$s"
 step "fused_sppo_loss V=128256" 90 bash -c "bench_sppo 128256 copy reference triton cuda"
 step "fused_linear_sppo_loss V=128256" 90 bash -c "bench_linear 128256"
 if command -v compute-sanitizer >/dev/null 2>&1; then

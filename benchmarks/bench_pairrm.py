@@ -1,0 +1,149 @@
+"""PairRM ranking throughput: sppo_fast's engine against LLM-Blender's own ``Blender.rank``.
+
+    python benchmarks/bench_pairrm.py                      # this CPU: tiny model, 64 prompts x K=5
+    python benchmarks/bench_pairrm.py --cuda --model large # GPU: DeBERTa-v3-large shapes, random weights
+
+Both sides run the same weights (LLM-Blender's ``CrossCompareReranker`` shares our backbone, see
+``sppo_fast.llm_blender_compat``) on the same texts: prompts ~150 and candidates ~300 tokens on the
+CPU (``--model tiny``), lengths drawn from 50-1000 tokens on the GPU (``--model large``). Providers:
+
+- ``llm-blender-bN``: ``Blender.rank(..., batch_size=N)`` (SPPO uses N = 1); batch sizes above 1 run
+  on ``--blender-prompts`` prompts (they are slower, and prompts/s does not depend on the count);
+- ``sppo-fast``: :class:`sppo_fast.pairrm.PairRMRanker` (``attn_impl="torch"``);
+- ``sppo-fast-hf``: the same engine on Hugging Face's eager attention (isolates the engine's gain).
+
+Rows: prompts per second, wall time, peak memory (CUDA) and the largest score difference from
+LLM-Blender at batch size 1, in the harness's long CSV format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import Row, environment, write_rows  # noqa: E402
+
+
+def make_texts(n: int, K: int, model: str, seed: int = 0):
+    from sppo_fast.tiny import synthetic_text
+
+    rng = random.Random(seed)
+    # synthetic text runs ~1.15 tokens per word with the tiny tokenizer
+    if model == "tiny":
+        p_words, c_words = (100, 160), (200, 320)
+    else:
+        p_words, c_words = (45, 870), (45, 870)
+    prompts = [synthetic_text(rng, rng.randint(*p_words)) for _ in range(n)]
+    cands = [[synthetic_text(rng, rng.randint(*c_words)) for _ in range(K)] for _ in range(n)]
+    return prompts, cands
+
+
+def build(model_size: str, device: str):
+    import torch
+
+    from sppo_fast import pairrm as prm
+
+    if model_size == "tiny":
+        model, tok = prm.tiny_pairrm(seed=0)
+    else:  # the released architecture (DeBERTa-v3-large, ~435M parameters) with random weights
+        from sppo_fast.tiny import tiny_tokenizer
+
+        tok = tiny_tokenizer(seed=0)
+        prm.add_marker_tokens(tok)
+        model, tok = prm.tiny_pairrm(seed=0, tokenizer=tok, base=prm.DEBERTA_V3_LARGE)
+    prm.redraw_weights_(model, seed=1)
+    return model.to(device).eval(), tok
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=["tiny", "large"], default="tiny")
+    p.add_argument("--prompts", type=int, default=64)
+    p.add_argument("--blender-prompts", type=int, default=16)
+    p.add_argument("--K", type=int, default=5)
+    p.add_argument("--blender-batch-sizes", type=int, nargs="*", default=[1, 4, 16])
+    p.add_argument("--providers", nargs="*", default=["llm-blender", "sppo-fast", "sppo-fast-hf"])
+    p.add_argument("--budget", type=int, default=None, help="PairRMRanker budget (rows * L^2)")
+    p.add_argument("--cuda", action="store_true")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args()
+
+    import numpy as np
+    import torch
+
+    from sppo_fast import pairrm as prm
+    from sppo_fast.llm_blender_compat import import_llm_blender, llm_blender_ranker
+
+    if "llm-blender" in args.providers:
+        try:
+            import_llm_blender()
+        except ImportError:
+            print("  llm-blender is not installed: its providers are skipped (pip install llm-blender==0.0.2)")
+            args.providers = [x for x in args.providers if x != "llm-blender"]
+
+    device = "cuda" if args.cuda else "cpu"
+    env = environment()
+    model, tok = build(args.model, device)
+    prompts, cands = make_texts(args.prompts, args.K, args.model)
+    n_tok = np.mean([len(tok(x)["input_ids"]) for x in prompts[:16]]), \
+        np.mean([len(tok(x)["input_ids"]) for c in cands[:4] for x in c])
+    shape = f"{args.model} B={args.prompts} K={args.K} prompt~{n_tok[0]:.0f} cand~{n_tok[1]:.0f} tokens"
+    print(f"pairrm ranking: {shape} on {env['device']} ({env['threads']} threads)")
+    slug = "cuda" if args.cuda else "cpu"
+    out = args.out or Path(__file__).parent / "results" / f"pairrm-{args.model}-{slug}.csv"
+    rows: list[Row] = []
+
+    def record(provider: str, n: int, seconds: float, extra: dict) -> None:
+        vals = {"prompts_per_s": (n / seconds, "prompts/s"), "time": (seconds, "s"), **extra}
+        for metric, (v, unit) in vals.items():
+            rows.append(Row("pairrm_rank", provider, "forward", shape, metric, float(v), unit, **env))
+        write_rows(out, rows)
+        print(f"  {provider:<18} {n / seconds:8.3f} prompts/s  ({n} prompts in {seconds:.1f} s)"
+              + "".join(f"  {k} {v:.3g}" for k, (v, _) in extra.items()))
+
+    def timed(fn):
+        if args.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        r = fn()
+        if args.cuda:
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        mem = {"peak_memory": (torch.cuda.max_memory_allocated() / 2**20, "MiB")} if args.cuda else {}
+        return r, dt, mem
+
+    truth = None
+    if "llm-blender" in args.providers:
+        blender = llm_blender_ranker(model, tok, device=device)
+        if args.cuda:  # as Blender.loadranker does on CUDA with fp16=True
+            blender.ranker.half()
+        for bs in args.blender_batch_sizes:
+            n = args.prompts if bs == 1 else max(bs, min(args.blender_prompts, args.prompts))
+            with torch.no_grad():
+                scores, dt, mem = timed(lambda: blender.rank(prompts[:n], cands[:n], return_scores=True,
+                                                             batch_size=bs, disable_tqdm=True))
+            if bs == 1:
+                truth = scores
+            record(f"llm-blender-b{bs}", n, dt, mem)
+        if args.cuda:
+            blender.ranker.float()
+    for provider, impl in (("sppo-fast", "torch"), ("sppo-fast-hf", "hf")):
+        if provider not in args.providers:
+            continue
+        ranker = prm.PairRMRanker(model, tok, progress=False, attn_impl=impl, budget=args.budget)
+        ranker.rank(prompts[:2], cands[:2])  # warm-up (allocator, bucket index cache)
+        res, dt, mem = timed(lambda: ranker.rank(prompts, cands))
+        extra = dict(mem)
+        if truth is not None:
+            extra["max_abs_score_diff_vs_llm_blender"] = (float(np.abs(res.scores.numpy() - truth).max()), "")
+        record(provider, args.prompts, dt, extra)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
