@@ -12,7 +12,7 @@ same weights as ``DebertaV2Model.forward`` (eval mode, no dropout) with two exac
   because the log-bucketing is odd (``bucket(-r) = -bucket(r)``), position-to-content is
   ``p2c[i, j] = (k_j . q_pos)[idx[i, j]]``, a gather of ``k @ q_pos^T`` along its *position* dim:
   no ``[L, L]`` transpose. ``1/sqrt(d * 3)`` is folded into ``q`` and ``q_pos`` instead of three
-  divisions of ``[L, L]`` tensors; ``idx`` is built once per length (cached), not per layer; the
+  divisions of ``[L, L]`` tensors; ``idx`` is built once (cached, sliced per length), not per layer; the
   padding mask is applied only when a batch has padding.
 
 The result equals Hugging Face's eager path up to float rounding (the tests hold it to the float64
@@ -21,7 +21,6 @@ truth). The fused kernels of :mod:`sppo_fast.kernels` remove the ``[L, L]`` tens
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Optional
 
@@ -29,15 +28,26 @@ import torch
 from torch import Tensor
 
 
-@functools.lru_cache(maxsize=64)
+_INDEX_CACHE: dict[tuple, Tensor] = {}
+
+
 def _bucket_index(L: int, buckets: int, max_position: int, device: torch.device) -> Tensor:
-    """``[L, L]`` int64 ``clamp(bucket(i - j) + span, 0, 2 * span - 1)`` (Hugging Face's bucketing)."""
+    """``[L, L]`` int64 ``clamp(bucket(i - j) + span, 0, 2 * span - 1)`` (Hugging Face's bucketing).
+
+    It depends on ``i - j`` only, so one table per (bucketing, device), grown to the longest length
+    seen (a power of two), serves every shorter length as a ``[:L, :L]`` view.
+    """
     from transformers.models.deberta_v2.modeling_deberta_v2 import build_relative_position
 
-    span = buckets if buckets > 0 else max_position
-    x = torch.empty(1, L, 1, device=device)
-    rel = build_relative_position(x, x, bucket_size=buckets, max_position=max_position)[0]
-    return torch.clamp(rel + span, 0, 2 * span - 1)
+    key = (buckets, max_position, str(device))
+    table = _INDEX_CACHE.get(key)
+    if table is None or table.shape[0] < L:
+        n = 1 << max(L - 1, 1).bit_length()
+        span = buckets if buckets > 0 else max_position
+        x = torch.empty(1, n, 1, device=device)
+        rel = build_relative_position(x, x, bucket_size=buckets, max_position=max_position)[0]
+        table = _INDEX_CACHE[key] = torch.clamp(rel + span, 0, 2 * span - 1)
+    return table[:L, :L]
 
 
 def _heads(x: Tensor, H: int) -> Tensor:

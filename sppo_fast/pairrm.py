@@ -139,15 +139,18 @@ class PairRM(DebertaV2PreTrainedModel):
         self.post_init()
 
     def pair_logits(self, input_ids: Tensor, attention_mask: Tensor, positions: Tensor, *,
-                    attn_impl: str = "torch") -> Tensor:
+                    attn_impl: Optional[str] = None) -> Tensor:
         """``M`` for each row: ``input_ids, attention_mask [N, L]``, ``positions [N, 3]`` (the
         indices of the source, candidate-1 and candidate-2 markers). Returns ``[N]`` float32
         (float64 for a float64 model).
 
         ``attn_impl``: ``"torch"`` (default, :func:`sppo_fast.deberta.encode`: the last layer only
         at the three pooled rows, leaner attention) or ``"hf"`` (Hugging Face's eager forward, as
-        LLM-Blender runs it). Same weights, same result up to float rounding.
+        LLM-Blender runs it). Same weights, same result up to float rounding. Default: ``"torch"``
+        in eval mode, ``"hf"`` in training mode (the inference path has no dropout).
         """
+        if attn_impl is None:
+            attn_impl = "hf" if self.training else "torch"
         if attn_impl == "hf":
             h = self.pretrained_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
             rows = torch.arange(h.shape[0], device=h.device)
@@ -203,23 +206,25 @@ def load_pairrm(name_or_path: str = "llm-blender/PairRM-hf", *, backbone: Option
     """
     from transformers import AutoConfig, AutoTokenizer
 
-    def local(p):
+    def local(p, **kw):
         if Path(p).exists():
             return Path(p)
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(p, **hub_kwargs))
+        return Path(snapshot_download(p, **kw, **hub_kwargs))
 
     path = local(name_or_path)
     cfg = json.loads((path / "config.json").read_text())
     if "ranker_type" not in cfg:  # the Hugging Face port
         tokenizer = AutoTokenizer.from_pretrained(path)
         _marker_ids(tokenizer)
-        model = PairRM.from_pretrained(path, dtype=dtype)
-        return model.to(device).eval(), tokenizer
+        model = PairRM.from_pretrained(path)
+        return model.to(device=device, dtype=dtype).eval(), tokenizer
     if cfg.get("ranker_type") != "pairranker":
         raise ValueError(f"{path}: ranker_type {cfg.get('ranker_type')!r} is not PairRM's 'pairranker'")
-    bb = local(backbone or cfg.get("model_name") or "microsoft/deberta-v3-large")
+    # config and tokenizer only: the backbone's own weights are replaced by the checkpoint's
+    bb = local(backbone or cfg.get("model_name") or "microsoft/deberta-v3-large",
+               allow_patterns=["*.json", "*.model", "*.txt"])
     tokenizer = AutoTokenizer.from_pretrained(bb)
     add_marker_tokens(tokenizer)
     base = {k: v for k, v in AutoConfig.from_pretrained(bb).to_dict().items() if k in DEBERTA_V3_LARGE}
@@ -233,6 +238,7 @@ def load_pairrm(name_or_path: str = "llm-blender/PairRM-hf", *, backbone: Option
         state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("position_ids")]
+    unexpected = [k for k in unexpected if not k.endswith("position_ids")]
     if missing or unexpected:
         raise ValueError(f"{path}: state dict does not match PairRM: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
@@ -354,6 +360,22 @@ class RankResult(NamedTuple):
         return out
 
 
+def record_schema():
+    """The Parquet schema of :meth:`RankResult.records` rows, as ``rank_dataset`` writes them."""
+    import pyarrow as pa
+
+    msgs = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+    f64 = pa.float64()
+    return pa.schema([
+        ("prompt", pa.string()), ("chosen", msgs), ("rejected", msgs), ("chosen_probs", f64),
+        ("chosen_probs_win", f64), ("chosen_probs_lose", f64), ("candidates", pa.list_(pa.string())),
+        ("scores", pa.list_(f64)), ("cmp", pa.list_(pa.list_(f64))), ("probs", pa.list_(pa.list_(f64))),
+        ("win_rates", pa.list_(f64)), ("chosen_index", pa.int64()), ("rejected_index", pa.int64()),
+        ("tied", pa.bool_()),
+    ])
+
+
+
 COMPARE_MODES = ("[A,B]", "[B,A]", "[A,B]+[B,A]")
 
 
@@ -367,7 +389,8 @@ class PairRMRanker:
             must stay in cache, which is why the budget counts ``L**2`` and not tokens. Default:
             ``2**20`` on CPU (measured, see ``benchmarks/bench_pairrm.py``), ``2**26`` on CUDA.
         max_rows: the most pair rows in one forward (default 256).
-        prompts_per_step: prompts whose pairs are sorted and bucketed together (default 64).
+        prompts_per_step: prompts whose pairs are sorted and bucketed together (default 64;
+            rounded up to a multiple of ``truncation_group``, whose prompts share one budget).
         autocast_dtype: ``torch.float16`` (default on CUDA, as the official fp16 runs) or
             ``torch.bfloat16`` autocast; ``None`` runs in the model's dtype (default on CPU: fp32).
         attn_impl: the backbone's attention, see :meth:`PairRM.pair_logits` (default ``"torch"``).
@@ -396,14 +419,17 @@ class PairRMRanker:
         if self.budget < 1:
             raise ValueError(f"budget must be >= 1, got {budget}")
         self.max_rows = max_rows
-        self.prompts_per_step = prompts_per_step
+        group = self.builder.truncation_group
+        self.prompts_per_step = -(-prompts_per_step // group) * group
         self.autocast_dtype = (torch.float16 if on_cuda else None) if autocast_dtype == "auto" else autocast_dtype
         self.mode = mode
         self.backend = backend
         self.progress = progress
-        if self.builder.ids[SOURCE_MARKER] != model.source_prefix_id:
-            raise ValueError(f"tokenizer's <|source|> id {self.builder.ids[SOURCE_MARKER]} differs from the "
-                             f"model's source_prefix_id {model.source_prefix_id}: wrong tokenizer?")
+        for marker, attr in ((SOURCE_MARKER, "source_prefix_id"), (CANDIDATE1_MARKER, "cand1_prefix_id"),
+                             (CANDIDATE2_MARKER, "cand2_prefix_id"), (CANDIDATE_MARKER, "cand_prefix_id")):
+            if self.builder.ids[marker] != getattr(model, attr):
+                raise ValueError(f"tokenizer's {marker} id {self.builder.ids[marker]} differs from the "
+                                 f"model's {attr} {getattr(model, attr)}: wrong tokenizer?")
 
     @classmethod
     def from_pretrained(cls, name_or_path: str = "llm-blender/PairRM-hf", *, device="cpu",
@@ -527,16 +553,23 @@ class PairRMRanker:
         import pyarrow.parquet as pq
 
         output = Path(output)
-        if output.exists():
-            return output
-        if shard_size < 1:
-            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        group = self.builder.truncation_group
+        if shard_size < 1 or shard_size % group:
+            raise ValueError(f"shard_size must be a positive multiple of truncation_group ({group}), "
+                             f"got {shard_size}")
         columns = getattr(dataset, "column_names", None)
         if columns is not None:
             for c in (prompt_column, candidates_column):
                 if c not in columns:
                     raise ValueError(f"dataset has no column {c!r}; columns: {columns}")
+        settings = self._fingerprint(mode or self.mode)
         n = len(dataset)
+        if output.exists():
+            meta = pq.read_schema(output).metadata or {}
+            if meta.get(b"sppo_fast.settings") != settings.encode():
+                raise ValueError(f"{output} exists but was written with other settings or another model; "
+                                 "remove it to rank again")
+            return output
         parts = output.with_name(output.name + ".parts")
         parts.mkdir(parents=True, exist_ok=True)
         tables = []
@@ -545,30 +578,41 @@ class PairRMRanker:
                 batch = _rows(dataset, start, min(n, start + shard_size))
                 prompts = [r[prompt_column] for r in batch]
                 cands = [list(r[candidates_column]) for r in batch]
-                digest = hashlib.sha256(json.dumps([prompts, cands]).encode()).hexdigest()
+                digest = hashlib.sha256(json.dumps([settings, shard_size, prompts, cands]).encode()).hexdigest()
                 path = parts / f"shard-{s:06d}.parquet"
                 if path.exists():
                     table = pq.read_table(path)
                     if (table.schema.metadata or {}).get(b"sppo_fast.inputs") != digest.encode():
-                        raise ValueError(f"{path} was written for different prompts or candidates; "
-                                         f"remove {parts} to start over")
+                        raise ValueError(f"{path} was written for different prompts, candidates, settings "
+                                         f"(mode, truncation, shard_size={shard_size}) or model; remove "
+                                         f"{parts} to start over")
                 else:
                     progress, self.progress = self.progress, False
                     try:
                         result = self.rank(prompts, cands, mode=mode)
                     finally:
                         self.progress = progress
-                    table = pa.Table.from_pylist(result.records(prompts, cands))
+                    table = pa.Table.from_pylist(result.records(prompts, cands), schema=record_schema())
                     table = table.replace_schema_metadata({"sppo_fast.inputs": digest})
                     _atomic_write_parquet(table, path)
                 tables.append(table.replace_schema_metadata(None))
                 bar.update(len(batch))
-        if tables:
-            _atomic_write_parquet(pa.concat_tables(tables), output)
-        else:
-            _atomic_write_parquet(pa.table({prompt_column: pa.array([], pa.string())}), output)
+        table = pa.concat_tables(tables) if tables else record_schema().empty_table()
+        _atomic_write_parquet(table.replace_schema_metadata({"sppo_fast.settings": settings}), output)
         shutil.rmtree(parts, ignore_errors=True)
         return output
+
+    def _fingerprint(self, mode: str) -> str:
+        """What a ranking's numbers depend on besides its inputs: settings and the model's weights."""
+        b = self.builder
+        h = hashlib.sha256()
+        h.update(json.dumps([mode, b.source_max_length, b.candidate_max_length, b.truncation_group,
+                             str(self.autocast_dtype), self.model.config.to_json_string()]).encode())
+        with torch.no_grad():  # a cheap weight fingerprint: every parameter's sum and first values
+            for name, p in self.model.named_parameters():
+                x = p.detach().float()
+                h.update(f"{name}:{x.sum().item():.9e}:{x.flatten()[:4].tolist()}".encode())
+        return h.hexdigest()
 
 
 def _check_candidates(prompts: Sequence[str], candidates: Sequence[Sequence[str]]) -> int:
@@ -600,10 +644,18 @@ def _atomic_write_parquet(table, path: Path) -> None:
     import pyarrow.parquet as pq
 
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        pq.write_table(table, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def tiny_pairrm(*, seed: int = 0, tokenizer=None, **overrides):

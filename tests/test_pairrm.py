@@ -136,6 +136,10 @@ def test_truncation_matches_llm_blender(tiny, blender, group):
     ours = ranker.rank(p, c).scores
     theirs = torch.from_numpy(bl.rank(p, c, return_scores=True, batch_size=group))
     torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
+    # steps of 2 prompts must not split a group of 3 sharing one budget
+    stepped = prm.PairRMRanker(model, tok, progress=False, source_max_length=src_max, candidate_max_length=cand_max,
+                               truncation_group=group, prompts_per_step=2)
+    torch.testing.assert_close(stepped.rank(p, c).scores, theirs, atol=ATOL, rtol=0)
     enc = ranker.builder.encode(p, c)
     assert max(len(e.source) for e in enc) == src_max  # the cut happened
     per_prompt = prm.PairInputBuilder(tok, source_max_length=src_max, candidate_max_length=cand_max).encode(p, c)
@@ -173,11 +177,18 @@ def test_ids_match_llm_blender_collator_at_official_lengths(tiny, blender):
                 assert ours.tolist() == theirs
 
 
-def test_hf_port_budget_equals_official_per_prompt(tiny):
-    """The HF port's per-example budget (1224 + 2*412 - S) // 2 is the official one at batch size 1."""
-    for S in range(3, prm.SOURCE_MAX_LENGTH + 1):
-        assert (prm.SOURCE_MAX_LENGTH + 2 * prm.CANDIDATE_MAX_LENGTH - S) // 2 == \
-            prm.CANDIDATE_MAX_LENGTH + (prm.SOURCE_MAX_LENGTH - S) // 2
+def test_candidate_budget_is_the_hf_ports_per_example_budget(tiny):
+    """At truncation_group=1 the official budget 412 + (1224 - S) // 2 is the Hugging Face port's
+    (1224 + 2 * 412 - S) // 2, S the source's token count: checked on sources of many lengths."""
+    builder = prm.PairInputBuilder(tiny[1])
+    long = texts(81, 1, 2500, 2500)[0]
+    words = long.split()
+    sources = [" ".join(words[:n]) for n in (0, 1, 7, 100, 333, 640, 1000, 2000)]
+    for e in builder.encode(sources, [[long, long[:50]]] * len(sources)):
+        S = len(e.source)
+        assert len(e.candidates[0]) == (prm.SOURCE_MAX_LENGTH + 2 * prm.CANDIDATE_MAX_LENGTH - S) // 2
+        assert len(e.candidates[1]) < len(e.candidates[0])
+    assert {len(e.source) for e in builder.encode(sources, [["a", "b"]] * len(sources))} >= {3, prm.SOURCE_MAX_LENGTH}
 
 
 def test_result_independent_of_buckets_and_order(tiny):
@@ -192,11 +203,30 @@ def test_result_independent_of_buckets_and_order(tiny):
     torch.testing.assert_close(shuffled, base[perm], atol=ATOL, rtol=0)
 
 
+ATTENTION_CONFIGS = {
+    "pairrm": {},
+    "separate-position-projections": dict(share_att_key=False),
+    "c2p-only": dict(pos_att_type="c2p"),
+    "p2c-only": dict(pos_att_type="p2c", share_att_key=False),
+    "no-relative-terms": dict(pos_att_type=""),
+    "no-buckets": dict(position_buckets=-1, max_relative_positions=20),
+    "16-buckets": dict(position_buckets=16, max_relative_positions=64, num_attention_heads=2),
+    "head-size-48": dict(hidden_size=96, num_attention_heads=2, intermediate_size=128),
+}
+
+
+@pytest.mark.parametrize("config", list(ATTENTION_CONFIGS))
 @pytest.mark.parametrize("lengths", [(700,), (300, 130, 129, 5)])
-def test_attention_impls_against_float64(tiny, lengths):
-    """Our DeBERTa path vs Hugging Face's eager one: padded batches, distances on both sides of the
-    linear/log bucket boundary (128) and beyond max_relative_positions (512)."""
-    model, _ = tiny
+def test_attention_against_float64(tiny, config, lengths):
+    """Our DeBERTa path vs Hugging Face's eager one in float64 and float32: padded batches,
+    distances on both sides of the linear/log bucket boundary and beyond max_relative_positions,
+    shared and separate position projections, each relative term alone, several head sizes."""
+    _, tok = tiny
+    if config == "pairrm":
+        model = tiny[0]
+    else:
+        model, _ = prm.tiny_pairrm(seed=2, tokenizer=tok, **ATTENTION_CONFIGS[config])
+        prm.redraw_weights_(model, seed=3)
     g = torch.Generator().manual_seed(0)
     L = max(lengths)
     ids = torch.randint(5, model.config.vocab_size, (len(lengths), L), generator=g)
@@ -220,6 +250,20 @@ def test_attention_impls_against_float64(tiny, lengths):
     assert (ours32 - truth).abs().max() <= 2 * (hf32 - truth).abs().max() + 1e-6
     torch.testing.assert_close(pooled, full[torch.arange(len(lengths))[:, None], pos], atol=1e-5, rtol=0)
     torch.testing.assert_close(logits["torch"], logits["hf"], atol=1e-6, rtol=0)
+
+
+def test_training_mode_uses_hugging_face_attention(tiny):
+    model, _ = tiny
+    ids = torch.tensor([[1, model.source_prefix_id, 7, 2, 1, model.cand1_prefix_id, 8, 2, 1,
+                         model.cand2_prefix_id, 9, 2]])
+    train = prm.PairRM(model.config)
+    train.load_state_dict(model.state_dict())
+    train.train()
+    torch.manual_seed(0)
+    a = train(input_ids=ids).logits
+    torch.manual_seed(0)
+    b = train.pair_logits(ids, torch.ones_like(ids), train.marker_positions(ids), attn_impl="hf")
+    torch.testing.assert_close(a, b, atol=0, rtol=0)  # same dropout draws: the same (HF) path
 
 
 def test_marker_strings_in_text(tiny):
@@ -306,6 +350,20 @@ def test_rank_dataset_resumes_and_writes_atomically(tiny, tmp_path, monkeypatch)
     other = datasets.Dataset.from_dict({"prompt": p[3:6], "candidates": c[3:6]})
     with pytest.raises(ValueError, match="different prompts"):
         ranker.rank_dataset(other, tmp_path / "c.parquet", shard_size=3)
+    # other settings never mix with finished work
+    with pytest.raises(ValueError, match="other settings"):
+        ranker.rank_dataset(ds, out, mode="direct")
+    ranker.rank_dataset(ds.select(range(3)), tmp_path / "d.parquet", shard_size=3, mode="direct")
+    (tmp_path / "e.parquet.parts").mkdir()
+    (tmp_path / "d.parquet").rename(tmp_path / "e.parquet.parts" / "shard-000000.parquet")
+    with pytest.raises(ValueError, match="settings"):
+        ranker.rank_dataset(ds.select(range(3)), tmp_path / "e.parquet", shard_size=3)
+    # an empty dataset gives an empty file with the same columns
+    empty = ranker.rank_dataset(ds.select([]), tmp_path / "empty.parquet")
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(empty).num_rows == 0 and pq.read_schema(empty).names == got.column_names
+    assert not list(tmp_path.glob(".*tmp*"))  # no temporary files left behind
 
 
 def test_save_and_load_both_checkpoint_layouts(tiny, tmp_path):
@@ -335,7 +393,7 @@ def test_save_and_load_both_checkpoint_layouts(tiny, tmp_path):
     torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
-def test_bad_inputs_have_clear_errors(tiny):
+def test_bad_inputs_have_clear_errors(tiny, tmp_path):
     model, tok = tiny
     ranker = prm.PairRMRanker(model, tok, progress=False)
     with pytest.raises(ValueError, match="same number of candidates"):
@@ -358,11 +416,16 @@ def test_bad_inputs_have_clear_errors(tiny):
         prm.PairInputBuilder(tiny_tokenizer(seed=0))
     with pytest.raises(ValueError, match="exactly one <\\|candidate1\\|>"):
         model(input_ids=torch.tensor([[1, model.source_prefix_id, 2]]))
-    with pytest.raises(ValueError, match="no column 'responses'"):
-        import datasets
+    import datasets
 
-        ranker.rank_dataset(datasets.Dataset.from_dict({"prompt": ["a"]}), "/tmp/never.parquet",
-                            candidates_column="responses")
+    ds = datasets.Dataset.from_dict({"prompt": ["a"]})
+    with pytest.raises(ValueError, match="no column 'responses'"):
+        ranker.rank_dataset(ds, tmp_path / "x.parquet", candidates_column="responses")
+    grouped = prm.PairRMRanker(model, tok, progress=False, truncation_group=4)
+    assert grouped.prompts_per_step == 64 and prm.PairRMRanker(model, tok, truncation_group=5).prompts_per_step == 65
+    with pytest.raises(ValueError, match="multiple of truncation_group"):
+        grouped.rank_dataset(ds, tmp_path / "x.parquet", shard_size=6)
+    assert not (tmp_path / "x.parquet").exists()
 
 
 @pytest.mark.gpu
