@@ -3,7 +3,8 @@
     python benchmarks/plot.py benchmarks/results/*.csv          # one PNG per CSV, next to it
 
 Each figure: forward+backward median time per provider (with the 20-80% range) and, where measured,
-the extra peak memory, so speed and memory read off one picture.
+the extra peak memory, so speed and memory read off one picture. Ranking benchmarks (rows with
+``prompts_per_s``) get one bar per provider in prompts per second.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ def plot(csv_path: Path) -> Path:
     for r in rows:
         val[(r["provider"], r["mode"])][r["metric"]] = float(r["value"])
     providers = list(dict.fromkeys(r["provider"] for r in rows))
+    if any(r["metric"] == "prompts_per_s" for r in rows):
+        return _plot_throughput(csv_path, rows, providers, val, plt)
     full = [p for p in providers if "time_median" in val[(p, "full")]]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     ax = axes[0]
@@ -50,6 +53,29 @@ def plot(csv_path: Path) -> Path:
     ax.set_title("memory beyond the inputs (lower is better)")
     r0 = rows[0]
     fig.suptitle(f"{r0['op']}: {r0['shape']}\n{r0['device']}, torch {r0['torch']}", fontsize=10)
+    fig.tight_layout()
+    out = csv_path.with_suffix(".png")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _plot_throughput(csv_path: Path, rows, providers, val, plt) -> Path:
+    """Ranking benchmarks: prompts per second per provider, as horizontal bars."""
+    have = [p for p in providers if "prompts_per_s" in val[(p, "forward")]]
+    rate = [val[(p, "forward")]["prompts_per_s"] for p in have]
+    base = max((r for p, r in zip(have, rate) if p.startswith("llm-blender")), default=None)
+    fig, ax = plt.subplots(figsize=(9, 0.55 * len(have) + 1.6))
+    colors = ["#8c8c8c" if p.startswith("llm-blender") else "#4c72b0" for p in have]
+    ax.barh(have, rate, color=colors)
+    for i, r in enumerate(rate):
+        label = f"{r:.2f}" + (f"  ({r / base:.2f}x LLM-Blender's best)" if base else "")
+        ax.text(r, i, " " + label, va="center", fontsize=9)
+    ax.invert_yaxis()
+    ax.set_xlim(0, max(rate) * 1.6)
+    ax.set_xlabel("prompts per second (higher is better)")
+    r0 = rows[0]
+    ax.set_title(f"{r0['op']}: {r0['shape']}\n{r0['device']}, torch {r0['torch']}", fontsize=10)
     fig.tight_layout()
     out = csv_path.with_suffix(".png")
     fig.savefig(out, dpi=110)
