@@ -50,6 +50,28 @@ def _bucket_index(L: int, buckets: int, max_position: int, device: torch.device)
     return table[:L, :L]
 
 
+_INDEX_1D_CACHE: dict[tuple, Tensor] = {}
+
+
+def _bucket_index_1d(L: int, buckets: int, max_position: int, device: torch.device) -> Tensor:
+    """int32 ``[2L - 1]``: entry ``r + L - 1`` is ``clamp(bucket(r) + span, 0, 2 * span - 1)`` for
+    ``r = i - j`` in ``-(L-1)..L-1`` (Hugging Face's float32 bucketing, elementwise, so exactly the
+    values of its ``[L, L]`` index). What the fused kernel reads instead of an ``[L, L]`` index."""
+    from transformers.models.deberta_v2.modeling_deberta_v2 import make_log_bucket_position
+
+    key = (buckets, max_position, str(device))
+    table = _INDEX_1D_CACHE.get(key)
+    n = (table.shape[0] + 1) // 2 if table is not None else 0
+    if n < L:
+        n = 1 << max(L - 1, 1).bit_length()
+        span = buckets if buckets > 0 else max_position
+        rel = torch.arange(-(n - 1), n, device=device)
+        if buckets > 0 and max_position > 0:
+            rel = make_log_bucket_position(rel, buckets, max_position).to(torch.long)
+        table = _INDEX_1D_CACHE[key] = torch.clamp(rel + span, 0, 2 * span - 1).to(torch.int32)
+    return table[n - L: n + L - 1]
+
+
 def _heads(x: Tensor, H: int) -> Tensor:
     """``[B, L, H * d] -> [B, H, L, d]``."""
     B, L, _ = x.shape
@@ -57,11 +79,12 @@ def _heads(x: Tensor, H: int) -> Tensor:
 
 
 def attention(attn, hidden: Tensor, rel_embeddings: Tensor, key_mask: Optional[Tensor],
-              rows: Optional[Tensor] = None) -> Tensor:
+              rows: Optional[Tensor] = None, impl: str = "torch") -> Tensor:
     """One ``DisentangledSelfAttention`` (``attn``) forward: ``[B, L, D] -> [B, Lq, D]``.
 
     ``key_mask [B, L]`` bool (``None``: no padding); ``rows [B, Lq]`` the query positions to compute
-    (``None``: all).
+    (``None``: all). ``impl``: ``"torch"`` (gathers on ``[B, H, Lq, L]`` tensors) or ``"triton"``
+    (the fused kernel of :mod:`sppo_fast.kernels.deberta_attention`: no ``[Lq, L]`` tensor).
     """
     B, L, _ = hidden.shape
     H = attn.num_attention_heads
@@ -71,6 +94,8 @@ def attention(attn, hidden: Tensor, rel_embeddings: Tensor, key_mask: Optional[T
     q = _heads(attn.query_proj(hq), H) * (1.0 / scale)
     k = _heads(attn.key_proj(hidden), H)
     v = _heads(attn.value_proj(hidden), H)
+    if impl == "triton":
+        return _fused_attention(attn, q, k, v, rel_embeddings, key_mask, rows, scale)
     scores = q @ k.transpose(-1, -2)  # [B, H, Lq, L]
     if attn.relative_attention and types:
         span = attn.pos_ebd_size
@@ -95,13 +120,46 @@ def attention(attn, hidden: Tensor, rel_embeddings: Tensor, key_mask: Optional[T
     return ctx.transpose(1, 2).reshape(B, ctx.shape[2], -1)
 
 
+def _fused_attention(attn, q: Tensor, k: Tensor, v: Tensor, rel_embeddings: Tensor,
+                     key_mask: Optional[Tensor], rows: Optional[Tensor], scale: float) -> Tensor:
+    from .kernels.deberta_attention import deberta_attention
+
+    B, H, Lq, _ = q.shape
+    L = k.shape[2]
+    types = attn.pos_att_type if attn.relative_attention else []
+    c2p = p2c = rel_index = None
+    if types:
+        span = attn.pos_ebd_size
+        rel = rel_embeddings[: 2 * span].to(q.dtype)
+        rel_index = _bucket_index_1d(L, attn.position_buckets, attn.max_relative_positions, q.device)
+        # the two [L, 2S] position tables, once per layer: linear in L
+        if "c2p" in types:
+            pos_k = _heads((attn.key_proj if attn.share_att_key else attn.pos_key_proj)(rel[None]), H)
+            c2p = q @ pos_k.transpose(-1, -2)
+        if "p2c" in types:
+            pos_q = _heads((attn.query_proj if attn.share_att_key else attn.pos_query_proj)(rel[None]), H)
+            p2c = k @ (pos_q * (1.0 / scale)).transpose(-1, -2)
+    qpos = rows.to(torch.int32).contiguous() if rows is not None else None
+    mask = key_mask.to(torch.int8).contiguous() if key_mask is not None else None
+    v = v.to(q.dtype)
+    k = k.to(q.dtype)
+    ctx = deberta_attention(q, k, v, c2p, p2c, rel_index, qpos, mask)  # [B, H, Lq, d]
+    return ctx.transpose(1, 2).reshape(B, Lq, -1)
+
+
+ENCODE_IMPLS = ("torch", "triton")
+
+
 def encode(backbone, input_ids: Tensor, attention_mask: Tensor,
-           query_positions: Optional[Tensor] = None) -> Tensor:
+           query_positions: Optional[Tensor] = None, impl: str = "torch") -> Tensor:
     """Final hidden states of ``backbone`` (a ``DebertaV2Model``) in eval mode.
 
     Returns ``[B, L, D]``, or ``[B, Q, D]`` at ``query_positions [B, Q]`` (the last layer is then
     computed only there). Equals ``backbone(input_ids, attention_mask).last_hidden_state`` (gathered).
+    ``impl``: the attention, ``"torch"`` or ``"triton"`` (see :func:`attention`).
     """
+    if impl not in ENCODE_IMPLS:
+        raise ValueError(f"impl: expected one of {ENCODE_IMPLS}, got {impl!r}")
     enc = backbone.encoder
     if getattr(enc, "conv", None) is not None or getattr(backbone, "z_steps", 0) > 1:
         raise NotImplementedError("DeBERTa convolution layers and z_steps are not supported; use the "
@@ -113,7 +171,7 @@ def encode(backbone, input_ids: Tensor, attention_mask: Tensor,
     n = len(enc.layer)
     for i, layer in enumerate(enc.layer):
         rows = query_positions if i == n - 1 else None
-        ctx = attention(layer.attention.self, h, rel_emb, key_mask, rows)
+        ctx = attention(layer.attention.self, h, rel_emb, key_mask, rows, impl)
         residual = h if rows is None else torch.gather(h, 1, rows[..., None].expand(-1, -1, h.shape[-1]))
         a = layer.attention.output(ctx, residual)
         h = layer.output(layer.intermediate(a), a)

@@ -49,7 +49,7 @@ CANDIDATE_MARKER = "<|candidate|>"
 # Order matters: LLM-Blender adds them in this order, so they get consecutive ids (128001..128004).
 MARKERS = (SOURCE_MARKER, CANDIDATE1_MARKER, CANDIDATE2_MARKER, CANDIDATE_MARKER)
 
-ATTN_IMPLS = ("torch", "hf")
+ATTN_IMPLS = ("torch", "triton", "hf")
 SOURCE_MAX_LENGTH = 1224
 CANDIDATE_MAX_LENGTH = 412
 
@@ -145,8 +145,9 @@ class PairRM(DebertaV2PreTrainedModel):
         (float64 for a float64 model).
 
         ``attn_impl``: ``"torch"`` (default, :func:`sppo_fast.deberta.encode`: the last layer only
-        at the three pooled rows, leaner attention) or ``"hf"`` (Hugging Face's eager forward, as
-        LLM-Blender runs it). Same weights, same result up to float rounding. Default: ``"torch"``
+        at the three pooled rows, leaner attention), ``"triton"`` (the same with the fused attention
+        kernel, no ``[L, L]`` tensor; CUDA, or CPU under ``TRITON_INTERPRET=1``) or ``"hf"``
+        (Hugging Face's eager forward, as LLM-Blender runs it). Same weights, same result up to float rounding. Default: ``"torch"``
         in eval mode, ``"hf"`` in training mode (the inference path has no dropout).
         """
         if attn_impl is None:
@@ -155,8 +156,9 @@ class PairRM(DebertaV2PreTrainedModel):
             h = self.pretrained_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
             rows = torch.arange(h.shape[0], device=h.device)
             src, c1, c2 = (h[rows, positions[:, k]] for k in range(3))
-        elif attn_impl == "torch":
-            src, c1, c2 = deberta.encode(self.pretrained_model, input_ids, attention_mask, positions).unbind(1)
+        elif attn_impl in ("torch", "triton"):
+            src, c1, c2 = deberta.encode(self.pretrained_model, input_ids, attention_mask, positions,
+                                         impl=attn_impl).unbind(1)
         else:
             raise ValueError(f"attn_impl: expected one of {ATTN_IMPLS}, got {attn_impl!r}")
         # One head call on [2N, 2H]: the same GEMMs as LLM-Blender's two calls, half the launches.
@@ -393,7 +395,8 @@ class PairRMRanker:
             rounded up to a multiple of ``truncation_group``, whose prompts share one budget).
         autocast_dtype: ``torch.float16`` (default on CUDA, as the official fp16 runs) or
             ``torch.bfloat16`` autocast; ``None`` runs in the model's dtype (default on CPU: fp32).
-        attn_impl: the backbone's attention, see :meth:`PairRM.pair_logits` (default ``"torch"``).
+        attn_impl: the backbone's attention, see :meth:`PairRM.pair_logits` (default ``"torch"``;
+            ``"triton"`` is the fused kernel for CUDA, not yet measured on a GPU).
         mode, backend: passed to :func:`sppo_fast.pairrm_aggregate`.
         progress: show a progress bar over prompts.
         Remaining keyword arguments go to :class:`PairInputBuilder` (truncation).
@@ -415,6 +418,12 @@ class PairRMRanker:
         self.builder = PairInputBuilder(tokenizer, **builder_kwargs)
         self.device = next(model.parameters()).device
         on_cuda = self.device.type == "cuda"
+        if attn_impl == "triton":
+            from . import _triton
+
+            why = _triton.problem(self.device)
+            if why:
+                raise ops.BackendUnavailableError(f"attn_impl='triton': {why}")
         self.budget = int(budget if budget is not None else (2 ** 26 if on_cuda else 2 ** 20))
         if self.budget < 1:
             raise ValueError(f"budget must be >= 1, got {budget}")

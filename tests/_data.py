@@ -18,3 +18,18 @@ def make_batch(B, T, V, dtype, gen, *, scale=3.0, ignore_frac=0.25, fully_masked
     for b in fully_masked:
         labels[b] = -100
     return logits, labels
+
+
+# DeBERTa attention variants the fused and lean paths are held to (tiny PairRM overrides):
+# shared and separate position projections, each relative term alone, none, no bucketing,
+# few buckets (so short texts cross the log boundary and max_relative_positions), odd head size.
+ATTENTION_CONFIGS = {
+    "pairrm": {},
+    "separate-position-projections": dict(share_att_key=False),
+    "c2p-only": dict(pos_att_type="c2p"),
+    "p2c-only": dict(pos_att_type="p2c", share_att_key=False),
+    "no-relative-terms": dict(pos_att_type=""),
+    "no-buckets": dict(position_buckets=-1, max_relative_positions=20),
+    "16-buckets": dict(position_buckets=16, max_relative_positions=64, num_attention_heads=2),
+    "head-size-48": dict(hidden_size=96, num_attention_heads=2, intermediate_size=128),
+}

@@ -10,7 +10,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from sppo_fast.kernels import logprobs, pairwise
+from sppo_fast.kernels import deberta_attention, logprobs, pairwise
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -48,6 +48,22 @@ def main() -> None:
                       "chosen_ptr": "*i64", "rejected_ptr": "*i64", "cp_ptr": "*fp64", "cpw_ptr": "*fp64",
                       "cpl_ptr": "*fp64", "tied_ptr": "*i8", "K": "i32", "sb": "i64", "si": "i64", "sj": "i64",
                       "DIRECT": "constexpr"}, {"DIRECT": direct})
+            n += 1
+    strides = ["s_qb", "s_qh", "s_qm", "s_kb", "s_kh", "s_kn", "s_vb", "s_vh", "s_vn", "s_cb", "s_ch", "s_cm",
+               "s_pb", "s_ph", "s_pn", "s_mb", "s_ob", "s_oh", "s_om", "s_xb"]
+    for dt in ("bf16", "fp16", "fp32"):
+        for rel, qpos, mask in ((True, False, False), (True, True, True), (False, False, True)):
+            _compile(deberta_attention._deberta_attention_fwd,
+                     {"Q": f"*{dt}", "K": f"*{dt}", "V": f"*{dt}", "C2P": f"*{dt}", "P2C": f"*{dt}",
+                      "REL": "*i32", "QPOS": "*i32", "KMASK": "*i8", "OUT": f"*{dt}",
+                      **{k: "i64" for k in strides}, "H": "i32", "LQ": "i32", "LK": "i32", "D": "i32",
+                      "REL_ZERO": "i32", "HAS_C2P": "constexpr", "HAS_P2C": "constexpr",
+                      "HAS_QPOS": "constexpr", "HAS_MASK": "constexpr", "BLOCK_M": "constexpr",
+                      "BLOCK_N": "constexpr", "BLOCK_D": "constexpr", "DOT_F32": "constexpr",
+                      "PRECISION": "constexpr"},
+                     {"HAS_C2P": rel, "HAS_P2C": rel, "HAS_QPOS": qpos, "HAS_MASK": mask,
+                      "BLOCK_M": deberta_attention.BLOCK_M, "BLOCK_N": deberta_attention.BLOCK_N,
+                      "BLOCK_D": 64, "DOT_F32": False, "PRECISION": "ieee" if dt == "fp32" else "tf32"})
             n += 1
     print(f"compiled {n} kernel variants for sm_90")
 

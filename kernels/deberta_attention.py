@@ -1,0 +1,142 @@
+"""DeBERTa-v2/v3 disentangled attention, fused: no [L, L] tensor of any kind (inference only).
+
+DeBERTa's attention score is ``s[i, j] = q_i . k_j + c2p[i, j] + p2c[i, j]`` (all pre-scaled by
+``1/sqrt(3d)``) with
+
+    c2p[i, j] = (q_i . k_pos)[idx(i - j)]      C2P = q @ k_pos^T: [L, 2S], computed once
+    p2c[i, j] = (k_j . q_pos)[idx(i - j)]      P2C = k @ q_pos^T: [L, 2S], computed once
+
+where ``idx(r) = clamp(bucket(r) + S, 0, 2S - 1)`` (S = position buckets; p2c uses the same index as
+c2p because the log-bucketing is odd, ``bucket(-r) = -bucket(r)``). One program owns a block of
+queries and walks the keys in blocks, flash-attention style: ``q k^T`` by ``tl.dot``, the two
+relative terms gathered from the ``[L, 2S]`` tables with the index read from a ``[2L - 1]`` table of
+``idx(r)`` (exactly Hugging Face's float32 bucketing, built once on the host), the padding mask, and
+an online softmax in float32; the ``[BLOCK_M, BLOCK_N]`` scores live only in registers. Memory is
+linear in L: the two tables, the index and the output.
+
+Queries may be a subset (``QPOS``: their absolute positions), which is how PairRM's last layer
+computes only the three rows it reads.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Triton's interpreter multiplies 16-bit tl.dot operands wrongly: upcast there.
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+BLOCK_M = 64
+BLOCK_N = 64
+
+
+@triton.jit
+def _deberta_attention_fwd(
+    Q, K, V, C2P, P2C, REL, QPOS, KMASK, OUT,
+    s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
+    s_cb, s_ch, s_cm, s_pb, s_ph, s_pn, s_mb, s_ob, s_oh, s_om, s_xb,
+    H, LQ, LK, D, REL_ZERO,
+    HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, HAS_QPOS: tl.constexpr, HAS_MASK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < LQ
+    d_ok = offs_d < D
+    q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None].to(tl.int64) * s_qm + offs_d[None, :],
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    if DOT_F32:
+        q = q.to(tl.float32)
+    if HAS_QPOS:
+        qpos = tl.load(QPOS + b * s_xb + offs_m, mask=m_ok, other=0)
+    else:
+        qpos = offs_m
+    # running max starts at a large finite negative number: fully masked blocks give 0, not NaN
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start in range(0, LK, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < LK
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(K + b * s_kb + h * s_kh + offs_n[:, None].to(tl.int64) * s_kn + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        v = tl.load(V + b * s_vb + h * s_vh + offs_n[:, None].to(tl.int64) * s_vn + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        if DOT_F32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        ok = m_ok[:, None] & n_ok[None, :]
+        if HAS_C2P or HAS_P2C:
+            idx = tl.load(REL + (qpos[:, None] - offs_n[None, :] + REL_ZERO), mask=ok, other=0)
+            if HAS_C2P:
+                s += tl.load(C2P + b * s_cb + h * s_ch + offs_m[:, None].to(tl.int64) * s_cm + idx,
+                             mask=ok, other=0.0).to(tl.float32)
+            if HAS_P2C:
+                s += tl.load(P2C + b * s_pb + h * s_ph + offs_n[None, :].to(tl.int64) * s_pn + idx,
+                             mask=ok, other=0.0).to(tl.float32)
+        key_ok = n_ok
+        if HAS_MASK:
+            key_ok = key_ok & (tl.load(KMASK + b * s_mb + offs_n, mask=n_ok, other=0) != 0)
+        s = tl.where(key_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    l_i = tl.where(l_i == 0.0, 1.0, l_i)  # a row with every key masked (never read) stays finite
+    out = acc / l_i[:, None]
+    tl.store(OUT + b * s_ob + h * s_oh + offs_m[:, None].to(tl.int64) * s_om + offs_d[None, :],
+             out.to(OUT.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+
+
+def deberta_attention(q, k, v, c2p=None, p2c=None, rel_index=None, qpos=None, key_mask=None):
+    """``softmax(q k^T + c2p + p2c, masked) @ v`` without materialising any [LQ, LK] tensor.
+
+    Args (``B`` batch, ``H`` heads, ``LQ`` queries, ``LK`` keys, ``D`` head size, ``S`` buckets):
+        q: ``[B, H, LQ, D]``, already scaled by ``1/sqrt(3D)`` (last dim contiguous);
+        k, v: ``[B, H, LK, D]``;
+        c2p: ``[B, H, LQ, 2S]`` = ``q @ k_pos^T`` or None; p2c: ``[B, H, LK, 2S]`` = ``k @ q_pos^T``
+            (q_pos scaled) or None;
+        rel_index: int32 ``[2 LK - 1]``, ``rel_index[r + LK - 1] = clamp(bucket(r) + S, 0, 2S - 1)``;
+        qpos: int32 ``[B, LQ]`` absolute query positions (None: ``0..LQ-1``);
+        key_mask: ``[B, LK]``, nonzero where a key is a real token (None: no padding).
+    Returns ``[B, H, LQ, D]`` in q's dtype.
+    """
+    B, H, LQ, D = q.shape
+    LK = k.shape[2]
+    for name, t in (("q", q), ("k", k), ("v", v), ("c2p", c2p), ("p2c", p2c)):
+        if t is not None and t.stride(-1) != 1:
+            raise ValueError(f"{name}: the last dimension must be contiguous")
+    out = torch.empty(B, H, LQ, D, device=q.device, dtype=q.dtype)
+    if rel_index is None and (c2p is not None or p2c is not None):
+        raise ValueError("rel_index is needed with c2p or p2c")
+    dummy = q
+    c = c2p if c2p is not None else dummy
+    p = p2c if p2c is not None else dummy
+    x = qpos if qpos is not None else rel_index if rel_index is not None else dummy
+    m = key_mask if key_mask is not None else dummy
+    grid = (triton.cdiv(LQ, BLOCK_M), B * H)
+    _deberta_attention_fwd[grid](
+        q, k, v, c, p, rel_index if rel_index is not None else dummy, x, m, out,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        c.stride(0), c.stride(1), c.stride(2), p.stride(0), p.stride(1), p.stride(2),
+        m.stride(0), out.stride(0), out.stride(1), out.stride(2), x.stride(0),
+        H, LQ, LK, D, LK - 1,
+        HAS_C2P=c2p is not None, HAS_P2C=p2c is not None, HAS_QPOS=qpos is not None,
+        HAS_MASK=key_mask is not None, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        BLOCK_D=max(16, triton.next_power_of_2(D)), DOT_F32=_INTERPRET,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+    return out
