@@ -9,7 +9,9 @@ CPU (``--model tiny``), lengths drawn from 50-1000 tokens on the GPU (``--model 
 
 - ``llm-blender-bN``: ``Blender.rank(..., batch_size=N)`` (SPPO uses N = 1); batch sizes above 1 run
   on ``--blender-prompts`` prompts (they are slower, and prompts/s does not depend on the count);
-- ``sppo-fast``: :class:`sppo_fast.pairrm.PairRMRanker` (``attn_impl="torch"``);
+- ``sppo-fast``: :class:`sppo_fast.pairrm.PairRMRanker` with its default attention (``"auto"``: the
+  fused Triton kernel on CUDA, the lean PyTorch path on CPU);
+- ``sppo-fast-torch`` (CUDA only): the lean PyTorch path on the GPU;
 - ``sppo-fast-hf``: the same engine on Hugging Face's eager attention (isolates the engine's gain).
 
 Rows: prompts per second, wall time, peak memory (CUDA) and the largest score difference from
@@ -66,7 +68,7 @@ def main() -> None:
     p.add_argument("--blender-prompts", type=int, default=16)
     p.add_argument("--K", type=int, default=5)
     p.add_argument("--blender-batch-sizes", type=int, nargs="*", default=[1, 4, 16])
-    p.add_argument("--providers", nargs="*", default=["llm-blender", "sppo-fast", "sppo-fast-hf"])
+    p.add_argument("--providers", nargs="*", default=["llm-blender", "sppo-fast", "sppo-fast-torch", "sppo-fast-hf"])
     p.add_argument("--budget", type=int, default=None, help="PairRMRanker budget (rows * L^2)")
     p.add_argument("--cuda", action="store_true")
     p.add_argument("--out", type=Path, default=None)
@@ -132,8 +134,8 @@ def main() -> None:
             record(f"llm-blender-b{bs}", n, dt, mem)
         if args.cuda:
             blender.ranker.float()
-    for provider, impl in (("sppo-fast", "torch"), ("sppo-fast-hf", "hf")):
-        if provider not in args.providers:
+    for provider, impl in (("sppo-fast", "auto"), ("sppo-fast-torch", "torch"), ("sppo-fast-hf", "hf")):
+        if provider not in args.providers or (provider == "sppo-fast-torch" and not args.cuda):
             continue
         ranker = prm.PairRMRanker(model, tok, progress=False, attn_impl=impl, budget=args.budget)
         ranker.rank(prompts[:2], cands[:2])  # warm-up (allocator, bucket index cache)

@@ -28,12 +28,18 @@ step() {
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT_DIR/device.txt"
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT_DIR/device.txt"
 
+# Peers and yardsticks the machine cannot download: wheels carried over in ./wheels (see README, GPU)
+if [ -d "${WHEELS:-wheels}" ]; then
+  pip install -q --no-index --find-links "${WHEELS:-wheels}" "${WHEELS:-wheels}"/*.whl > "$OUT_DIR/wheels.log" 2>&1 \
+    || echo "   some carried wheels did not install (see wheels.log)"
+fi
+
 echo "== build (SPPO_FAST_CUDA=ON)"
 if ! SPPO_FAST_CUDA=ON timeout 240 pip install --no-build-isolation -e . > "$OUT_DIR/build.log" 2>&1; then
   tail -40 "$OUT_DIR/build.log"; exit 1
 fi
 
-step "GPU tests" 150 sh -c "python -m pytest -q tests/test_triton.py tests/test_cuda.py tests/test_build.py tests/test_pairrm.py \
+step "GPU tests" 150 sh -c "python -m pytest -q tests/test_triton.py tests/test_cuda.py tests/test_build.py tests/test_pairrm.py tests/test_deberta_attention.py \
   -m 'not slow' > '$OUT_DIR/pytest.log' 2>&1; s=\$?; tail -3 '$OUT_DIR/pytest.log'; exit \$s"
 
 bench_sppo() {  # V PROVIDERS...
@@ -52,6 +58,8 @@ export OUT_DIR
 
 step "fused_sppo_loss V=32000" 120 bash -c "bench_sppo 32000 copy reference reference-compile triton cuda"
 step "fused_linear_sppo_loss V=32000" 90 bash -c "bench_linear 32000"
+step "DeBERTa attention, large shapes, bf16" 60 sh -c "python benchmarks/bench_deberta_attention.py --cuda --model large \
+  --out '$OUT_DIR/deberta_attention-large-cuda.csv' > '$OUT_DIR/bench-attention.log' 2>&1; s=\$?; tail -12 '$OUT_DIR/bench-attention.log'; exit \$s"
 step "PairRM ranking, DeBERTa-v3-large shapes" 120 sh -c "python benchmarks/bench_pairrm.py --cuda --model large \
   --prompts 32 --blender-prompts 16 --out '$OUT_DIR/pairrm-large-cuda.csv' > '$OUT_DIR/bench-pairrm.log' 2>&1; \
   s=\$?; tail -8 '$OUT_DIR/bench-pairrm.log'; exit \$s"

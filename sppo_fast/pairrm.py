@@ -395,8 +395,8 @@ class PairRMRanker:
             rounded up to a multiple of ``truncation_group``, whose prompts share one budget).
         autocast_dtype: ``torch.float16`` (default on CUDA, as the official fp16 runs) or
             ``torch.bfloat16`` autocast; ``None`` runs in the model's dtype (default on CPU: fp32).
-        attn_impl: the backbone's attention, see :meth:`PairRM.pair_logits` (default ``"torch"``;
-            ``"triton"`` is the fused kernel for CUDA, not yet measured on a GPU).
+        attn_impl: the backbone's attention, see :meth:`PairRM.pair_logits`. ``"auto"`` (default):
+            the fused Triton kernel on CUDA when Triton is installed, else ``"torch"``.
         mode, backend: passed to :func:`sppo_fast.pairrm_aggregate`.
         progress: show a progress bar over prompts.
         Remaining keyword arguments go to :class:`PairInputBuilder` (truncation).
@@ -404,26 +404,28 @@ class PairRMRanker:
 
     def __init__(self, model: PairRM, tokenizer, *, budget: Optional[int] = None,
                  max_rows: int = 256, prompts_per_step: int = 64,
-                 autocast_dtype: Optional[torch.dtype] = "auto", attn_impl: str = "torch",
+                 autocast_dtype: Optional[torch.dtype] = "auto", attn_impl: str = "auto",
                  mode: str = "official",
                  backend: str = "auto", progress: bool = True, **builder_kwargs):
         if mode not in PAIRWISE_MODES:
             raise ValueError(f"mode: expected one of {PAIRWISE_MODES}, got {mode!r}")
-        if attn_impl not in ATTN_IMPLS:
-            raise ValueError(f"attn_impl: expected one of {ATTN_IMPLS}, got {attn_impl!r}")
-        self.attn_impl = attn_impl
+        if attn_impl not in ATTN_IMPLS + ("auto",):
+            raise ValueError(f"attn_impl: expected 'auto' or one of {ATTN_IMPLS}, got {attn_impl!r}")
         if max_rows < 1 or prompts_per_step < 1:
             raise ValueError("max_rows and prompts_per_step must be >= 1")
         self.model = model.eval()
         self.builder = PairInputBuilder(tokenizer, **builder_kwargs)
         self.device = next(model.parameters()).device
         on_cuda = self.device.type == "cuda"
-        if attn_impl == "triton":
-            from . import _triton
+        from . import _triton
 
+        if attn_impl == "auto":
+            attn_impl = "triton" if on_cuda and _triton.problem(self.device) is None else "torch"
+        elif attn_impl == "triton":
             why = _triton.problem(self.device)
             if why:
                 raise ops.BackendUnavailableError(f"attn_impl='triton': {why}")
+        self.attn_impl = attn_impl
         self.budget = int(budget if budget is not None else (2 ** 26 if on_cuda else 2 ** 20))
         if self.budget < 1:
             raise ValueError(f"budget must be >= 1, got {budget}")
