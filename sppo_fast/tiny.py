@@ -61,6 +61,19 @@ def synthetic_corpus(n_texts: int, *, seed: int = 0, min_words: int = 5, max_wor
     return [synthetic_text(rng, rng.randint(min_words, max_words)) for _ in range(n_texts)]
 
 
+def _train_unigram(texts: Iterable[str], vocab_size: int, special_tokens: Sequence[str], unk: str):
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens),
+                                      unk_token=unk, show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
 def train_unigram_tokenizer(texts: Iterable[str], *, vocab_size: int = 2000,
                             special_tokens: Sequence[str] = ("[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"),
                             model_max_length: int = 4096):
@@ -69,17 +82,11 @@ def train_unigram_tokenizer(texts: Iterable[str], *, vocab_size: int = 2000,
     Special tokens get ids 0.. in the order given (DeBERTa-v3: ``[PAD]`` 0, ``[CLS]`` 1,
     ``[SEP]`` 2, ``[UNK]`` 3). Returns a ``transformers.PreTrainedTokenizerFast``.
     """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
     pad, cls, sep, unk, mask = special_tokens
-    tok = Tokenizer(models.Unigram())
-    tok.normalizer = normalizers.NFKC()
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
-    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens),
-                                      unk_token=unk, show_progress=False)
-    tok.train_from_iterator(texts, trainer=trainer)
+    tok = _train_unigram(texts, vocab_size, special_tokens, unk)
     tok.post_processor = processors.TemplateProcessing(
         single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} $B {sep}",
         special_tokens=[(cls, tok.token_to_id(cls)), (sep, tok.token_to_id(sep))])
@@ -98,3 +105,39 @@ def tiny_tokenizer(*, seed: int = 0, vocab_size: int = 2000):
     import copy
 
     return copy.deepcopy(_cached_tokenizer(seed, vocab_size))
+
+
+# Mistral-Instruct's chat format: the template itself starts with BOS, which is why tokenizing its
+# output with add_special_tokens=True gives the double BOS of the official trainer.
+MISTRAL_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+    "{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+)
+
+
+def train_chat_tokenizer(texts: Iterable[str], *, vocab_size: int = 2000, model_max_length: int = 4096):
+    """A Llama/Mistral-style tokenizer trained on ``texts``: ``<unk>`` 0, ``<s>`` 1, ``</s>`` 2,
+    BOS added by the tokenizer, Mistral-Instruct's ``[INST] ... [/INST]`` chat template; padding
+    uses ``</s>`` as Mistral's does."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = _train_unigram(texts, vocab_size, ("<unk>", "<s>", "</s>"), "<unk>")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", 1)])
+    out = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                  pad_token="</s>", model_max_length=model_max_length)
+    out.chat_template = MISTRAL_CHAT_TEMPLATE
+    return out
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_chat_tokenizer(seed: int, vocab_size: int):
+    return train_chat_tokenizer(synthetic_corpus(3000, seed=seed) + ["[INST] [/INST]"] * 50, vocab_size=vocab_size)
+
+
+def tiny_chat_tokenizer(*, seed: int = 0, vocab_size: int = 2000):
+    """A fresh copy of the tiny chat tokenizer for ``seed`` (trained once per process, then cached)."""
+    import copy
+
+    return copy.deepcopy(_cached_chat_tokenizer(seed, vocab_size))

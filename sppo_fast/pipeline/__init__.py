@@ -1,0 +1,1 @@
+"""The SPPO pipeline: prompts, generation, ranking, the training set, training, iteration."""

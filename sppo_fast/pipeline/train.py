@@ -1,0 +1,252 @@
+"""The SPPO training loop: flat, readable, resumable.
+
+    ref_logps = reference_logps(model, pairs)          # once per iteration, forward only, no logits
+    for step in range(steps):
+        for micro in range(grad_accum):                # chosen and rejected in one [2B, T] batch
+            hidden = final hidden states               # the lm_head is never applied
+            loss = fused_linear_sppo_loss(hidden, lm_head.weight, labels, ref_logps, ...)
+            (loss / grad_accum).backward()
+        clip, step the optimizer and the schedule (linear warmup, then linear decay)
+        every log_every steps: metrics to metrics.jsonl; every save_every: a checkpoint
+
+``loss_path="reference"`` computes the logits and uses :func:`sppo_fast.reference` instead: the same
+numbers (the tests compare every step), more memory. A checkpoint is a ``save_pretrained`` folder
+plus the optimizer, schedule and RNG state, written to a temporary folder and renamed; ``train``
+resumes from the newest one and reaches the same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from ..linear import fused_linear_sppo_loss, linear_sequence_logps
+from ..ops import _metrics
+from .data import IGNORE_INDEX, collate, encode_records
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Training hyper-parameters (defaults: the released SPPO recipe where it applies)."""
+    beta: float = 0.001
+    loss_type: str = "sppo"
+    learning_rate: float = 5e-7
+    optimizer: str = "rmsprop"          # "rmsprop" (official) or "adamw"
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.1
+    batch_size: int = 8                 # pairs per micro-batch
+    grad_accum: int = 1
+    epochs: int = 1
+    max_length: int = 1024
+    max_prompt_length: int = 512
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    log_every: int = 1
+    save_every: int = 0                 # 0: only at the end
+    loss_path: str = "fused"            # "fused" (no logits) or "reference"
+    backend: str = "auto"
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self):
+        if self.optimizer not in ("rmsprop", "adamw"):
+            raise ValueError(f"optimizer: expected 'rmsprop' or 'adamw', got {self.optimizer!r}")
+        if self.loss_path not in ("fused", "reference"):
+            raise ValueError(f"loss_path: expected 'fused' or 'reference', got {self.loss_path!r}")
+        if self.loss_type not in reference.LOSS_TYPES:
+            raise ValueError(f"loss_type: expected one of {reference.LOSS_TYPES}, got {self.loss_type!r}")
+        for name in ("batch_size", "grad_accum", "epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.beta > 0:
+            raise ValueError(f"beta must be > 0, got {self.beta}")
+
+
+def _body_and_head(model):
+    """The decoder (final hidden states, norm included) and the lm_head of a causal LM."""
+    head = model.get_output_embeddings()
+    body = getattr(model, model.base_model_prefix, None) or model.get_decoder()
+    if head is None or body is None:
+        raise ValueError(f"{type(model).__name__}: cannot find its decoder and lm_head")
+    return body, head
+
+
+def hidden_states(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """Final hidden states ``[B, T, H]`` of a causal LM, without applying its lm_head."""
+    body, _ = _body_and_head(model)
+    return body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+@torch.no_grad()
+def reference_logps(model, batches: Sequence[dict], backend: str = "auto") -> list[Tensor]:
+    """Sequence log-probs of every batch under ``model`` (forward only, no [N, V] logits)."""
+    _, head = _body_and_head(model)
+    out = []
+    was_training = model.training
+    model.eval()
+    for b in batches:
+        h = hidden_states(model, b["input_ids"], b["attention_mask"])
+        out.append(linear_sequence_logps(h, head.weight, b["labels"], bias=head.bias, backend=backend).float())
+    model.train(was_training)
+    return out
+
+
+def _pair_batches(tokenizer, records: Sequence[dict], cfg: TrainConfig, device) -> list[dict]:
+    """Micro-batches: ``B`` chosen sequences then their ``B`` rejected ones, with the probabilities."""
+    enc = encode_records(tokenizer, records, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = []
+    for s in range(0, len(records), cfg.batch_size):
+        recs, pairs = records[s: s + cfg.batch_size], enc[s: s + cfg.batch_size]
+        b = collate([p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], pad)
+        for f in ("chosen_probs_win", "chosen_probs_lose", "chosen_probs"):
+            if all(f in r for r in recs):
+                b[f] = torch.tensor([float(r[f]) for r in recs], dtype=torch.float32)
+        out.append({k: v.to(device) for k, v in b.items()})
+    return out
+
+
+def _lr_lambda(total: int, warmup_ratio: float):
+    warm = math.ceil(total * warmup_ratio)
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return max(0.0, (total - step) / max(1, total - warm))
+    return f
+
+
+def _loss(model, b: dict, ref: Tensor, cfg: TrainConfig):
+    h = hidden_states(model, b["input_ids"], b["attention_mask"])
+    _, head = _body_and_head(model)
+    probs = {f: b[f] for f in ("chosen_probs_win", "chosen_probs_lose", "chosen_probs") if f in b}
+    if cfg.loss_path == "fused":
+        return fused_linear_sppo_loss(h, head.weight, b["labels"], ref, bias=head.bias, beta=cfg.beta,
+                                      loss_type=cfg.loss_type, backend=cfg.backend, **probs)
+    logits = head(h)
+    logps = reference.sequence_logps(logits, b["labels"])
+    B = logps.shape[0] // 2
+    losses = reference.sppo_loss(logps[:B], logps[B:], ref[:B], ref[B:], beta=cfg.beta, loss_type=cfg.loss_type,
+                                 **probs)
+    return losses.mean(), logps, _metrics(logps.detach(), ref, cfg.beta, cfg.loss_type, probs)
+
+
+def _atomic_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
+def train(model, tokenizer, records: Sequence[dict], out_dir: str | os.PathLike, cfg: TrainConfig,
+          *, progress: bool = True) -> dict:
+    """Train ``model`` (the policy, and the reference at its starting weights) on SPPO records.
+
+    ``records``: official fields (``prompt``, ``chosen``, ``rejected``, ``chosen_probs_win``,
+    ``chosen_probs_lose`` or ``chosen_probs``). Writes ``out_dir/metrics.jsonl``,
+    ``out_dir/checkpoints/step-N/`` and ``out_dir/model/`` (the final ``save_pretrained``); resumes
+    from the newest checkpoint. Returns a summary (steps, last metrics, tokens/s).
+    """
+    from tqdm.auto import tqdm
+
+    out = Path(out_dir)
+    final = out / "model"
+    if (final / "trainer_state.json").exists():
+        return json.loads((final / "trainer_state.json").read_text())["summary"]
+    out.mkdir(parents=True, exist_ok=True)
+    if not records:
+        raise ValueError("no training records (every prompt tied, or an empty dataset?)")
+    device = next(model.parameters()).device
+    torch.manual_seed(cfg.seed)
+    batches = _pair_batches(tokenizer, list(records), cfg, device)
+    ckpts = sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    ref_path = out / "ref_logps.pt"
+    if ref_path.exists():  # the reference is the policy at the start: never recompute after resuming
+        refs = torch.load(ref_path, map_location=device)
+    else:
+        refs = reference_logps(model, batches, cfg.backend)
+        tmp = ref_path.with_name(".ref_logps.pt.tmp")
+        torch.save(refs, tmp)
+        os.replace(tmp, ref_path)
+    steps_per_epoch = math.ceil(len(batches) / cfg.grad_accum)
+    total = steps_per_epoch * cfg.epochs
+    opt_cls = torch.optim.RMSprop if cfg.optimizer == "rmsprop" else torch.optim.AdamW
+    opt = opt_cls(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, cfg.warmup_ratio))
+    step = 0
+    if ckpts:
+        state = torch.load(ckpts[-1] / "train_state.pt", map_location="cpu", weights_only=False)
+        model.load_state_dict(torch.load(ckpts[-1] / "weights.pt", map_location=device))
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        step = state["step"]
+    if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable()
+    model.train()
+    metrics_path = out / "metrics.jsonl"
+    if metrics_path.exists():  # drop what was logged after the checkpoint we resume from
+        kept = [x for x in metrics_path.read_text().splitlines() if x and json.loads(x)["step"] <= step]
+        tmp = metrics_path.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(x + "\n" for x in kept))
+        os.replace(tmp, metrics_path)
+    last: dict = {}
+    t0, tokens = time.perf_counter(), 0
+    bar = tqdm(total=total, initial=step, desc="SPPO training", unit="step", disable=not progress, dynamic_ncols=True)
+    while step < total:
+        epoch_pos = step % steps_per_epoch
+        micro = batches[epoch_pos * cfg.grad_accum: (epoch_pos + 1) * cfg.grad_accum]
+        micro_refs = refs[epoch_pos * cfg.grad_accum: (epoch_pos + 1) * cfg.grad_accum]
+        opt.zero_grad(set_to_none=True)
+        for b, ref in zip(micro, micro_refs):
+            loss, _, m = _loss(model, b, ref, cfg)
+            (loss / len(micro)).backward()
+            tokens += int((b["labels"] != IGNORE_INDEX).sum())
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        opt.step()
+        sched.step()
+        step += 1
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == total:  # .item() only on logging steps
+            last = {"step": step, "loss": loss.item(), "lr": sched.get_last_lr()[0],
+                    "grad_norm": float(grad_norm), **{k: float(v) for k, v in m.items()},
+                    "tokens_per_s": tokens / (time.perf_counter() - t0)}
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(last) + "\n")
+            bar.set_postfix(loss=f"{last['loss']:.4g}")
+        if cfg.save_every and step % cfg.save_every == 0 and step < total:
+            _save_checkpoint(out, model, opt, sched, step)
+    bar.close()
+    summary = {"steps": total, "last": last}
+    tmp = final.with_name(".model.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    _atomic_json(tmp / "trainer_state.json", {"summary": summary, "config": dataclasses.asdict(cfg)})
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    return summary
+
+
+def _save_checkpoint(out: Path, model, opt, sched, step: int) -> None:
+    """``checkpoints/step-N``: weights, optimizer, schedule and RNG, complete or absent."""
+    d = out / "checkpoints" / f"step-{step}"
+    tmp = d.with_name(f".step-{step}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save(model.state_dict(), tmp / "weights.pt")
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": torch.get_rng_state(),
+                "step": step}, tmp / "train_state.pt")
+    os.replace(tmp, d)
+    for old in (out / "checkpoints").glob("step-*"):  # keep the newest only
+        if old != d:
+            shutil.rmtree(old, ignore_errors=True)

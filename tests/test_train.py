@@ -1,0 +1,136 @@
+"""SPPO training: tokenisation, the fused loss against the reference path step by step, resume."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from sppo_fast.pipeline import train as tr
+from sppo_fast.pipeline.data import IGNORE_INDEX, collate, encode_pair
+from sppo_fast.tiny import synthetic_text, tiny_chat_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_chat_tokenizer(seed=0)
+
+
+def tiny_policy(tok, seed=0):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    cfg = MistralConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                        pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    return MistralForCausalLM(cfg)
+
+
+def records(n, seed=0):
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        p = synthetic_text(rng, rng.randint(3, 15))
+        w, l = synthetic_text(rng, rng.randint(2, 30)), synthetic_text(rng, rng.randint(2, 30))
+        out.append({"prompt": p, "chosen": [{"role": "user", "content": p}, {"role": "assistant", "content": w}],
+                    "rejected": [{"role": "user", "content": p}, {"role": "assistant", "content": l}],
+                    "chosen_probs_win": rng.uniform(0.5, 0.9), "chosen_probs_lose": rng.uniform(0.1, 0.5)})
+    return out
+
+
+def test_one_bos_one_eos_and_masked_prompt(tok):
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    e = encode_pair(tok, "What is the model?", "It is good.", max_length=64, max_prompt_length=32)
+    ids = list(e.input_ids)
+    assert ids.count(bos) == 1 and ids[0] == bos  # the template's BOS, not doubled
+    assert ids.count(eos) == 1 and ids[-1] == eos
+    prompt = tok(tr_prompt := tok.apply_chat_template([{"role": "user", "content": "What is the model?"}],
+                                                      tokenize=False, add_generation_prompt=True),
+                 add_special_tokens=False)["input_ids"]
+    assert tr_prompt.startswith("<s>[INST]")
+    n = len(prompt)
+    assert ids[:n] == prompt
+    assert list(e.labels[:n]) == [IGNORE_INDEX] * n
+    assert list(e.labels[n:]) == ids[n:] == tok("It is good.", add_special_tokens=False)["input_ids"] + [eos]
+    # a response ending in EOS gets no second one
+    assert list(encode_pair(tok, "q", "It is good.</s>", max_length=64, max_prompt_length=32).input_ids).count(eos) == 1
+
+
+def test_truncation_sides(tok):
+    long_p = synthetic_text(random.Random(1), 200)
+    long_r = synthetic_text(random.Random(2), 200)
+    e = encode_pair(tok, long_p, long_r, max_length=48, max_prompt_length=20)
+    n_prompt = sum(1 for x in e.labels if x == IGNORE_INDEX)
+    assert n_prompt == 20 and len(e.input_ids) == 48
+    full_prompt = tok(tok.apply_chat_template([{"role": "user", "content": long_p}], tokenize=False,
+                                              add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    assert list(e.input_ids[:20]) == [tok.bos_token_id] + full_prompt[-19:]  # kept the end ([/INST])
+    full_resp = tok(long_r, add_special_tokens=False)["input_ids"]
+    assert list(e.input_ids[20:]) == full_resp[:27] + [tok.eos_token_id]  # kept the start
+    with pytest.raises(ValueError, match="max_prompt_length"):
+        encode_pair(tok, "a", "b", max_length=10, max_prompt_length=10)
+
+
+def test_collate_shifts_labels(tok):
+    a = encode_pair(tok, "hi", "ok then", max_length=32, max_prompt_length=16)
+    b = collate([a], tok.pad_token_id)
+    assert b["labels"][0, :-1].tolist() == list(a.labels[1:]) and b["labels"][0, -1] == IGNORE_INDEX
+
+
+def run(tok, tmp_path, name, **kw):
+    cfg = tr.TrainConfig(learning_rate=1e-3, optimizer="adamw", batch_size=2, epochs=4, max_length=64,
+                         max_prompt_length=24, beta=0.1, **kw)
+    model = tiny_policy(tok)
+    tr.train(model, tok, records(10), tmp_path / name, cfg, progress=False)
+    lines = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    return model, lines
+
+
+def test_fused_and_reference_paths_agree_for_20_steps(tok, tmp_path):
+    _, fused = run(tok, tmp_path, "fused")
+    _, ref = run(tok, tmp_path, "ref", loss_path="reference")
+    assert len(fused) == len(ref) == 20
+    losses = [m["loss"] for m in fused]
+    assert max(losses) > 1.2 * min(losses)  # training moved the loss: the comparison is not vacuous
+    for a, b in zip(fused, ref):
+        assert a["loss"] == pytest.approx(b["loss"], rel=2e-4, abs=1e-5), (a["step"], a["loss"], b["loss"])
+        assert a["rewards/margins"] == pytest.approx(b["rewards/margins"], rel=2e-3, abs=1e-5)
+
+
+def test_resume_gives_the_same_weights(tok, tmp_path, monkeypatch):
+    whole, _ = run(tok, tmp_path, "whole")
+    calls = {"n": 0}
+    real = tr._loss
+
+    def killed_at_step_8(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 8:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(tr, "_loss", killed_at_step_8)
+    with pytest.raises(KeyboardInterrupt):
+        run(tok, tmp_path, "resumed", save_every=3)
+    assert (tmp_path / "resumed" / "checkpoints" / "step-6").exists()
+    monkeypatch.setattr(tr, "_loss", real)
+    resumed, lines = run(tok, tmp_path, "resumed", save_every=3)
+    assert [m["step"] for m in lines] == list(range(1, 21))
+    for (k, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=k)
+    assert (tmp_path / "resumed" / "model" / "config.json").exists()
+    assert not (tmp_path / "resumed" / "checkpoints").exists()
+
+
+def test_bad_configs_and_records(tok, tmp_path):
+    with pytest.raises(ValueError, match="optimizer"):
+        tr.TrainConfig(optimizer="sgd")
+    with pytest.raises(ValueError, match="loss_type"):
+        tr.TrainConfig(loss_type="dpo")
+    with pytest.raises(ValueError, match="batch_size"):
+        tr.TrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match="missing field 'rejected'"):
+        tr.train(tiny_policy(tok), tok, [{"prompt": "a", "chosen": "b"}], tmp_path / "x", tr.TrainConfig(),
+                 progress=False)
+    with pytest.raises(ValueError, match="no training records"):
+        tr.train(tiny_policy(tok), tok, [], tmp_path / "y", tr.TrainConfig(), progress=False)
