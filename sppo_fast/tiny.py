@@ -5,7 +5,8 @@ given seed, so two processes build bit-identical tokenizers and models.
 
 - :func:`synthetic_text` / :func:`synthetic_corpus`: English-looking text from a fixed word list.
 - :func:`train_unigram_tokenizer`: a SentencePiece-style Unigram tokenizer (DeBERTa-v3's kind:
-  Metaspace pre-tokenizer, ``[CLS] x [SEP]`` template) trained on such a corpus in a second or so.
+  Metaspace pre-tokenizer, ``[CLS] x [SEP]`` template) estimated from such a corpus in Python,
+  identical in every process; :func:`train_chat_tokenizer`: the same with Mistral's chat format.
 """
 
 from __future__ import annotations
@@ -62,15 +63,44 @@ def synthetic_corpus(n_texts: int, *, seed: int = 0, min_words: int = 5, max_wor
 
 
 def _train_unigram(texts: Iterable[str], vocab_size: int, special_tokens: Sequence[str], unk: str):
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    """A Unigram model whose pieces and log-probabilities are counted from ``texts`` in Python.
 
-    tok = Tokenizer(models.Unigram())
+    ``tokenizers``' own UnigramTrainer is not reproducible from one process to the next (its hash
+    maps are randomly seeded), and the tests, benchmarks and demo need the same tokenizer in every
+    process. Pieces: every printable ASCII character alone and after the word marker, then the most
+    frequent whole words (``vocab_size`` in all); scores: log relative frequencies, characters
+    penalised so that whole words win.
+    """
+    import collections
+    import math
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    words = collections.Counter()
+    chars = collections.Counter()
+    for t in texts:
+        for w in t.split():
+            words["\u2581" + w] += 1
+            chars.update(w)
+    total_w, total_c = sum(words.values()) or 1, sum(chars.values()) or 1
+    vocab = [(tok, 0.0) for tok in special_tokens]
+    seen = set(special_tokens)
+    for c in string.printable.strip() + "\u2581":
+        for piece in (c, "\u2581" + c) if c != "\u2581" else (c,):
+            if piece not in seen:
+                seen.add(piece)
+                vocab.append((piece, math.log((chars[c] + 1) / total_c) - 12.0))
+    for w, n in sorted(words.items(), key=lambda x: (-x[1], x[0])):
+        if len(vocab) >= vocab_size:
+            break
+        if w not in seen:
+            seen.add(w)
+            vocab.append((w, math.log(n / total_w)))
+    tok = Tokenizer(models.Unigram(vocab, unk_id=list(special_tokens).index(unk)))
     tok.normalizer = normalizers.NFKC()
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
-    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens),
-                                      unk_token=unk, show_progress=False)
-    tok.train_from_iterator(texts, trainer=trainer)
     return tok
 
 

@@ -130,7 +130,7 @@ def test_truncation_matches_llm_blender(tiny, blender, group):
     """Short limits so that every text is cut; ``truncation_group=B`` is LLM-Blender at batch size B."""
     model, tok = tiny
     src_max, cand_max = 24, 12
-    p = texts(7, 5, 1, 25)  # some sources cut, some not: budgets differ from prompt to prompt
+    p = texts(7, 5, 1, 40)  # some sources cut, some not: budgets differ from prompt to prompt
     c = [texts(70 + b, 4, 15, 60) for b in range(5)]
     ranker = prm.PairRMRanker(model, tok, progress=False, source_max_length=src_max,
                               candidate_max_length=cand_max, truncation_group=group)

@@ -1,0 +1,141 @@
+"""One configuration for a whole SPPO run: a dataclass, loadable from YAML, overridable per field.
+
+Presets: ``tiny`` (the embedded default: a tiny Mistral-architecture policy on this CPU, the shipped
+prompts, :class:`~sppo_fast.pipeline.rank.HashWordRanker`) and ``mistral-7b`` (the released recipe:
+Mistral-7B-Instruct-v0.2, PairRM, the UCLA-AGI prompt sets, lr 5e-7 RMSprop, beta 0.001, global
+batch 64, max_length 1024 / max_prompt_length 512).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+from .train import TrainConfig
+
+
+@dataclasses.dataclass
+class SPPOConfig:
+    name: str = "demo"
+    runs_dir: str = "runs"
+    model: str = "tiny"                 # "tiny" or a Hugging Face model name / folder
+    ranker: str = "hash"                # "hash", "pairrm-tiny", or a PairRM name / folder
+    prompts: str = "shipped"            # "shipped", a file, or a hub set ("{iteration}" is filled in)
+    prompt_field: str = "prompt"
+    prompts_per_iteration: int = 64
+    eval_prompts: int = 48              # held out (the first ones of the source), for win rates
+    iterations: int = 3
+    k: int = 5
+    temperature: float = 0.7
+    top_p: float = 0.9
+    max_new_tokens: int = 24
+    generation_batch_size: int = 64
+    seed: int = 50
+    mode: str = "official"             # pairrm_aggregate mode
+    device: str = "auto"
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        if isinstance(self.train, dict):
+            self.train = TrainConfig(**self.train)
+        for f in ("prompts_per_iteration", "iterations", "max_new_tokens", "generation_batch_size"):
+            if getattr(self, f) < 1:
+                raise ValueError(f"{f} must be >= 1, got {getattr(self, f)}")
+        if self.k < 2:
+            raise ValueError(f"k must be >= 2 (SPPO compares K responses per prompt), got {self.k}")
+        if self.eval_prompts < 0:
+            raise ValueError(f"eval_prompts must be >= 0, got {self.eval_prompts}")
+        if not 0 < self.top_p <= 1 or self.temperature <= 0:
+            raise ValueError(f"need temperature > 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(prompts_per_iteration=96, train=dict(learning_rate=3e-4, optimizer="adamw", beta=0.1, batch_size=8, epochs=2,
+                            max_length=96, max_prompt_length=48, warmup_ratio=0.1)),
+    "mistral-7b": dict(
+        model="mistralai/Mistral-7B-Instruct-v0.2", ranker="llm-blender/PairRM",
+        prompts="UCLA-AGI/data-mistral-7b-instruct-sppo-iter{iteration}", prompts_per_iteration=20000,
+        eval_prompts=0, max_new_tokens=2048, generation_batch_size=16,
+        train=dict(learning_rate=5e-7, optimizer="rmsprop", beta=0.001, batch_size=8, grad_accum=8, epochs=1,
+                   max_length=1024, max_prompt_length=512, warmup_ratio=0.1, gradient_checkpointing=True)),
+}
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _coerce(value: str, like: Any) -> Any:
+    if isinstance(like, bool):
+        if value.lower() in ("1", "true", "yes"):
+            return True
+        if value.lower() in ("0", "false", "no"):
+            return False
+        raise ValueError(f"expected a boolean, got {value!r}")
+    if isinstance(like, int):
+        return int(value)
+    if isinstance(like, float):
+        return float(value)
+    return value
+
+
+def load_config(preset: str = "tiny", path: Optional[str | os.PathLike] = None,
+                overrides: Optional[dict[str, str]] = None) -> SPPOConfig:
+    """A preset, then a YAML file's fields, then ``overrides`` (``{"train.learning_rate": "1e-4"}``).
+
+    Unknown fields and values of the wrong type are rejected with a message naming them.
+    """
+    import yaml
+
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; presets: {sorted(PRESETS)}")
+    fields = dataclasses.asdict(SPPOConfig())
+    fields = _merge(fields, PRESETS[preset])
+    if path is not None:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of config fields")
+        _check_keys(data, fields, str(path))
+        fields = _merge(fields, data)
+    for key, value in (overrides or {}).items():
+        parts = key.split(".")
+        node = fields
+        for p in parts[:-1]:
+            if not isinstance(node.get(p), dict):
+                raise ValueError(f"unknown config field {key!r}")
+            node = node[p]
+        if parts[-1] not in node:
+            raise ValueError(f"unknown config field {key!r}")
+        try:
+            node[parts[-1]] = _coerce(value, node[parts[-1]]) if isinstance(value, str) else value
+        except ValueError as exc:
+            raise ValueError(f"config field {key!r}: {exc}") from None
+    return SPPOConfig(**fields)
+
+
+def _check_keys(data: dict, fields: dict, where: str, prefix: str = "") -> None:
+    for k, v in data.items():
+        if k not in fields:
+            raise ValueError(f"{where}: unknown config field {prefix + k!r}")
+        if isinstance(v, dict) and isinstance(fields[k], dict):
+            _check_keys(v, fields[k], where, prefix + k + ".")
+
+
+def save_config(cfg: SPPOConfig, path: Path) -> None:
+    import yaml
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    os.replace(tmp, path)

@@ -1,0 +1,257 @@
+"""Whole SPPO iterations: generate, rank, build the training set, train; evaluate; summarise.
+
+Files of a run (every one written to a temporary name and renamed when complete; a stage is done
+exactly when its output exists, so rerunning after a kill continues from the first missing one):
+
+    runs/<name>/config.yaml
+    runs/<name>/iter-0/model/                 the starting policy (tiny: built here)
+    runs/<name>/iter-t/generations.parquet    prompt, K candidates
+    runs/<name>/iter-t/train.parquet          official fields + candidates, scores, matrix
+    runs/<name>/iter-t/{metrics.jsonl, model/}
+    runs/<name>/summary.json, winrate.png, loss.png
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .config import SPPOConfig, save_config
+from .generate import generate
+from .prompts import load_prompts
+from .rank import HashWordRanker, training_records, win_rate
+from .train import train
+
+
+def _device(cfg: SPPOConfig) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def tiny_policy(tokenizer, seed: int = 0):
+    """A randomly initialised Mistral-architecture causal LM at tiny size (hidden 64, 2 layers)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    cfg = MistralConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return MistralForCausalLM(cfg)
+
+
+def _atomic_parquet(rows: list[dict], path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(pa.Table.from_pylist(rows), tmp)
+    os.replace(tmp, path)
+
+
+def _read_parquet(path: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path).to_pylist()
+
+
+def _atomic_json(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def load_policy(path: str | Path, device: torch.device):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def make_ranker(cfg: SPPOConfig, device: torch.device):
+    if cfg.ranker == "hash":
+        return HashWordRanker()
+    from ..pairrm import PairRMRanker, tiny_pairrm
+
+    if cfg.ranker == "pairrm-tiny":
+        model, tok = tiny_pairrm(seed=cfg.train.seed)
+        return PairRMRanker(model.to(device), tok, mode=cfg.mode, progress=False)
+    return PairRMRanker.from_pretrained(cfg.ranker, device=device, mode=cfg.mode, progress=False)
+
+
+def _initial_policy(cfg: SPPOConfig, run: Path, device: torch.device) -> Path:
+    out = run / "iter-0" / "model"
+    if out.exists():
+        return out
+    if cfg.model != "tiny":
+        return Path(cfg.model)  # a hub name or folder: read directly
+    from ..tiny import tiny_chat_tokenizer
+
+    tok = tiny_chat_tokenizer(seed=cfg.train.seed)
+    model = tiny_policy(tok, seed=cfg.train.seed)
+    tmp = out.with_name(".model.tmp")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, out)
+    return out
+
+
+def _prompt_source(cfg: SPPOConfig, t: int) -> str:
+    return cfg.prompts.replace("{iteration}", str(t))
+
+
+def iteration_prompts(cfg: SPPOConfig, t: int) -> list[str]:
+    """Iteration t's training prompts: a fresh slice per iteration after the held-out ones (or,
+    for a per-iteration hub set, the first ``prompts_per_iteration`` of set t)."""
+    if "{iteration}" in cfg.prompts:
+        return load_prompts(_prompt_source(cfg, t), field=cfg.prompt_field, limit=cfg.prompts_per_iteration)
+    start = cfg.eval_prompts + (t - 1) * cfg.prompts_per_iteration
+    prompts = load_prompts(cfg.prompts, field=cfg.prompt_field, offset=start, limit=cfg.prompts_per_iteration)
+    if len(prompts) < cfg.prompts_per_iteration:
+        # a small source (the shipped set) is reused cyclically; each iteration still differs
+        pool = load_prompts(cfg.prompts, field=cfg.prompt_field, offset=cfg.eval_prompts)
+        prompts = [pool[(start - cfg.eval_prompts + i) % len(pool)] for i in range(cfg.prompts_per_iteration)]
+    return prompts
+
+
+STAGES = ("generate", "rank", "train")
+
+
+def run_iteration(cfg: SPPOConfig, t: int, *, ranker=None, progress: bool = True, until: str = "train") -> Path:
+    """Iteration t (1-based): from iteration t-1's policy to iteration t's; returns its model folder.
+
+    ``until``: stop after ``"generate"`` or ``"rank"`` (earlier stages run first when missing)."""
+    if until not in STAGES:
+        raise ValueError(f"until: expected one of {STAGES}, got {until!r}")
+    device = _device(cfg)
+    run = cfg.run_dir
+    it = run / f"iter-{t}"
+    final = it / "model"
+    if (final / "trainer_state.json").exists():
+        return final
+    it.mkdir(parents=True, exist_ok=True)
+    start = _initial_policy(cfg, run, device) if t == 1 else run / f"iter-{t - 1}" / "model"
+    model, tok = load_policy(start, device)
+    gen_path = it / "generations.parquet"
+    if not gen_path.exists():
+        prompts = iteration_prompts(cfg, t)
+        cands = generate(model, tok, prompts, k=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p,
+                         max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, batch_size=cfg.generation_batch_size,
+                         progress=progress)
+        _atomic_parquet([{"prompt": p, "candidates": c} for p, c in zip(prompts, cands)], gen_path)
+    if until == "generate":
+        return gen_path
+    train_path = it / "train.parquet"
+    if not train_path.exists():
+        gens = _read_parquet(gen_path)
+        prompts, cands = [g["prompt"] for g in gens], [g["candidates"] for g in gens]
+        ranker = ranker or make_ranker(cfg, device)
+        records, tied = training_records(prompts, cands, ranker.pair_matrix(prompts, cands), mode=cfg.mode)
+        _atomic_parquet(records, train_path)
+        _atomic_json({"prompts": len(prompts), "tied": tied, "records": len(records)}, it / "ranking.json")
+    if until == "rank":
+        return train_path
+    records = _read_parquet(train_path)
+    train(model, tok, records, it, cfg.train, progress=progress)
+    return final
+
+
+def evaluate(cfg: SPPOConfig, model_a: Path, model_b: Path, *, ranker=None, samples: int = 2) -> float:
+    """Win rate of policy A against policy B on the held-out prompts under the ranker: each prompt
+    answered ``samples`` times by each (same seeds), both orders compared, ties count one half."""
+    device = _device(cfg)
+    prompts = load_prompts(_prompt_source(cfg, 0) if "{iteration}" in cfg.prompts else cfg.prompts,
+                           field=cfg.prompt_field, limit=cfg.eval_prompts)
+    if not prompts:
+        raise ValueError("eval_prompts is 0: no held-out prompts to evaluate on")
+    ranker = ranker or make_ranker(cfg, device)
+    outs = []
+    for path in (model_a, model_b):
+        model, tok = load_policy(path, device)
+        outs.append(generate(model, tok, prompts, k=samples, temperature=cfg.temperature, top_p=cfg.top_p,
+                             max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 7, progress=False,
+                             batch_size=cfg.generation_batch_size))
+    rates = [win_rate(ranker, prompts, [a[s] for a in outs[0]], [b[s] for b in outs[1]]) for s in range(samples)]
+    return sum(rates) / len(rates)
+
+
+def iterate(cfg: SPPOConfig, *, progress: bool = True, ranker=None) -> dict:
+    """Run ``cfg.iterations`` iterations end to end, then the win rate of each iteration's policy
+    against iteration 0 on held-out prompts; writes summary.json, winrate.png and loss.png."""
+    run = cfg.run_dir
+    run.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run / "config.yaml")
+    device = _device(cfg)
+    ranker = ranker or make_ranker(cfg, device)
+    t0 = time.perf_counter()
+    models = [_initial_policy(cfg, run, device)]
+    for t in range(1, cfg.iterations + 1):
+        if progress:
+            print(f"== SPPO iteration {t}/{cfg.iterations}")
+        models.append(run_iteration(cfg, t, ranker=ranker, progress=progress))
+    rows = []
+    for t, m in enumerate(models):
+        info = json.loads((run / f"iter-{t}" / "ranking.json").read_text()) if t else {}
+        last = json.loads((m / "trainer_state.json").read_text())["summary"]["last"] if t else {}
+        wr = evaluate(cfg, m, models[0], ranker=ranker) if cfg.eval_prompts and t else 0.5
+        rows.append({"iteration": t, "win_rate_vs_iter0": wr, "tied_prompts": info.get("tied", 0),
+                     "train_records": info.get("records", 0), "final_loss": last.get("loss"),
+                     "reward_margin": last.get("rewards/margins")})
+    summary = {"config": cfg.to_dict(), "iterations": rows, "seconds": time.perf_counter() - t0}
+    _atomic_json(summary, run / "summary.json")
+    plot_run(run, rows)
+    return summary
+
+
+def plot_run(run: Path, rows: list[dict]) -> None:
+    """winrate.png (win rate of each iteration against iteration 0) and loss.png (training loss)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # plots are optional (pip install matplotlib)
+        return
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot([r["iteration"] for r in rows], [r["win_rate_vs_iter0"] for r in rows], "o-")
+    ax.axhline(0.5, color="gray", lw=0.8, ls="--")
+    ax.set_xlabel("SPPO iteration")
+    ax.set_ylabel("win rate vs iteration 0")
+    ax.set_ylim(0, 1)
+    ax.set_title("held-out win rate under the ranker")
+    fig.tight_layout()
+    fig.savefig(run / "winrate.png", dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    offset = 0
+    for r in rows[1:]:
+        path = run / f"iter-{r['iteration']}" / "metrics.jsonl"
+        if path.exists():
+            m = [json.loads(x) for x in path.read_text().splitlines() if x]
+            ax.plot([offset + x["step"] for x in m], [x["loss"] for x in m], label=f"iteration {r['iteration']}")
+            offset += len(m)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("SPPO loss")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(run / "loss.png", dpi=110)
+    plt.close(fig)
+
+
+def format_summary(summary: dict) -> str:
+    lines = [f"{'iteration':>9}  {'win rate vs iter 0':>18}  {'train pairs':>11}  {'tied':>4}  {'final loss':>10}"]
+    for r in summary["iterations"]:
+        loss = f"{r['final_loss']:.4g}" if r["final_loss"] is not None else "-"
+        lines.append(f"{r['iteration']:>9}  {r['win_rate_vs_iter0']:>18.3f}  {r['train_records']:>11}  "
+                     f"{r['tied_prompts']:>4}  {loss:>10}")
+    lines.append(f"({summary['seconds']:.0f} s)")
+    return "\n".join(lines)

@@ -1,0 +1,68 @@
+"""Prompt sources: the SPPO prompt sets on the hub, local files, and a small set shipped here.
+
+``load_prompts("shipped")`` needs nothing from the network: 240 instruction prompts written for this
+project (12 request forms x 20 topics), enough for the embedded default's iterations and held-out
+evaluation. ``load_prompts("UCLA-AGI/data-mistral-7b-instruct-sppo-iter1")`` is the official set
+(field ``prompt``) for users who are online; ``load_prompts("my.jsonl")`` reads JSON, JSONL, CSV or
+Parquet files with a prompt column.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+_FORMS = (
+    "Explain {t} to a curious student in a few sentences.",
+    "Give three practical tips about {t}.",
+    "What is the most common mistake people make with {t}?",
+    "Write a short, clear summary of why {t} matters.",
+    "Compare two different ways to approach {t}.",
+    "Describe a simple example that shows how {t} works.",
+    "What should a beginner learn first about {t}?",
+    "Write a friendly message that asks a colleague for help with {t}.",
+    "List the steps to plan a small project about {t}.",
+    "What questions would you ask an expert on {t}?",
+    "Suggest a careful way to measure progress in {t}.",
+    "Tell a very short story in which {t} plays a part.",
+)
+_TOPICS = (
+    "cooking rice", "saving money", "learning a language", "growing tomatoes", "writing a report",
+    "planning a trip", "sleeping well", "reading research papers", "fixing a bicycle", "running a meeting",
+    "training a small model", "debugging a program", "keeping a garden", "studying history",
+    "making music", "measuring the weather", "teaching children", "choosing a laptop", "drawing a map",
+    "reviewing code",
+)
+SHIPPED_PROMPTS: tuple[str, ...] = tuple(f.format(t=t) for t in _TOPICS for f in _FORMS)
+
+
+def load_prompts(source: str = "shipped", *, split: str = "train", field: str = "prompt",
+                 limit: Optional[int] = None, offset: int = 0) -> list[str]:
+    """Prompts from ``"shipped"``, a local file (.json/.jsonl/.csv/.parquet) or a hub dataset name.
+
+    ``offset``/``limit`` select a slice (iterations take consecutive slices of one source).
+    Raises ``ValueError`` naming the problem: a missing column, non-string or empty prompts.
+    """
+    if source == "shipped":
+        prompts = list(SHIPPED_PROMPTS)
+    else:
+        import datasets
+
+        path = Path(source)
+        if path.exists():
+            kind = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}.get(path.suffix)
+            if kind is None:
+                raise ValueError(f"{source}: unsupported prompt file type {path.suffix!r} "
+                                 "(use .json, .jsonl, .csv or .parquet)")
+            ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+        else:  # a hub dataset, for users who are online
+            ds = datasets.load_dataset(source, split=split)
+        if field not in ds.column_names:
+            raise ValueError(f"{source}: no column {field!r}; columns: {ds.column_names}")
+        prompts = ds[field]
+    end = len(prompts) if limit is None else offset + limit
+    out = prompts[offset:end]
+    for i, p in enumerate(out):
+        if not isinstance(p, str) or not p.strip():
+            raise ValueError(f"{source}: prompt {offset + i} is {'empty' if isinstance(p, str) else type(p).__name__}")
+    return out

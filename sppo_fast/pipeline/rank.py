@@ -1,0 +1,68 @@
+"""Rankers and the SPPO training set.
+
+A ranker is anything with ``pair_matrix(prompts, candidates) -> M[B, K, K]`` (``M[b, i, j]``: the logit
+that candidate ``i`` beats ``j``): :class:`sppo_fast.pairrm.PairRMRanker` for real runs, or
+:class:`HashWordRanker`, a judge with known preferences for the embedded default and the tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .. import ops
+
+
+class HashWordRanker:
+    """A judge with known, documented preferences: it likes words with a high fixed score.
+
+    Every word gets a score in [0, 1) from a stable hash (``blake2b`` of the lower-cased word);
+    a response's utility is the mean score of its words (0.5 for an empty response), and
+    ``M[i, j] = scale * (u_i - u_j)``, antisymmetric, with no position bias. A policy can only learn
+    which words it likes from the comparisons, which is what SPPO has to do with PairRM.
+    """
+
+    def __init__(self, scale: float = 20.0):
+        self.scale = scale
+
+    @staticmethod
+    def word_score(word: str) -> float:
+        return int.from_bytes(hashlib.blake2b(word.lower().encode(), digest_size=4).digest(), "big") / 2 ** 32
+
+    def utility(self, text: str) -> float:
+        words = re.findall(r"\w+", text)
+        return sum(map(self.word_score, words)) / len(words) if words else 0.5
+
+    def pair_matrix(self, prompts: Sequence[str], candidates: Sequence[Sequence[str]]) -> Tensor:
+        u = torch.tensor([[self.utility(c) for c in cs] for cs in candidates], dtype=torch.float32)
+        m = self.scale * (u[:, :, None] - u[:, None, :])
+        return m * (1 - torch.eye(u.shape[1]))
+
+
+def training_records(prompts: Sequence[str], candidates: Sequence[Sequence[str]], cmp: Tensor, *,
+                     mode: str = "official", backend: str = "auto") -> tuple[list[dict], int]:
+    """SPPO's training records from the pairwise logits, and the number of tied prompts left out.
+
+    Each record has the official fields (``prompt``, ``chosen``, ``rejected`` as [user, assistant]
+    messages, ``chosen_probs``, ``chosen_probs_win``, ``chosen_probs_lose``) plus all candidates,
+    scores and the matrix. A prompt whose K scores are all equal has no chosen/rejected pair
+    (the official code would train on ``chosen == rejected``): it is counted and left out.
+    """
+    from ..pairrm import RankResult
+
+    agg = ops.pairrm_aggregate(cmp, mode, backend=backend)
+    rows = RankResult(cmp, *agg).records(prompts, candidates)
+    kept = [r for r in rows if not r["tied"]]
+    return kept, len(rows) - len(kept)
+
+
+def win_rate(ranker, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> float:
+    """Share of prompts where response ``a`` beats ``b`` under ``ranker``, both orders averaged
+    (``M[a, b] - M[b, a] > 0``; exact ties count one half)."""
+    cmp = ranker.pair_matrix(prompts, [[x, y] for x, y in zip(a, b)])
+    d = cmp[:, 0, 1] - cmp[:, 1, 0]
+    return float(((d > 0).float() + 0.5 * (d == 0).float()).mean())

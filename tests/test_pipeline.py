@@ -1,0 +1,125 @@
+"""The SPPO pipeline: config, prompts, generation, ranking, whole iterations, resume and the CLI."""
+
+import json
+
+import pytest
+import torch
+
+from sppo_fast import cli
+from sppo_fast.pipeline import iterate as it
+from sppo_fast.pipeline.config import PRESETS, load_config
+from sppo_fast.pipeline.generate import generate
+from sppo_fast.pipeline.prompts import SHIPPED_PROMPTS, load_prompts
+from sppo_fast.pipeline.rank import HashWordRanker, training_records, win_rate
+from sppo_fast.tiny import tiny_chat_tokenizer
+
+
+def small(tmp_path, **kw):
+    over = {"runs_dir": str(tmp_path), "prompts_per_iteration": "24", "eval_prompts": "16", "iterations": "2"}
+    over.update(kw)
+    return load_config("tiny", overrides=over)
+
+
+def test_config_presets_yaml_and_overrides(tmp_path):
+    assert set(PRESETS) == {"tiny", "mistral-7b"}
+    m = load_config("mistral-7b")
+    assert (m.train.learning_rate, m.train.optimizer, m.train.beta, m.train.max_length,
+            m.train.max_prompt_length, m.train.batch_size * m.train.grad_accum) == (5e-7, "rmsprop", 0.001, 1024, 512, 64)
+    y = tmp_path / "c.yaml"
+    y.write_text("name: x\nk: 3\ntrain:\n  beta: 0.5\n")
+    c = load_config("tiny", y, {"train.epochs": "3", "iterations": "4"})
+    assert (c.name, c.k, c.train.beta, c.train.epochs, c.iterations) == ("x", 3, 0.5, 3, 4)
+    assert c.train.learning_rate == PRESETS["tiny"]["train"]["learning_rate"]
+    for bad, match in (({"kk": "1"}, "unknown config field 'kk'"), ({"train.lr": "1"}, "unknown config field"),
+                       ({"k": "1"}, "k must be >= 2"), ({"top_p": "2"}, "top_p"), ({"k": "five"}, "'k'"),
+                       ({"train.optimizer": "sgd"}, "optimizer")):
+        with pytest.raises(ValueError, match=match):
+            load_config("tiny", overrides=bad)
+    y.write_text("trian: {}\n")
+    with pytest.raises(ValueError, match="unknown config field 'trian'"):
+        load_config("tiny", y)
+    with pytest.raises(ValueError, match="unknown preset"):
+        load_config("huge")
+
+
+def test_prompts_shipped_and_files(tmp_path):
+    assert len(SHIPPED_PROMPTS) == len(set(SHIPPED_PROMPTS)) == 240
+    assert load_prompts(limit=3, offset=5) == list(SHIPPED_PROMPTS[5:8])
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps({"instruction": f"q{i}"}) for i in range(4)))
+    assert load_prompts(str(tmp_path / "p.jsonl"), field="instruction") == ["q0", "q1", "q2", "q3"]
+    with pytest.raises(ValueError, match="no column 'prompt'"):
+        load_prompts(str(tmp_path / "p.jsonl"))
+    (tmp_path / "e.jsonl").write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"prompt": " "}))
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        load_prompts(str(tmp_path / "e.jsonl"))
+    (tmp_path / "p.txt").write_text("x")
+    with pytest.raises(ValueError, match="unsupported prompt file type"):
+        load_prompts(str(tmp_path / "p.txt"))
+
+
+def test_generation_is_seeded_per_sample_index():
+    tok = tiny_chat_tokenizer()
+    model = it.tiny_policy(tok)
+    prompts = list(SHIPPED_PROMPTS[:3])
+    a = generate(model, tok, prompts, k=3, max_new_tokens=8, progress=False)
+    b = generate(model, tok, prompts, k=3, max_new_tokens=8, progress=False)
+    assert a == b  # same seeds, same batching: the same candidates (reruns and resumes)
+    assert all(len(c) == 3 for c in a) and len({a[0][0], a[0][1], a[0][2]}) == 3
+
+
+def test_ranking_records_and_ties():
+    r = HashWordRanker()
+    prompts = ["p1", "p2"]
+    cands = [["good answer", "bad reply here", "x"], ["same", "same", "same"]]
+    m = r.pair_matrix(prompts, cands)
+    torch.testing.assert_close(m, -m.transpose(1, 2))
+    records, tied = training_records(prompts, cands, m)
+    assert tied == 1 and len(records) == 1 and records[0]["prompt"] == "p1"
+    u = [r.utility(c) for c in cands[0]]
+    assert records[0]["chosen"][1]["content"] == cands[0][u.index(max(u))]
+    assert records[0]["rejected"][1]["content"] == cands[0][u.index(min(u))]
+    assert 0.5 < records[0]["chosen_probs_win"] <= 1 and 0 <= records[0]["chosen_probs_lose"] < 0.5
+    assert win_rate(r, prompts, ["a", "same"], ["a", "same"]) == 0.5
+
+
+def test_iterations_raise_the_win_rate_and_resume(tmp_path, monkeypatch):
+    whole = it.iterate(small(tmp_path / "whole"), progress=False)
+    rates = [r["win_rate_vs_iter0"] for r in whole["iterations"]]
+    assert rates[0] == 0.5 and rates[-1] > 0.6, rates
+    run = tmp_path / "whole" / "demo"
+    for f in ("config.yaml", "summary.json", "winrate.png", "loss.png", "iter-1/generations.parquet",
+              "iter-1/train.parquet", "iter-2/model/config.json", "iter-2/metrics.jsonl"):
+        assert (run / f).exists(), f
+    assert not list(run.rglob(".*tmp*"))
+    # killed while training iteration 2: the rerun keeps iteration 1 and what iteration 2 had written
+    real = it.train
+    calls = []
+
+    def dies_in_iteration_2(model, tok, records, out, cfg, **kw):
+        calls.append(out.name)
+        if out.name == "iter-2":
+            raise KeyboardInterrupt
+        return real(model, tok, records, out, cfg, **kw)
+
+    monkeypatch.setattr(it, "train", dies_in_iteration_2)
+    with pytest.raises(KeyboardInterrupt):
+        it.iterate(small(tmp_path / "killed"), progress=False)
+    monkeypatch.setattr(it, "train", real)
+    gen_before = (tmp_path / "killed" / "demo" / "iter-2" / "generations.parquet").stat().st_mtime_ns
+    resumed = it.iterate(small(tmp_path / "killed"), progress=False)
+    assert (tmp_path / "killed" / "demo" / "iter-2" / "generations.parquet").stat().st_mtime_ns == gen_before
+    assert [r["win_rate_vs_iter0"] for r in resumed["iterations"]] == rates
+    assert [r["final_loss"] for r in resumed["iterations"]] == [r["final_loss"] for r in whole["iterations"]]
+
+
+def test_cli_runs_stages_and_rejects_bad_config(tmp_path, capsys):
+    args = ["--quiet", "--set", f"runs_dir={tmp_path}", "prompts_per_iteration=8", "eval_prompts=4"]
+    assert cli.main(["generate", *args]) == 0
+    assert (tmp_path / "demo" / "iter-1" / "generations.parquet").exists()
+    assert not (tmp_path / "demo" / "iter-1" / "train.parquet").exists()
+    assert cli.main(["rank", *args]) == 0
+    assert (tmp_path / "demo" / "iter-1" / "train.parquet").exists()
+    with pytest.raises(SystemExit, match="unknown config field 'nope'"):
+        cli.main(["demo", "--set", "nope=1"])
+    with pytest.raises(SystemExit, match="field=value"):
+        cli.main(["demo", "--set", "iterations"])
