@@ -123,3 +123,14 @@ def test_cli_runs_stages_and_rejects_bad_config(tmp_path, capsys):
         cli.main(["demo", "--set", "nope=1"])
     with pytest.raises(SystemExit, match="field=value"):
         cli.main(["demo", "--set", "iterations"])
+
+
+def test_rank_stage_with_the_tiny_pairrm(tmp_path):
+    cfg = small(tmp_path, ranker="pairrm-tiny", prompts_per_iteration="6")
+    out = it.run_iteration(cfg, 1, progress=False, until="rank")
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(out).to_pylist()
+    info = json.loads((out.parent / "ranking.json").read_text())
+    assert info["prompts"] == 6 and len(rows) == info["records"] == 6 - info["tied"]
+    assert all(len(r["cmp"]) == cfg.k and r["chosen_index"] != r["rejected_index"] for r in rows)

@@ -9,6 +9,13 @@
         clip, step the optimizer and the schedule (linear warmup, then linear decay)
         every log_every steps: metrics to metrics.jsonl; every save_every: a checkpoint
 
+Under ``torchrun`` (``WORLD_SIZE`` > 1) it runs data-parallel, unchanged: the process group is
+initialised here (NCCL on GPUs, gloo on CPUs), the policy is wrapped in DDP through a small module
+whose forward returns the final hidden states *and* the lm_head weight, so that DDP sees every
+parameter the fused loss differentiates; each rank takes its ``batch_size`` pairs of every global
+batch of ``batch_size * world_size`` and rank 0 writes the files. The losses equal a single process
+with the same global batch (tested with gloo and 2 processes).
+
 ``loss_path="reference"`` computes the logits and uses :func:`sppo_fast.reference` instead: the same
 numbers (the tests compare every step), more memory. A checkpoint is a ``save_pretrained`` folder
 plus the optimizer, schedule and RNG state, written to a temporary folder and renamed; ``train``
@@ -100,6 +107,43 @@ def reference_logps(model, batches: Sequence[dict], backend: str = "auto") -> li
     return out
 
 
+class _HiddenAndHead(torch.nn.Module):
+    """``forward(ids, mask) -> (hidden, lm_head.weight, lm_head.bias)``: the module DDP wraps, so the
+    lm_head weight, used by the fused loss rather than by the forward, is still one of its outputs."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        _, head = _body_and_head(self.model)
+        return hidden_states(self.model, input_ids, attention_mask), head.weight, head.bias
+
+
+def _distributed() -> tuple[int, int]:
+    """``(rank, world_size)``; initialises the process group under torchrun when needed."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _rank_records(records: Sequence[dict], batch_size: int, rank: int, world: int) -> list[dict]:
+    """This rank's share: pairs ``[r*B, (r+1)*B)`` of every global batch of ``B * world`` pairs."""
+    if world == 1:
+        return list(records)
+    g = batch_size * world
+    usable = len(records) - len(records) % g  # every rank must take the same number of steps
+    if usable == 0:
+        raise ValueError(f"{len(records)} records are fewer than one global batch ({g} = {batch_size} x {world})")
+    return [records[s + rank * batch_size + i] for s in range(0, usable, g) for i in range(batch_size)]
+
+
 def _pair_batches(tokenizer, records: Sequence[dict], cfg: TrainConfig, device) -> list[dict]:
     """Micro-batches: ``B`` chosen sequences then their ``B`` rejected ones, with the probabilities."""
     enc = encode_records(tokenizer, records, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
@@ -125,14 +169,14 @@ def _lr_lambda(total: int, warmup_ratio: float):
     return f
 
 
-def _loss(model, b: dict, ref: Tensor, cfg: TrainConfig):
-    h = hidden_states(model, b["input_ids"], b["attention_mask"])
-    _, head = _body_and_head(model)
+def _loss(policy, b: dict, ref: Tensor, cfg: TrainConfig):
+    """``policy``: a :class:`_HiddenAndHead` (DDP-wrapped or not)."""
+    h, weight, bias = policy(b["input_ids"], b["attention_mask"])
     probs = {f: b[f] for f in ("chosen_probs_win", "chosen_probs_lose", "chosen_probs") if f in b}
     if cfg.loss_path == "fused":
-        return fused_linear_sppo_loss(h, head.weight, b["labels"], ref, bias=head.bias, beta=cfg.beta,
+        return fused_linear_sppo_loss(h, weight, b["labels"], ref, bias=bias, beta=cfg.beta,
                                       loss_type=cfg.loss_type, backend=cfg.backend, **probs)
-    logits = head(h)
+    logits = torch.nn.functional.linear(h, weight, bias)
     logps = reference.sequence_logps(logits, b["labels"])
     B = logps.shape[0] // 2
     losses = reference.sppo_loss(logps[:B], logps[B:], ref[:B], ref[B:], beta=cfg.beta, loss_type=cfg.loss_type,
@@ -165,10 +209,11 @@ def train(model, tokenizer, records: Sequence[dict], out_dir: str | os.PathLike,
     if not records:
         raise ValueError("no training records (every prompt tied, or an empty dataset?)")
     device = next(model.parameters()).device
+    rank, world = _distributed()
     torch.manual_seed(cfg.seed)
-    batches = _pair_batches(tokenizer, list(records), cfg, device)
+    batches = _pair_batches(tokenizer, _rank_records(list(records), cfg.batch_size, rank, world), cfg, device)
     ckpts = sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-    ref_path = out / "ref_logps.pt"
+    ref_path = out / (f"ref_logps.rank{rank}.pt" if world > 1 else "ref_logps.pt")
     if ref_path.exists():  # the reference is the policy at the start: never recompute after resuming
         refs = torch.load(ref_path, map_location=device)
     else:
@@ -192,8 +237,13 @@ def train(model, tokenizer, records: Sequence[dict], out_dir: str | os.PathLike,
     if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable()
     model.train()
+    policy = _HiddenAndHead(model)
+    if world > 1:
+        import torch.distributed as dist
+
+        policy = torch.nn.parallel.DistributedDataParallel(policy)
     metrics_path = out / "metrics.jsonl"
-    if metrics_path.exists():  # drop what was logged after the checkpoint we resume from
+    if rank == 0 and metrics_path.exists():  # drop what was logged after the checkpoint we resume from
         kept = [x for x in metrics_path.read_text().splitlines() if x and json.loads(x)["step"] <= step]
         tmp = metrics_path.with_name(".metrics.jsonl.tmp")
         tmp.write_text("".join(x + "\n" for x in kept))
@@ -207,7 +257,7 @@ def train(model, tokenizer, records: Sequence[dict], out_dir: str | os.PathLike,
         micro_refs = refs[epoch_pos * cfg.grad_accum: (epoch_pos + 1) * cfg.grad_accum]
         opt.zero_grad(set_to_none=True)
         for b, ref in zip(micro, micro_refs):
-            loss, _, m = _loss(model, b, ref, cfg)
+            loss, _, m = _loss(policy, b, ref, cfg)
             (loss / len(micro)).backward()
             tokens += int((b["labels"] != IGNORE_INDEX).sum())
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -216,16 +266,27 @@ def train(model, tokenizer, records: Sequence[dict], out_dir: str | os.PathLike,
         step += 1
         bar.update(1)
         if step % cfg.log_every == 0 or step == total:  # .item() only on logging steps
-            last = {"step": step, "loss": loss.item(), "lr": sched.get_last_lr()[0],
-                    "grad_norm": float(grad_norm), **{k: float(v) for k, v in m.items()},
-                    "tokens_per_s": tokens / (time.perf_counter() - t0)}
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(last) + "\n")
+            vals = torch.stack([loss.detach(), *[v.detach().float() for v in m.values()]])
+            if world > 1:  # means over equal shares: the global batch's means
+                dist.all_reduce(vals)
+                vals /= world
+            last = {"step": step, "loss": vals[0].item(), "lr": sched.get_last_lr()[0],
+                    "grad_norm": float(grad_norm), **{k: v.item() for k, v in zip(m, vals[1:])},
+                    "tokens_per_s": world * tokens / (time.perf_counter() - t0)}
+            if rank == 0:
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(last) + "\n")
             bar.set_postfix(loss=f"{last['loss']:.4g}")
         if cfg.save_every and step % cfg.save_every == 0 and step < total:
-            _save_checkpoint(out, model, opt, sched, step)
+            if rank == 0:
+                _save_checkpoint(out, model, opt, sched, step)
+            if world > 1:
+                dist.barrier()
     bar.close()
     summary = {"steps": total, "last": last}
+    if rank != 0:
+        dist.barrier()  # rank 0 writes the model
+        return summary
     tmp = final.with_name(".model.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
@@ -234,6 +295,8 @@ def train(model, tokenizer, records: Sequence[dict], out_dir: str | os.PathLike,
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    if world > 1:
+        dist.barrier()
     return summary
 
 

@@ -1,0 +1,49 @@
+"""Data-parallel training under torchrun: 2 CPU processes (gloo) give the losses of one process
+with the same global batch."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+SCRIPT = textwrap.dedent('''
+    import json, sys
+    sys.path.insert(0, {tests!r})
+    from test_train import records, tiny_policy
+    from sppo_fast.pipeline import train as tr
+    from sppo_fast.tiny import tiny_chat_tokenizer
+
+    tok = tiny_chat_tokenizer(seed=0)
+    cfg = tr.TrainConfig(learning_rate=1e-3, optimizer="adamw", batch_size={batch}, epochs=3, max_length=64,
+                         max_prompt_length=24, beta=0.1, loss_path={path!r})
+    tr.train(tiny_policy(tok), tok, records(8), {out!r}, cfg, progress=False)
+''')
+
+
+def run(tmp_path, name, nproc, batch, path="fused"):
+    from pathlib import Path
+
+    script = tmp_path / f"{name}.py"
+    out = tmp_path / name
+    script.write_text(SCRIPT.format(tests=str(Path(__file__).parent), batch=batch, out=str(out), path=path))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script)] \
+        if nproc > 1 else [sys.executable, str(script)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**__import__("os").environ,
+                                                                                "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", ["fused", "reference"])
+def test_two_processes_match_one(tmp_path, path):
+    one = run(tmp_path, "one", 1, 4, path)
+    two = run(tmp_path, "two", 2, 2, path)
+    assert len(one) == len(two) == 6
+    assert max(m["loss"] for m in one) > 1.2 * min(m["loss"] for m in one)
+    for a, b in zip(one, two):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-6), (a["step"], a["loss"], b["loss"])
+        assert b["rewards/margins"] == pytest.approx(a["rewards/margins"], rel=1e-3, abs=1e-6)
+    assert (tmp_path / "two" / "model" / "config.json").exists()
