@@ -29,8 +29,10 @@ from .train import train
 
 
 def _device(cfg: SPPOConfig) -> torch.device:
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.device == "auto":  # under torchrun, each rank on its own GPU
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cpu")
     return torch.device(cfg.device)
 
 
