@@ -257,7 +257,10 @@ def train(model, tokenizer, records: Sequence[dict], out_dir: str | os.PathLike,
         micro_refs = refs[epoch_pos * cfg.grad_accum: (epoch_pos + 1) * cfg.grad_accum]
         opt.zero_grad(set_to_none=True)
         for b, ref in zip(micro, micro_refs):
-            loss, _, m = _loss(policy, b, ref, cfg)
+            # bf16 autocast on GPUs (float32 master weights stay as loaded); the fused loss
+            # accumulates its log-probs and gradients in float32 either way
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss, _, m = _loss(policy, b, ref, cfg)
             (loss / len(micro)).backward()
             tokens += int((b["labels"] != IGNORE_INDEX).sum())
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
