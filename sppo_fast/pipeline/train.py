@@ -100,8 +100,10 @@ def reference_logps(model, batches: Sequence[dict], backend: str = "auto") -> li
     out = []
     was_training = model.training
     model.eval()
+    dev = next(model.parameters()).device
     for b in batches:
-        h = hidden_states(model, b["input_ids"], b["attention_mask"])
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):  # as in training
+            h = hidden_states(model, b["input_ids"], b["attention_mask"])
         out.append(linear_sequence_logps(h, head.weight, b["labels"], bias=head.bias, backend=backend).float())
     model.train(was_training)
     return out
