@@ -45,8 +45,6 @@ def make_texts(n: int, K: int, model: str, seed: int = 0):
 
 
 def build(model_size: str, device: str):
-    import torch
-
     from sppo_fast import pairrm as prm
 
     if model_size == "tiny":

@@ -26,13 +26,13 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterable, NamedTuple, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import deberta, ops
+from . import _io, deberta, ops
 from .reference import PAIRWISE_MODES, PairwiseResult
 
 try:  # transformers is needed for the model; the rest of sppo_fast works without it
@@ -605,11 +605,11 @@ class PairRMRanker:
                         self.progress = progress
                     table = pa.Table.from_pylist(result.records(prompts, cands), schema=record_schema())
                     table = table.replace_schema_metadata({"sppo_fast.inputs": digest})
-                    _atomic_write_parquet(table, path)
+                    _io.write_parquet(table, path)
                 tables.append(table.replace_schema_metadata(None))
                 bar.update(len(batch))
         table = pa.concat_tables(tables) if tables else record_schema().empty_table()
-        _atomic_write_parquet(table.replace_schema_metadata({"sppo_fast.settings": settings}), output)
+        _io.write_parquet(table.replace_schema_metadata({"sppo_fast.settings": settings}), output)
         shutil.rmtree(parts, ignore_errors=True)
         return output
 
@@ -649,24 +649,6 @@ def _rows(dataset, start: int, stop: int) -> list[dict[str, Any]]:
         keys = list(sl)
         return [dict(zip(keys, vals)) for vals in zip(*(sl[k] for k in keys))]
     return [dataset[i] for i in range(start, stop)]
-
-
-def _atomic_write_parquet(table, path: Path) -> None:
-    import pyarrow.parquet as pq
-
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        pq.write_table(table, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def tiny_pairrm(*, seed: int = 0, tokenizer=None, **overrides):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from sppo_fast.pipeline import train as tr
+from sppo_fast.pipeline.iterate import tiny_policy
 from sppo_fast.pipeline.data import IGNORE_INDEX, collate, encode_pair
 from sppo_fast.tiny import synthetic_text, tiny_chat_tokenizer
 
@@ -14,17 +15,6 @@ from sppo_fast.tiny import synthetic_text, tiny_chat_tokenizer
 @pytest.fixture(scope="module")
 def tok():
     return tiny_chat_tokenizer(seed=0)
-
-
-def tiny_policy(tok, seed=0):
-    from transformers import MistralConfig, MistralForCausalLM
-
-    cfg = MistralConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                        pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
-    torch.manual_seed(seed)
-    return MistralForCausalLM(cfg)
 
 
 def records(n, seed=0):

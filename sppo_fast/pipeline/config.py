@@ -136,6 +136,6 @@ def _check_keys(data: dict, fields: dict, where: str, prefix: str = "") -> None:
 def save_config(cfg: SPPOConfig, path: Path) -> None:
     import yaml
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    os.replace(tmp, path)
+    from .. import _io
+
+    _io.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), path)

@@ -17,10 +17,10 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 
+from .. import _io
 from .config import SPPOConfig, save_config
 from .generate import generate
 from .prompts import load_prompts
@@ -51,23 +51,14 @@ def tiny_policy(tokenizer, seed: int = 0):
 
 def _atomic_parquet(rows: list[dict], path: Path) -> None:
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(pa.Table.from_pylist(rows), tmp)
-    os.replace(tmp, path)
+    _io.write_parquet(pa.Table.from_pylist(rows), path)
 
 
 def _read_parquet(path: Path) -> list[dict]:
     import pyarrow.parquet as pq
 
     return pq.read_table(path).to_pylist()
-
-
-def _atomic_json(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
 
 
 def load_policy(path: str | Path, device: torch.device):
@@ -158,7 +149,7 @@ def run_iteration(cfg: SPPOConfig, t: int, *, ranker=None, progress: bool = True
         ranker = ranker or make_ranker(cfg, device)
         records, tied = training_records(prompts, cands, ranker.pair_matrix(prompts, cands), mode=cfg.mode)
         _atomic_parquet(records, train_path)
-        _atomic_json({"prompts": len(prompts), "tied": tied, "records": len(records)}, it / "ranking.json")
+        _io.write_json({"prompts": len(prompts), "tied": tied, "records": len(records)}, it / "ranking.json")
     if until == "rank":
         return train_path
     records = _read_parquet(train_path)
@@ -208,7 +199,7 @@ def iterate(cfg: SPPOConfig, *, progress: bool = True, ranker=None) -> dict:
                      "train_records": info.get("records", 0), "final_loss": last.get("loss"),
                      "reward_margin": last.get("rewards/margins")})
     summary = {"config": cfg.to_dict(), "iterations": rows, "seconds": time.perf_counter() - t0}
-    _atomic_json(summary, run / "summary.json")
+    _io.write_json(summary, run / "summary.json", indent=2)
     plot_run(run, rows)
     return summary
 

@@ -31,12 +31,12 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
 
-from .. import reference
+from .. import _io, reference
 from ..linear import fused_linear_sppo_loss, linear_sequence_logps
 from ..ops import _metrics
 from .data import IGNORE_INDEX, collate, encode_records
@@ -186,12 +186,6 @@ def _loss(policy, b: dict, ref: Tensor, cfg: TrainConfig):
     return losses.mean(), logps, _metrics(logps.detach(), ref, cfg.beta, cfg.loss_type, probs)
 
 
-def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
-
-
 def train(model, tokenizer, records: Sequence[dict], out_dir: str | os.PathLike, cfg: TrainConfig,
           *, progress: bool = True) -> dict:
     """Train ``model`` (the policy, and the reference at its starting weights) on SPPO records.
@@ -247,9 +241,7 @@ def train(model, tokenizer, records: Sequence[dict], out_dir: str | os.PathLike,
     metrics_path = out / "metrics.jsonl"
     if rank == 0 and metrics_path.exists():  # drop what was logged after the checkpoint we resume from
         kept = [x for x in metrics_path.read_text().splitlines() if x and json.loads(x)["step"] <= step]
-        tmp = metrics_path.with_name(".metrics.jsonl.tmp")
-        tmp.write_text("".join(x + "\n" for x in kept))
-        os.replace(tmp, metrics_path)
+        _io.write_text("".join(x + "\n" for x in kept), metrics_path)
     last: dict = {}
     t0, tokens = time.perf_counter(), 0
     bar = tqdm(total=total, initial=step, desc="SPPO training", unit="step", disable=not progress, dynamic_ncols=True)
@@ -296,7 +288,7 @@ def train(model, tokenizer, records: Sequence[dict], out_dir: str | os.PathLike,
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    _atomic_json(tmp / "trainer_state.json", {"summary": summary, "config": dataclasses.asdict(cfg)})
+    _io.write_json({"summary": summary, "config": dataclasses.asdict(cfg)}, tmp / "trainer_state.json")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
