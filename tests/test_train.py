@@ -122,5 +122,13 @@ def test_bad_configs_and_records(tok, tmp_path):
     with pytest.raises(ValueError, match="missing field 'rejected'"):
         tr.train(tiny_policy(tok), tok, [{"prompt": "a", "chosen": "b"}], tmp_path / "x", tr.TrainConfig(),
                  progress=False)
+    bad = records(2)
+    bad[1]["chosen_probs_win"] = float("nan")
+    with pytest.raises(ValueError, match="record 1: chosen_probs_win must be a probability"):
+        tr.train(tiny_policy(tok), tok, bad, tmp_path / "z", tr.TrainConfig(), progress=False)
+    assert not (tmp_path / "z" / "ref_logps.pt").exists()  # rejected before any work
+    with pytest.raises(ValueError, match="record 0: prompt and rejected must be text"):
+        tr.train(tiny_policy(tok), tok, [{"prompt": "a", "chosen": "b", "rejected": None}], tmp_path / "w",
+                 tr.TrainConfig(), progress=False)
     with pytest.raises(ValueError, match="no training records"):
         tr.train(tiny_policy(tok), tok, [], tmp_path / "y", tr.TrainConfig(), progress=False)

@@ -79,11 +79,18 @@ def encode_records(tokenizer, records: Sequence[dict], *, max_length: int = 1024
         for field in ("prompt", "chosen", "rejected"):
             if field not in rec:
                 raise ValueError(f"record {n}: missing field {field!r}")
+        for field in ("chosen_probs", "chosen_probs_win", "chosen_probs_lose"):
+            v = rec.get(field)
+            if v is not None and not (isinstance(v, (int, float)) and 0.0 <= v <= 1.0):
+                raise ValueError(f"record {n}: {field} must be a probability in [0, 1], got {v!r}")
         pair = {}
         for side in ("chosen", "rejected"):
             resp = rec[side]
-            if isinstance(resp, list):  # official: [user, assistant] messages
-                resp = resp[-1]["content"]
+            if isinstance(resp, list) and resp and isinstance(resp[-1], dict):  # official: [user, assistant]
+                resp = resp[-1].get("content")
+            if not isinstance(resp, str) or not isinstance(rec["prompt"], str):
+                raise ValueError(f"record {n}: prompt and {side} must be text (or a message list), "
+                                 f"got {type(rec['prompt']).__name__} and {type(resp).__name__}")
             pair[side] = encode_pair(tokenizer, rec["prompt"], resp, max_length=max_length,
                                      max_prompt_length=max_prompt_length)
         out.append(pair)
