@@ -132,3 +132,16 @@ def test_bad_configs_and_records(tok, tmp_path):
                  tr.TrainConfig(), progress=False)
     with pytest.raises(ValueError, match="no training records"):
         tr.train(tiny_policy(tok), tok, [], tmp_path / "y", tr.TrainConfig(), progress=False)
+
+
+def test_tensorboard_logging_or_a_clear_error(tok, tmp_path):
+    cfg = tr.TrainConfig(batch_size=2, max_length=64, max_prompt_length=24, tensorboard=True)
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="pip install tensorboard"):
+            tr.train(tiny_policy(tok), tok, records(4), tmp_path / "tb", cfg, progress=False)
+        assert not (tmp_path / "tb" / "ref_logps.pt").exists()
+    else:
+        tr.train(tiny_policy(tok), tok, records(4), tmp_path / "tb", cfg, progress=False)
+        assert list((tmp_path / "tb" / "tensorboard").glob("events.out.tfevents.*"))

@@ -63,6 +63,7 @@ class TrainConfig:
     loss_path: str = "fused"            # "fused" (no logits) or "reference"
     backend: str = "auto"
     gradient_checkpointing: bool = False
+    tensorboard: bool = False           # also log metrics to <out>/tensorboard (pip install tensorboard)
 
     def __post_init__(self):
         if self.optimizer not in ("rmsprop", "adamw"):
@@ -204,6 +205,12 @@ def train(model, tokenizer, records: Sequence[dict], out_dir: str | os.PathLike,
     out.mkdir(parents=True, exist_ok=True)
     if not records:
         raise ValueError("no training records (every prompt tied, or an empty dataset?)")
+    writer = None
+    if cfg.tensorboard:  # checked before any work
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:
+            raise ValueError("train.tensorboard needs the tensorboard package: pip install tensorboard") from exc
     device = next(model.parameters()).device
     rank, world = _distributed()
     torch.manual_seed(cfg.seed)
@@ -239,6 +246,8 @@ def train(model, tokenizer, records: Sequence[dict], out_dir: str | os.PathLike,
 
         policy = torch.nn.parallel.DistributedDataParallel(policy)
     metrics_path = out / "metrics.jsonl"
+    if cfg.tensorboard and rank == 0:
+        writer = SummaryWriter(str(out / "tensorboard"), purge_step=step + 1)
     if rank == 0 and metrics_path.exists():  # drop what was logged after the checkpoint we resume from
         kept = [x for x in metrics_path.read_text().splitlines() if x and json.loads(x)["step"] <= step]
         _io.write_text("".join(x + "\n" for x in kept), metrics_path)
@@ -273,6 +282,10 @@ def train(model, tokenizer, records: Sequence[dict], out_dir: str | os.PathLike,
             if rank == 0:
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(last) + "\n")
+                if writer is not None:
+                    for k, v in last.items():
+                        if k != "step":
+                            writer.add_scalar(k, v, step)
             bar.set_postfix(loss=f"{last['loss']:.4g}")
         if cfg.save_every and step % cfg.save_every == 0 and step < total:
             if rank == 0:
@@ -280,6 +293,8 @@ def train(model, tokenizer, records: Sequence[dict], out_dir: str | os.PathLike,
             if world > 1:
                 dist.barrier()
     bar.close()
+    if writer is not None:
+        writer.close()
     summary = {"steps": total, "last": last}
     if rank != 0:
         dist.barrier()  # rank 0 writes the model
