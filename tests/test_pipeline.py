@@ -134,3 +134,21 @@ def test_rank_stage_with_the_tiny_pairrm(tmp_path):
     info = json.loads((out.parent / "ranking.json").read_text())
     assert info["prompts"] == 6 and len(rows) == info["records"] == 6 - info["tied"]
     assert all(len(r["cmp"]) == cfg.k and r["chosen_index"] != r["rejected_index"] for r in rows)
+
+
+def test_vllm_backend_is_chosen_only_where_it_can_run(tmp_path):
+    from sppo_fast.pipeline import vllm_generate
+
+    if vllm_generate.available():  # pragma: no cover - a GPU machine with vllm
+        cfg = small(tmp_path, generation_backend="vllm", prompts_per_iteration="4", max_new_tokens="8")
+        out = it.run_iteration(cfg, 1, progress=False, until="generate")
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(out).to_pylist()
+        assert len(rows) == 4 and all(len(r["candidates"]) == cfg.k for r in rows)
+    else:
+        assert not it._use_vllm(small(tmp_path))  # "auto" falls back to Hugging Face generate
+        with pytest.raises(ValueError, match="needs vllm installed and a CUDA GPU"):
+            it.run_iteration(small(tmp_path, generation_backend="vllm"), 1, progress=False, until="generate")
+    with pytest.raises(ValueError, match="generation_backend"):
+        small(tmp_path, generation_backend="tgi")

@@ -32,6 +32,7 @@ class SPPOConfig:
     top_p: float = 0.9
     max_new_tokens: int = 24
     generation_batch_size: int = 64
+    generation_backend: str = "auto"    # "hf", "vllm", or "auto" (vLLM when installed with a GPU)
     seed: int = 50
     mode: str = "official"             # pairrm_aggregate mode
     device: str = "auto"
@@ -43,6 +44,8 @@ class SPPOConfig:
         for f in ("prompts_per_iteration", "iterations", "max_new_tokens", "generation_batch_size"):
             if getattr(self, f) < 1:
                 raise ValueError(f"{f} must be >= 1, got {getattr(self, f)}")
+        if self.generation_backend not in ("auto", "hf", "vllm"):
+            raise ValueError(f"generation_backend: expected 'auto', 'hf' or 'vllm', got {self.generation_backend!r}")
         if self.k < 2:
             raise ValueError(f"k must be >= 2 (SPPO compares K responses per prompt), got {self.k}")
         if self.eval_prompts < 0:

@@ -118,6 +118,14 @@ def iteration_prompts(cfg: SPPOConfig, t: int) -> list[str]:
 STAGES = ("generate", "rank", "train")
 
 
+def _use_vllm(cfg: SPPOConfig) -> bool:
+    from .vllm_generate import available
+
+    if cfg.generation_backend == "vllm" and not available():
+        raise ValueError("generation_backend='vllm' needs vllm installed and a CUDA GPU")
+    return cfg.generation_backend == "vllm" or (cfg.generation_backend == "auto" and available())
+
+
 def run_iteration(cfg: SPPOConfig, t: int, *, ranker=None, progress: bool = True, until: str = "train") -> Path:
     """Iteration t (1-based): from iteration t-1's policy to iteration t's; returns its model folder.
 
@@ -132,8 +140,13 @@ def run_iteration(cfg: SPPOConfig, t: int, *, ranker=None, progress: bool = True
         return final
     it.mkdir(parents=True, exist_ok=True)
     start = _initial_policy(cfg, run, device) if t == 1 else run / f"iter-{t - 1}" / "model"
-    model, tok = load_policy(start, device)
     gen_path = it / "generations.parquet"
+    if not gen_path.exists() and _use_vllm(cfg):
+        from .vllm_generate import generate_vllm
+
+        generate_vllm(str(start), iteration_prompts(cfg, t), gen_path, k=cfg.k, temperature=cfg.temperature,
+                      top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    model, tok = load_policy(start, device)
     if not gen_path.exists():
         prompts = iteration_prompts(cfg, t)
         cands = generate(model, tok, prompts, k=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p,
