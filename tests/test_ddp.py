@@ -1,5 +1,5 @@
-"""Data-parallel training under torchrun: 2 CPU processes (gloo) give the losses of one process
-with the same global batch."""
+"""Data-parallel training under torchrun (DDP and FSDP2): 2 CPU processes (gloo) give the losses of
+one process with the same global batch."""
 
 import json
 import subprocess
@@ -17,17 +17,18 @@ SCRIPT = textwrap.dedent('''
 
     tok = tiny_chat_tokenizer(seed=0)
     cfg = tr.TrainConfig(learning_rate=1e-3, optimizer="adamw", batch_size={batch}, epochs=3, max_length=64,
-                         max_prompt_length=24, beta=0.1, loss_path={path!r})
+                         max_prompt_length=24, beta=0.1, loss_path={path!r}, parallel={parallel!r})
     tr.train(tiny_policy(tok), tok, records(8), {out!r}, cfg, progress=False)
 ''')
 
 
-def run(tmp_path, name, nproc, batch, path="fused"):
+def run(tmp_path, name, nproc, batch, path="fused", parallel="ddp"):
     from pathlib import Path
 
     script = tmp_path / f"{name}.py"
     out = tmp_path / name
-    script.write_text(SCRIPT.format(tests=str(Path(__file__).parent), batch=batch, out=str(out), path=path))
+    script.write_text(SCRIPT.format(tests=str(Path(__file__).parent), batch=batch, out=str(out), path=path,
+                                     parallel=parallel))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script)] \
         if nproc > 1 else [sys.executable, str(script)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**__import__("os").environ,
@@ -37,13 +38,20 @@ def run(tmp_path, name, nproc, batch, path="fused"):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path", ["fused", "reference"])
-def test_two_processes_match_one(tmp_path, path):
+@pytest.mark.parametrize("path,parallel", [("fused", "ddp"), ("reference", "ddp"), ("fused", "fsdp")])
+def test_two_processes_match_one(tmp_path, path, parallel):
     one = run(tmp_path, "one", 1, 4, path)
-    two = run(tmp_path, "two", 2, 2, path)
+    two = run(tmp_path, "two", 2, 2, path, parallel)
     assert len(one) == len(two) == 6
     assert max(m["loss"] for m in one) > 1.2 * min(m["loss"] for m in one)
     for a, b in zip(one, two):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-6), (a["step"], a["loss"], b["loss"])
         assert b["rewards/margins"] == pytest.approx(a["rewards/margins"], rel=1e-3, abs=1e-6)
     assert (tmp_path / "two" / "model" / "config.json").exists()
+    if parallel == "fsdp":  # the saved model holds the full, gathered weights
+        from transformers import AutoModelForCausalLM
+
+        m = AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "model")
+        ref = AutoModelForCausalLM.from_pretrained(tmp_path / "one" / "model")
+        for (k, a), b in zip(ref.state_dict().items(), m.state_dict().values()):
+            assert a.shape == b.shape and (a - b).abs().max() < 1e-4, k

@@ -64,12 +64,18 @@ class TrainConfig:
     backend: str = "auto"
     gradient_checkpointing: bool = False
     tensorboard: bool = False           # also log metrics to <out>/tensorboard (pip install tensorboard)
+    parallel: str = "ddp"               # under torchrun: "ddp", or "fsdp" (FSDP2, sharded parameters)
 
     def __post_init__(self):
         if self.optimizer not in ("rmsprop", "adamw"):
             raise ValueError(f"optimizer: expected 'rmsprop' or 'adamw', got {self.optimizer!r}")
         if self.loss_path not in ("fused", "reference"):
             raise ValueError(f"loss_path: expected 'fused' or 'reference', got {self.loss_path!r}")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"parallel: expected 'ddp' or 'fsdp', got {self.parallel!r}")
+        if self.parallel == "fsdp" and self.save_every:
+            raise ValueError("save_every: mid-run checkpoints are not supported with parallel='fsdp' yet "
+                             "(the final model is saved); use parallel='ddp' to resume mid-iteration")
         if self.loss_type not in reference.LOSS_TYPES:
             raise ValueError(f"loss_type: expected one of {reference.LOSS_TYPES}, got {self.loss_type!r}")
         for name in ("batch_size", "grad_accum", "epochs"):
@@ -121,6 +127,21 @@ class _HiddenAndHead(torch.nn.Module):
     def forward(self, input_ids, attention_mask):
         _, head = _body_and_head(self.model)
         return hidden_states(self.model, input_ids, attention_mask), head.weight, head.bias
+
+
+def _fully_shard(policy: _HiddenAndHead) -> _HiddenAndHead:
+    """FSDP2: each decoder layer sharded on its own; the root (embeddings, final norm, lm_head) keeps
+    its parameters gathered from its forward until the backward (``reshard_after_forward=False``),
+    because the fused loss uses the lm_head weight after the forward has returned. The weight's
+    gradient, produced by the fused loss, is reduce-scattered by FSDP like any other."""
+    from torch.distributed.fsdp import fully_shard
+
+    body, _ = _body_and_head(policy.model)
+    layers = getattr(body, "layers", None) or getattr(body, "h", None) or []
+    for layer in layers:
+        fully_shard(layer)
+    fully_shard(policy, reshard_after_forward=False)
+    return policy
 
 
 def _distributed() -> tuple[int, int]:
@@ -226,17 +247,10 @@ def train(model, tokenizer, records: Sequence[dict], out_dir: str | os.PathLike,
         os.replace(tmp, ref_path)
     steps_per_epoch = math.ceil(len(batches) / cfg.grad_accum)
     total = steps_per_epoch * cfg.epochs
-    opt_cls = torch.optim.RMSprop if cfg.optimizer == "rmsprop" else torch.optim.AdamW
-    opt = opt_cls(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, cfg.warmup_ratio))
-    step = 0
-    if ckpts:
+    state = None
+    if ckpts:  # weights before any sharding, optimizer state once the optimizer exists
         state = torch.load(ckpts[-1] / "train_state.pt", map_location="cpu", weights_only=False)
         model.load_state_dict(torch.load(ckpts[-1] / "weights.pt", map_location=device))
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-        step = state["step"]
     if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable()
     model.train()
@@ -244,7 +258,16 @@ def train(model, tokenizer, records: Sequence[dict], out_dir: str | os.PathLike,
     if world > 1:
         import torch.distributed as dist
 
-        policy = torch.nn.parallel.DistributedDataParallel(policy)
+        policy = _fully_shard(policy) if cfg.parallel == "fsdp" else torch.nn.parallel.DistributedDataParallel(policy)
+    opt_cls = torch.optim.RMSprop if cfg.optimizer == "rmsprop" else torch.optim.AdamW
+    opt = opt_cls(policy.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, cfg.warmup_ratio))
+    step = 0
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        step = state["step"]
     metrics_path = out / "metrics.jsonl"
     if cfg.tensorboard and rank == 0:
         writer = SummaryWriter(str(out / "tensorboard"), purge_step=step + 1)
@@ -296,12 +319,18 @@ def train(model, tokenizer, records: Sequence[dict], out_dir: str | os.PathLike,
     if writer is not None:
         writer.close()
     summary = {"steps": total, "last": last}
+    full_state = None
+    if world > 1 and cfg.parallel == "fsdp":  # a collective: every rank takes part
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full_state = get_model_state_dict(policy.model, options=StateDictOptions(full_state_dict=True,
+                                                                                 cpu_offload=True))
     if rank != 0:
         dist.barrier()  # rank 0 writes the model
         return summary
     tmp = final.with_name(".model.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=full_state)
     tokenizer.save_pretrained(tmp)
     _io.write_json({"summary": summary, "config": dataclasses.asdict(cfg)}, tmp / "trainer_state.json")
     shutil.rmtree(final, ignore_errors=True)
