@@ -33,7 +33,8 @@ def run(tmp_path, name, nproc, batch, path="fused", parallel="ddp"):
         if nproc > 1 else [sys.executable, str(script)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**__import__("os").environ,
                                                                                 "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-3000:]
+    first_failure = [x for x in r.stderr.splitlines() if "[rank0]" in x] or r.stderr.splitlines()
+    assert r.returncode == 0, "\n".join(first_failure)[-3000:]
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 

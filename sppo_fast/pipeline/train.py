@@ -242,7 +242,7 @@ def train(model, tokenizer, records: Sequence[dict], out_dir: str | os.PathLike,
         refs = torch.load(ref_path, map_location=device)
     else:
         refs = reference_logps(model, batches, cfg.backend)
-        tmp = ref_path.with_name(".ref_logps.pt.tmp")
+        tmp = ref_path.with_name(f".{ref_path.name}.tmp")  # one per rank: ranks write side by side
         torch.save(refs, tmp)
         os.replace(tmp, ref_path)
     steps_per_epoch = math.ceil(len(batches) / cfg.grad_accum)
