@@ -321,19 +321,12 @@ class PairInputBuilder:
         return out
 
 
-class RankResult(NamedTuple):
-    """:func:`sppo_fast.pairrm_aggregate`'s fields plus ``cmp[B, K, K]``, PairRM's logits
-    (float32, ``cmp[b, i, j]``: candidate ``i`` in the first slot beats ``j``; diagonal 0)."""
-    cmp: Tensor
-    scores: Tensor
-    probs: Tensor
-    win_rates: Tensor
-    chosen: Tensor
-    rejected: Tensor
-    chosen_probs: Tensor
-    chosen_probs_win: Tensor
-    chosen_probs_lose: Tensor
-    tied: Tensor
+class RankResult(NamedTuple("_RankFields", [("cmp", Tensor), *((f, Tensor) for f in PairwiseResult._fields)])):
+    """``cmp[B, K, K]``, PairRM's logits (float32, ``cmp[b, i, j]``: candidate ``i`` in the first
+    slot beats ``j``; diagonal 0), then :class:`sppo_fast.PairwiseResult`'s fields (scores, probs,
+    win_rates, chosen, rejected, chosen_probs, chosen_probs_win, chosen_probs_lose, tied)."""
+
+    __slots__ = ()
 
     def records(self, prompts: Sequence[str], candidates: Sequence[Sequence[str]]) -> list[dict]:
         """One dict per prompt with SPPO's official fields (``prompt``, ``chosen``, ``rejected`` as

@@ -33,3 +33,23 @@ ATTENTION_CONFIGS = {
     "16-buckets": dict(position_buckets=16, max_relative_positions=64, num_attention_heads=2),
     "head-size-48": dict(hidden_size=96, num_attention_heads=2, intermediate_size=128),
 }
+
+
+def deberta_case(tiny, config: str, lengths, *, seed: int = 0):
+    """A PairRM of the attention variant ``config`` (O(1) weights), a padded batch of token ids of
+    the given lengths, three pooled positions per row, and the model's float64 copy:
+    ``(model, model64, ids, mask, pos)``."""
+    from sppo_fast import pairrm as prm
+
+    model, tok = tiny
+    if config != "pairrm":
+        model, _ = prm.tiny_pairrm(seed=2, tokenizer=tok, **ATTENTION_CONFIGS[config])
+        prm.redraw_weights_(model, seed=3)
+    g = torch.Generator().manual_seed(seed)
+    L = max(lengths)
+    ids = torch.randint(5, model.config.vocab_size, (len(lengths), L), generator=g)
+    mask = (torch.arange(L)[None] < torch.tensor(lengths)[:, None]).long()
+    pos = torch.stack([torch.randint(0, n, (3,), generator=g) for n in lengths])
+    m64 = prm.PairRM(model.config).eval()
+    m64.load_state_dict(model.state_dict())
+    return model, m64.double(), ids, mask, pos

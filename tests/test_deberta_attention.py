@@ -12,7 +12,7 @@ from conftest import HAS_CUDA, TRITON_DEVICE, assert_as_accurate
 from sppo_fast import deberta
 from sppo_fast import pairrm as prm
 
-from _data import ATTENTION_CONFIGS
+from _data import ATTENTION_CONFIGS, deberta_case
 
 pytest.importorskip("triton")
 from sppo_fast.kernels.deberta_attention import deberta_attention  # noqa: E402
@@ -99,21 +99,8 @@ def test_kernel_without_relative_terms_and_all_masked_keys():
 def test_backbone_with_fused_attention(tiny, config):
     """Whole DeBERTa forwards with ``impl="triton"`` against Hugging Face's in float64: padded
     batches, distances across the log-bucket boundary and past max_relative_positions."""
-    _, tok = tiny
-    if config == "pairrm":
-        model = tiny[0]
-    else:
-        model, _ = prm.tiny_pairrm(seed=2, tokenizer=tok, **ATTENTION_CONFIGS[config])
-        prm.redraw_weights_(model, seed=3)
     lengths = (300, 150, 5) if config in ("pairrm", "16-buckets") else (90, 41)
-    g = torch.Generator().manual_seed(0)
-    L = max(lengths)
-    ids = torch.randint(5, model.config.vocab_size, (len(lengths), L), generator=g)
-    mask = (torch.arange(L)[None] < torch.tensor(lengths)[:, None]).long()
-    pos = torch.stack([torch.randint(0, n, (3,), generator=g) for n in lengths])
-    m64 = prm.PairRM(model.config).eval()
-    m64.load_state_dict(model.state_dict())
-    m64.double()
+    model, m64, ids, mask, pos = deberta_case(tiny, config, lengths)
     valid = mask.bool()
     dev = TRITON_DEVICE
     model_dev = prm.PairRM(model.config).eval()

@@ -16,7 +16,7 @@ from sppo_fast import deberta
 from sppo_fast import pairrm as prm
 from sppo_fast.tiny import synthetic_text
 
-from _data import ATTENTION_CONFIGS
+from _data import ATTENTION_CONFIGS, deberta_case
 
 from sppo_fast import llm_blender_compat
 
@@ -211,20 +211,7 @@ def test_attention_against_float64(tiny, config, lengths):
     """Our DeBERTa path vs Hugging Face's eager one in float64 and float32: padded batches,
     distances on both sides of the linear/log bucket boundary and beyond max_relative_positions,
     shared and separate position projections, each relative term alone, several head sizes."""
-    _, tok = tiny
-    if config == "pairrm":
-        model = tiny[0]
-    else:
-        model, _ = prm.tiny_pairrm(seed=2, tokenizer=tok, **ATTENTION_CONFIGS[config])
-        prm.redraw_weights_(model, seed=3)
-    g = torch.Generator().manual_seed(0)
-    L = max(lengths)
-    ids = torch.randint(5, model.config.vocab_size, (len(lengths), L), generator=g)
-    mask = (torch.arange(L)[None] < torch.tensor(lengths)[:, None]).long()
-    pos = torch.stack([torch.randint(0, n, (3,), generator=g) for n in lengths])
-    m64 = prm.PairRM(model.config).eval()
-    m64.load_state_dict(model.state_dict())
-    m64.double()
+    model, m64, ids, mask, pos = deberta_case(tiny, config, lengths)
     valid = mask.bool()
     with torch.no_grad():
         truth = m64.pretrained_model(input_ids=ids, attention_mask=mask).last_hidden_state[valid]
