@@ -17,23 +17,35 @@ SCRIPT = textwrap.dedent('''
 
     tok = tiny_chat_tokenizer(seed=0)
     cfg = tr.TrainConfig(learning_rate=1e-3, optimizer="adamw", batch_size={batch}, epochs=3, max_length=64,
-                         max_prompt_length=24, beta=0.1, loss_path={path!r}, parallel={parallel!r})
+                         max_prompt_length=24, beta=0.1, loss_path={path!r}, parallel={parallel!r},
+                         save_every={save_every})
+    if {kill_at}:  # every rank dies in the same step, after the checkpoint of step save_every
+        real, calls = tr._loss, [0]
+        def killed(*a, **k):
+            calls[0] += 1
+            if calls[0] == {kill_at}:
+                raise SystemExit(3)
+            return real(*a, **k)
+        tr._loss = killed
     tr.train(tiny_policy(tok), tok, records(8), {out!r}, cfg, progress=False)
 ''')
 
 
-def run(tmp_path, name, nproc, batch, path="fused", parallel="ddp"):
+def run(tmp_path, name, nproc, batch, path="fused", parallel="ddp", save_every=0, kill_at=0):
     from pathlib import Path
 
     script = tmp_path / f"{name}.py"
     out = tmp_path / name
     script.write_text(SCRIPT.format(tests=str(Path(__file__).parent), batch=batch, out=str(out), path=path,
-                                     parallel=parallel))
+                                     parallel=parallel, save_every=save_every, kill_at=kill_at))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script)] \
         if nproc > 1 else [sys.executable, str(script)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**__import__("os").environ,
                                                                                 "OMP_NUM_THREADS": "1"})
     first_failure = [x for x in r.stderr.splitlines() if "[rank0]" in x] or r.stderr.splitlines()
+    if kill_at:
+        assert r.returncode != 0, "the run was meant to be killed"
+        return None
     assert r.returncode == 0, "\n".join(first_failure)[-3000:]
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -56,3 +68,27 @@ def test_two_processes_match_one(tmp_path, path, parallel):
         ref = AutoModelForCausalLM.from_pretrained(tmp_path / "one" / "model")
         for (k, a), b in zip(ref.state_dict().items(), m.state_dict().values()):
             assert a.shape == b.shape and (a - b).abs().max() < 1e-4, k
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_resume_from_a_checkpoint(tmp_path, parallel):
+    """Killed in step 5 after the checkpoint of step 4, rerun: the same losses and final weights as
+    an uninterrupted two-process run; the checkpoint is a ``from_pretrained`` folder with full weights."""
+    from transformers import AutoModelForCausalLM
+
+    whole = run(tmp_path, "whole", 2, 2, parallel=parallel)
+    run(tmp_path, "resumed", 2, 2, parallel=parallel, save_every=2, kill_at=5)
+    ckpt = tmp_path / "resumed" / "checkpoints" / "step-4"
+    assert (ckpt / "optimizer").is_dir() and not (tmp_path / "resumed" / "model").exists()
+    at4 = AutoModelForCausalLM.from_pretrained(ckpt)  # the full model, gathered from the shards
+    uninterrupted = AutoModelForCausalLM.from_pretrained(tmp_path / "whole" / "model")
+    shapes = [a.shape for a in uninterrupted.state_dict().values()]
+    assert [a.shape for a in at4.state_dict().values()] == shapes
+    resumed = run(tmp_path, "resumed", 2, 2, parallel=parallel, save_every=2)
+    assert [m["step"] for m in resumed] == list(range(1, 7))
+    for a, b in zip(whole, resumed):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-7), (a["step"], a["loss"], b["loss"])
+    final = AutoModelForCausalLM.from_pretrained(tmp_path / "resumed" / "model")
+    for (k, a), b in zip(uninterrupted.state_dict().items(), final.state_dict().values()):
+        assert (a - b).abs().max() < 1e-6, k

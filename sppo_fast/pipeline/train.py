@@ -24,12 +24,14 @@ resumes from the newest one and reaches the same weights as an uninterrupted run
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -73,9 +75,6 @@ class TrainConfig:
             raise ValueError(f"loss_path: expected 'fused' or 'reference', got {self.loss_path!r}")
         if self.parallel not in ("ddp", "fsdp"):
             raise ValueError(f"parallel: expected 'ddp' or 'fsdp', got {self.parallel!r}")
-        if self.parallel == "fsdp" and self.save_every:
-            raise ValueError("save_every: mid-run checkpoints are not supported with parallel='fsdp' yet "
-                             "(the final model is saved); use parallel='ddp' to resume mid-iteration")
         if self.loss_type not in reference.LOSS_TYPES:
             raise ValueError(f"loss_type: expected one of {reference.LOSS_TYPES}, got {self.loss_type!r}")
         for name in ("batch_size", "grad_accum", "epochs"):
@@ -250,7 +249,10 @@ def train(model, tokenizer, records: Sequence[dict], out_dir: str | os.PathLike,
     state = None
     if ckpts:  # weights before any sharding, optimizer state once the optimizer exists
         state = torch.load(ckpts[-1] / "train_state.pt", map_location="cpu", weights_only=False)
-        model.load_state_dict(torch.load(ckpts[-1] / "weights.pt", map_location=device))
+        if state["world_size"] != world:
+            raise ValueError(f"{ckpts[-1]} was written by {state['world_size']} process(es); resume it with "
+                             f"the same number (this run has {world}), or delete {out / 'checkpoints'}")
+        _load_weights(model, ckpts[-1])
     if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable()
     model.train()
@@ -264,9 +266,9 @@ def train(model, tokenizer, records: Sequence[dict], out_dir: str | os.PathLike,
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, cfg.warmup_ratio))
     step = 0
     if state is not None:
-        opt.load_state_dict(state["optimizer"])
+        _load_optimizer(policy, opt, ckpts[-1] / "optimizer")
         sched.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
+        _set_rng(state["rng"][rank])
         step = state["step"]
     metrics_path = out / "metrics.jsonl"
     if cfg.tensorboard and rank == 0:
@@ -311,46 +313,124 @@ def train(model, tokenizer, records: Sequence[dict], out_dir: str | os.PathLike,
                             writer.add_scalar(k, v, step)
             bar.set_postfix(loss=f"{last['loss']:.4g}")
         if cfg.save_every and step % cfg.save_every == 0 and step < total:
-            if rank == 0:
-                _save_checkpoint(out, model, opt, sched, step)
-            if world > 1:
-                dist.barrier()
+            _save_checkpoint(out, model, tokenizer, policy, opt, sched, step, cfg)
     bar.close()
     if writer is not None:
         writer.close()
     summary = {"steps": total, "last": last}
-    full_state = None
-    if world > 1 and cfg.parallel == "fsdp":  # a collective: every rank takes part
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        full_state = get_model_state_dict(policy.model, options=StateDictOptions(full_state_dict=True,
-                                                                                 cpu_offload=True))
-    if rank != 0:
-        dist.barrier()  # rank 0 writes the model
-        return summary
-    tmp = final.with_name(".model.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, state_dict=full_state)
-    tokenizer.save_pretrained(tmp)
-    _io.write_json({"summary": summary, "config": dataclasses.asdict(cfg)}, tmp / "trainer_state.json")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    if world > 1:
-        dist.barrier()
+    full_state = _full_state_dict(model, policy, cfg)  # a collective under FSDP: every rank takes part
+    if rank == 0:
+        tmp = final.with_name(".model.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, state_dict=full_state)
+        tokenizer.save_pretrained(tmp)
+        _io.write_json({"summary": summary, "config": dataclasses.asdict(cfg)}, tmp / "trainer_state.json")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    _barrier(world)
     return summary
 
 
-def _save_checkpoint(out: Path, model, opt, sched, step: int) -> None:
-    """``checkpoints/step-N``: weights, optimizer, schedule and RNG, complete or absent."""
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _full_state_dict(model, policy, cfg: TrainConfig) -> dict | None:
+    """The whole model's weights on rank 0's CPU under FSDP2 (a collective); ``None`` (the model's
+    own state dict) otherwise."""
+    if _distributed()[1] == 1 or cfg.parallel != "fsdp":
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(policy.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _rng_state() -> dict:
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+
+
+def _set_rng(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _save_checkpoint(out: Path, model, tokenizer, policy, opt, sched, step: int, cfg: TrainConfig) -> None:
+    """``checkpoints/step-N``: a ``save_pretrained`` folder (full weights, loadable with
+    ``from_pretrained``) plus ``optimizer/`` (a ``torch.distributed.checkpoint``, written by every
+    rank in parallel, its own shard under FSDP2) and ``train_state.pt`` (schedule, step, every rank's
+    RNG). Built in a temporary folder and renamed: complete or absent. Every rank calls this."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    rank, world = _distributed()
     d = out / "checkpoints" / f"step-{step}"
     tmp = d.with_name(f".step-{step}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save(model.state_dict(), tmp / "weights.pt")
-    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": torch.get_rng_state(),
-                "step": step}, tmp / "train_state.pt")
-    os.replace(tmp, d)
-    for old in (out / "checkpoints").glob("step-*"):  # keep the newest only
-        if old != d:
-            shutil.rmtree(old, ignore_errors=True)
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier(world)
+    with _single_process_dcp():
+        dcp.save({"optimizer": get_optimizer_state_dict(policy, opt)}, checkpoint_id=tmp / "optimizer",
+                 no_dist=world == 1)
+    full_state = _full_state_dict(model, policy, cfg)
+    rngs = [_rng_state()]
+    if world > 1:
+        import torch.distributed as dist
+
+        rngs = [None] * world
+        dist.all_gather_object(rngs, _rng_state())
+    if rank == 0:
+        model.save_pretrained(tmp, state_dict=full_state)
+        tokenizer.save_pretrained(tmp)
+        torch.save({"scheduler": sched.state_dict(), "rng": rngs, "step": step, "world_size": world},
+                   tmp / "train_state.pt")
+        os.replace(tmp, d)
+        for old in (out / "checkpoints").glob("step-*"):  # keep the newest only
+            if old != d:
+                shutil.rmtree(old, ignore_errors=True)
+    _barrier(world)
+
+
+@contextlib.contextmanager
+def _single_process_dcp():
+    """DCP warns that it 'assumes' a single process even when told so (``no_dist``): silence that."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
+
+
+def _load_optimizer(policy, opt, path: Path) -> None:
+    """Each rank reads its own part of the optimizer checkpoint (resharded by DCP as needed)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    sd = {"optimizer": get_optimizer_state_dict(policy, opt)}
+    with _single_process_dcp():
+        dcp.load(sd, checkpoint_id=path, no_dist=_distributed()[1] == 1)
+    set_optimizer_state_dict(policy, opt, optim_state_dict=sd["optimizer"])
+
+
+def _load_weights(model, folder: Path) -> None:
+    """Load a ``save_pretrained`` folder (one or several safetensors files) into ``model`` in place;
+    only weights tied to a loaded one (e.g. ``lm_head.weight`` tied to the embeddings) may be absent."""
+    from safetensors.torch import load_file
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no *.safetensors weights")
+    sd = {}
+    for f in files:
+        sd.update(load_file(str(f)))
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    by_storage: dict = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_storage.setdefault(p.data_ptr(), []).append(name)
+    tied = {n for names in by_storage.values() if len(names) > 1 for n in names if any(m in sd for m in names)}
+    bad = sorted(set(missing) - tied)
+    if bad or unexpected:
+        raise ValueError(f"{folder} does not match the model: missing {bad[:5]}, unexpected {sorted(unexpected)[:5]}")
