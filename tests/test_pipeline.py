@@ -8,14 +8,14 @@ import torch
 from sppo_fast import cli
 from sppo_fast.pipeline import iterate as it
 from sppo_fast.pipeline.config import PRESETS, load_config
-from sppo_fast.pipeline.generate import generate
+from sppo_fast.pipeline.generate import RowSampler, generate
 from sppo_fast.pipeline.prompts import SHIPPED_PROMPTS, load_prompts
 from sppo_fast.pipeline.rank import HashWordRanker, training_records, win_rate
 from sppo_fast.tiny import tiny_chat_tokenizer
 
 
 def small(tmp_path, **kw):
-    over = {"runs_dir": str(tmp_path), "prompts_per_iteration": "24", "eval_prompts": "16", "iterations": "2"}
+    over = {"runs_dir": str(tmp_path), "prompts_per_iteration": "64", "eval_prompts": "32", "iterations": "2"}
     over.update(kw)
     return load_config("tiny", overrides=over)
 
@@ -57,14 +57,49 @@ def test_prompts_shipped_and_files(tmp_path):
         load_prompts(str(tmp_path / "p.txt"))
 
 
-def test_generation_is_seeded_per_sample_index():
+def test_generation_is_seeded_per_prompt_and_sample_index():
     tok = tiny_chat_tokenizer()
     model = it.tiny_policy(tok)
-    prompts = list(SHIPPED_PROMPTS[:3])
-    a = generate(model, tok, prompts, k=3, max_new_tokens=8, progress=False)
-    b = generate(model, tok, prompts, k=3, max_new_tokens=8, progress=False)
-    assert a == b  # same seeds, same batching: the same candidates (reruns and resumes)
+    prompts = list(SHIPPED_PROMPTS[:5])
+    a = generate(model, tok, prompts, k=3, max_new_tokens=10, progress=False, batch_size=2)
     assert all(len(c) == 3 for c in a) and len({a[0][0], a[0][1], a[0][2]}) == 3
+    # a candidate depends on its prompt, its index and the seed only: not on batching or neighbours
+    assert generate(model, tok, prompts, k=3, max_new_tokens=10, progress=False, batch_size=1) == a
+    assert generate(model, tok, prompts[::-1], k=3, max_new_tokens=10, progress=False, batch_size=5)[::-1] == a
+    assert generate(model, tok, prompts[3:4], k=3, max_new_tokens=10, progress=False) == a[3:4]
+    assert generate(model, tok, prompts, k=3, max_new_tokens=10, progress=False, seed=51)[0] != a[0]
+
+
+def test_row_sampler_draws_from_the_top_p_distribution():
+    from transformers import TopKLogitsWarper, TopPLogitsWarper
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(6, 37, generator=g) * 3
+    for top_p, top_k in ((0.5, 0), (0.9, 0), (1.0, 0), (0.9, 4), (1.0, 9)):
+        hf = TopPLogitsWarper(top_p)(None, TopKLogitsWarper(top_k)(None, scores / 0.7) if top_k else scores / 0.7)
+        kept = torch.zeros_like(scores, dtype=torch.bool)
+        for seed in range(300):  # which tokens can ever be drawn: exactly Hugging Face's top-k/top-p set
+            s = RowSampler([torch.Generator().manual_seed(seed * 6 + r) for r in range(6)], 0.7, top_p, top_k)
+            out = s(None, scores)
+            assert ((out == 0).sum(1) == 1).all() and (out[out != 0] == float("-inf")).all()
+            kept |= out == 0
+        assert not (kept & hf.isinf()).any()
+        assert kept[hf.softmax(-1) > 0.05].all()  # and its likely tokens are drawn
+    # the frequencies follow the filtered softmax (5000 draws of one row: a 5-sigma band)
+    probs = TopPLogitsWarper(0.9)(None, scores[:1] / 0.7).softmax(-1)[0]
+    gen = torch.Generator().manual_seed(1)
+    s = RowSampler([gen], 0.7, 0.9)
+    counts = torch.zeros(37)
+    for _ in range(5000):
+        counts += (s(None, scores[:1])[0] == 0).float()
+    sigma = (5000 * probs * (1 - probs)).sqrt()
+    assert ((counts - 5000 * probs).abs() <= 5 * sigma + 1).all()
+    with pytest.raises(ValueError, match="top_p"):
+        RowSampler([], 0.7, 0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        RowSampler([], 0.0, 0.9)
+    with pytest.raises(ValueError, match="top_k"):
+        RowSampler([], 0.7, 0.9, -1)
 
 
 def test_ranking_records_and_ties():

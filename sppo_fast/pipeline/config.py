@@ -30,6 +30,7 @@ class SPPOConfig:
     k: int = 5
     temperature: float = 0.7
     top_p: float = 0.9
+    top_k: int = 0                      # 0: none (the official vLLM sampling)
     max_new_tokens: int = 24
     generation_batch_size: int = 64
     generation_backend: str = "auto"    # "hf", "vllm", or "auto" (vLLM when installed with a GPU)
@@ -50,6 +51,8 @@ class SPPOConfig:
             raise ValueError(f"k must be >= 2 (SPPO compares K responses per prompt), got {self.k}")
         if self.eval_prompts < 0:
             raise ValueError(f"eval_prompts must be >= 0, got {self.eval_prompts}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0: no top-k), got {self.top_k}")
         if not 0 < self.top_p <= 1 or self.temperature <= 0:
             raise ValueError(f"need temperature > 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
 
@@ -62,7 +65,9 @@ class SPPOConfig:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(prompts_per_iteration=96, train=dict(learning_rate=3e-4, optimizer="adamw", beta=0.1, batch_size=8, epochs=2,
+    # tiny: top-k 50 keeps a random 2k-token policy's long tail out of its samples
+    "tiny": dict(prompts_per_iteration=96, top_k=50,
+                 train=dict(learning_rate=3e-4, optimizer="adamw", beta=0.1, batch_size=8, epochs=2,
                             max_length=96, max_prompt_length=48, warmup_ratio=0.1)),
     "mistral-7b": dict(
         model="mistralai/Mistral-7B-Instruct-v0.2", ranker="llm-blender/PairRM",

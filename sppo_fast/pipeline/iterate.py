@@ -145,11 +145,11 @@ def run_iteration(cfg: SPPOConfig, t: int, *, ranker=None, progress: bool = True
         from .vllm_generate import generate_vllm
 
         generate_vllm(str(start), iteration_prompts(cfg, t), gen_path, k=cfg.k, temperature=cfg.temperature,
-                      top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+                      top_p=cfg.top_p, top_k=cfg.top_k, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
     model, tok = load_policy(start, device)
     if not gen_path.exists():
         prompts = iteration_prompts(cfg, t)
-        cands = generate(model, tok, prompts, k=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p,
+        cands = generate(model, tok, prompts, k=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                          max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, batch_size=cfg.generation_batch_size,
                          progress=progress)
         _atomic_parquet([{"prompt": p, "candidates": c} for p, c in zip(prompts, cands)], gen_path)
@@ -183,7 +183,7 @@ def evaluate(cfg: SPPOConfig, model_a: Path, model_b: Path, *, ranker=None, samp
     for path in (model_a, model_b):
         model, tok = load_policy(path, device)
         outs.append(generate(model, tok, prompts, k=samples, temperature=cfg.temperature, top_p=cfg.top_p,
-                             max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 7, progress=False,
+                             top_k=cfg.top_k, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 7, progress=False,
                              batch_size=cfg.generation_batch_size))
     rates = [win_rate(ranker, prompts, [a[s] for a in outs[0]], [b[s] for b in outs[1]]) for s in range(samples)]
     return sum(rates) / len(rates)
