@@ -28,16 +28,34 @@ step() {
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT_DIR/device.txt"
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT_DIR/device.txt"
 
-# Peers and yardsticks the machine cannot download: wheels carried over in ./wheels (see README, GPU)
+# What the machine cannot download (no network): wheels carried over in ./wheels, fetched here by
+# benchmarks/gpu_wheels.sh. --no-deps: one unsatisfiable requirement must not block the others.
 if [ -d "${WHEELS:-wheels}" ]; then
-  pip install -q --no-index --find-links "${WHEELS:-wheels}" "${WHEELS:-wheels}"/*.whl > "$OUT_DIR/wheels.log" 2>&1 \
+  pip install -q --no-index --no-deps "${WHEELS:-wheels}"/*.whl > "$OUT_DIR/wheels.log" 2>&1 \
     || echo "   some carried wheels did not install (see wheels.log)"
 fi
 
 echo "== build (SPPO_FAST_CUDA=ON)"
-if ! SPPO_FAST_CUDA=ON timeout 240 pip install --no-build-isolation -e . > "$OUT_DIR/build.log" 2>&1; then
+# --no-deps: pip must not try to fetch a requirement; the check below names what is missing
+if ! SPPO_FAST_CUDA=ON timeout 240 pip install --no-build-isolation --no-deps -e . > "$OUT_DIR/build.log" 2>&1; then
   tail -40 "$OUT_DIR/build.log"; exit 1
 fi
+python - <<'PY' | tee -a "$OUT_DIR/device.txt"
+import importlib
+mods = ["torch", "numpy", "transformers", "tokenizers", "datasets", "tqdm", "yaml", "matplotlib", "triton",
+        "llm_blender", "liger_kernel", "cut_cross_entropy", "flashdeberta"]
+missing = []
+for m in mods:
+    try:
+        if m == "llm_blender":
+            from sppo_fast import llm_blender_compat
+            llm_blender_compat.import_llm_blender()
+        else:
+            importlib.import_module(m)
+    except Exception as exc:  # noqa: BLE001 - report every failure, run what can run
+        missing.append(f"{m} ({type(exc).__name__}: {str(exc)[:80]})")
+print("not importable:", "; ".join(missing) if missing else "none")
+PY
 
 step "GPU tests" 150 sh -c "python -m pytest -q tests/test_triton.py tests/test_cuda.py tests/test_build.py tests/test_pairrm.py tests/test_deberta_attention.py tests/test_train.py tests/test_pipeline.py \
   -m 'not slow' > '$OUT_DIR/pytest.log' 2>&1; s=\$?; tail -3 '$OUT_DIR/pytest.log'; exit \$s"
