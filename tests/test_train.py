@@ -68,11 +68,11 @@ def test_collate_shifts_labels(tok):
     assert b["labels"][0, :-1].tolist() == list(a.labels[1:]) and b["labels"][0, -1] == IGNORE_INDEX
 
 
-def run(tok, tmp_path, name, **kw):
-    cfg = tr.TrainConfig(learning_rate=1e-3, optimizer="adamw", batch_size=2, epochs=4, max_length=64,
-                         max_prompt_length=24, beta=0.1, **kw)
+def run(tok, tmp_path, name, n_records=10, **kw):
+    cfg = tr.TrainConfig(**{**dict(learning_rate=1e-3, optimizer="adamw", batch_size=2, epochs=4, max_length=64,
+                                   max_prompt_length=24, beta=0.1), **kw})
     model = tiny_policy(tok)
-    tr.train(model, tok, records(10), tmp_path / name, cfg, progress=False)
+    tr.train(model, tok, records(n_records), tmp_path / name, cfg, progress=False)
     lines = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
     return model, lines
 
@@ -105,12 +105,40 @@ def test_resume_gives_the_same_weights(tok, tmp_path, monkeypatch):
     ckpt = tmp_path / "resumed" / "checkpoints" / "step-6"
     assert type(whole).from_pretrained(ckpt).config.vocab_size == whole.config.vocab_size  # a HF folder
     monkeypatch.setattr(tr, "_loss", real)
-    resumed, lines = run(tok, tmp_path, "resumed", save_every=3)
+    # a resume with other settings or data would not reach the same weights: refused, nothing lost
+    with pytest.raises(ValueError, match=r"batch_size: 2 then, 4 now.*delete"):
+        run(tok, tmp_path, "resumed", save_every=3, batch_size=4)
+    with pytest.raises(ValueError, match="records: other training data"):
+        run(tok, tmp_path, "resumed", save_every=3, n_records=12)
+    assert (tmp_path / "resumed" / "checkpoints" / "step-6").exists()
+    resumed, lines = run(tok, tmp_path, "resumed", save_every=3, log_every=1, loss_path="fused")
     assert [m["step"] for m in lines] == list(range(1, 21))
     for (k, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=k)
     assert (tmp_path / "resumed" / "model" / "config.json").exists()
     assert not (tmp_path / "resumed" / "checkpoints").exists()
+
+
+def test_reference_logps_follow_the_settings_until_the_policy_moves(tok, tmp_path, monkeypatch):
+    """Killed before its first checkpoint, a rerun with another batch size recomputes the reference
+    log-probs (the policy has not moved) and matches a fresh run with that batch size."""
+    calls = {"n": 0}
+    real = tr._loss
+
+    def killed_at_step_2(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(tr, "_loss", killed_at_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        run(tok, tmp_path, "a", epochs=1)
+    assert (tmp_path / "a" / "ref_logps.pt").exists() and not (tmp_path / "a" / "checkpoints").exists()
+    monkeypatch.setattr(tr, "_loss", real)
+    _, rerun = run(tok, tmp_path, "a", epochs=1, batch_size=5)
+    _, fresh = run(tok, tmp_path, "b", epochs=1, batch_size=5)
+    assert [m["loss"] for m in rerun] == [m["loss"] for m in fresh] and len(fresh) == 2
 
 
 def test_bad_configs_and_records(tok, tmp_path):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -236,22 +237,33 @@ def train(model, tokenizer, records: Sequence[dict], out_dir: str | os.PathLike,
     torch.manual_seed(cfg.seed)
     batches = _pair_batches(tokenizer, _rank_records(list(records), cfg.batch_size, rank, world), cfg, device)
     ckpts = sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-    ref_path = out / (f"ref_logps.rank{rank}.pt" if world > 1 else "ref_logps.pt")
-    if ref_path.exists():  # the reference is the policy at the start: never recompute after resuming
-        refs = torch.load(ref_path, map_location=device)
-    else:
-        refs = reference_logps(model, batches, cfg.backend)
-        tmp = ref_path.with_name(f".{ref_path.name}.tmp")  # one per rank: ranks write side by side
-        torch.save(refs, tmp)
-        os.replace(tmp, ref_path)
-    steps_per_epoch = math.ceil(len(batches) / cfg.grad_accum)
-    total = steps_per_epoch * cfg.epochs
+    settings = _resume_settings(records, cfg, world)
     state = None
     if ckpts:  # weights before any sharding, optimizer state once the optimizer exists
         state = torch.load(ckpts[-1] / "train_state.pt", map_location="cpu", weights_only=False)
-        if state["world_size"] != world:
-            raise ValueError(f"{ckpts[-1]} was written by {state['world_size']} process(es); resume it with "
-                             f"the same number (this run has {world}), or delete {out / 'checkpoints'}")
+        then = state["settings"]
+        changed = sorted(k for k in settings if then.get(k) != settings[k])
+        if changed:
+            diff = "; ".join(f"{k}: {then.get(k)!r} then, {settings[k]!r} now" if k != "records" else
+                             "records: other training data" for k in changed)
+            raise ValueError(f"{ckpts[-1]} was written with other settings ({diff}); resume with the same "
+                             f"ones, or delete {out / 'checkpoints'} to start over")
+    # the reference is the policy at the start: computed once, never after the policy has moved
+    ref_path = out / (f"ref_logps.rank{rank}.pt" if world > 1 else "ref_logps.pt")
+    saved = torch.load(ref_path, map_location=device) if ref_path.exists() else None
+    if saved is not None and saved["settings"] == settings:
+        refs = saved["refs"]
+    elif ckpts:
+        raise ValueError(f"{ref_path} is missing or was written for other settings, and the policy has already "
+                         f"trained (checkpoint {ckpts[-1].name}): delete {out} to start over")
+    else:
+        refs = reference_logps(model, batches, cfg.backend)
+        tmp = ref_path.with_name(f".{ref_path.name}.tmp")  # one per rank: ranks write side by side
+        torch.save({"settings": settings, "refs": refs}, tmp)
+        os.replace(tmp, ref_path)
+    steps_per_epoch = math.ceil(len(batches) / cfg.grad_accum)
+    total = steps_per_epoch * cfg.epochs
+    if ckpts:
         _load_weights(model, ckpts[-1])
     if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable()
@@ -313,7 +325,7 @@ def train(model, tokenizer, records: Sequence[dict], out_dir: str | os.PathLike,
                             writer.add_scalar(k, v, step)
             bar.set_postfix(loss=f"{last['loss']:.4g}")
         if cfg.save_every and step % cfg.save_every == 0 and step < total:
-            _save_checkpoint(out, model, tokenizer, policy, opt, sched, step, cfg)
+            _save_checkpoint(out, model, tokenizer, policy, opt, sched, step, cfg, records)
     bar.close()
     if writer is not None:
         writer.close()
@@ -330,6 +342,17 @@ def train(model, tokenizer, records: Sequence[dict], out_dir: str | os.PathLike,
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     _barrier(world)
     return summary
+
+
+# what a resumed run must share with the run that wrote the checkpoint (logging, checkpointing,
+# backend and the loss path may change: they do not change the numbers beyond rounding)
+_FREE_TO_CHANGE = ("log_every", "save_every", "tensorboard", "backend", "loss_path", "gradient_checkpointing")
+
+
+def _resume_settings(records: Sequence[dict], cfg: TrainConfig, world: int) -> dict:
+    out = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _FREE_TO_CHANGE}
+    digest = hashlib.sha256(json.dumps(list(records), sort_keys=True, default=str).encode()).hexdigest()
+    return {**out, "world_size": world, "records": digest}
 
 
 def _barrier(world: int) -> None:
@@ -359,7 +382,8 @@ def _set_rng(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _save_checkpoint(out: Path, model, tokenizer, policy, opt, sched, step: int, cfg: TrainConfig) -> None:
+def _save_checkpoint(out: Path, model, tokenizer, policy, opt, sched, step: int, cfg: TrainConfig,
+                     records: Sequence[dict]) -> None:
     """``checkpoints/step-N``: a ``save_pretrained`` folder (full weights, loadable with
     ``from_pretrained``) plus ``optimizer/`` (a ``torch.distributed.checkpoint``, written by every
     rank in parallel, its own shard under FSDP2) and ``train_state.pt`` (schedule, step, every rank's
@@ -387,8 +411,8 @@ def _save_checkpoint(out: Path, model, tokenizer, policy, opt, sched, step: int,
     if rank == 0:
         model.save_pretrained(tmp, state_dict=full_state)
         tokenizer.save_pretrained(tmp)
-        torch.save({"scheduler": sched.state_dict(), "rng": rngs, "step": step, "world_size": world},
-                   tmp / "train_state.pt")
+        torch.save({"scheduler": sched.state_dict(), "rng": rngs, "step": step,
+                    "settings": _resume_settings(records, cfg, world)}, tmp / "train_state.pt")
         os.replace(tmp, d)
         for old in (out / "checkpoints").glob("step-*"):  # keep the newest only
             if old != d:
