@@ -147,6 +147,61 @@ def test_iterations_raise_the_win_rate_and_resume(tmp_path, monkeypatch):
     assert [r["final_loss"] for r in resumed["iterations"]] == [r["final_loss"] for r in whole["iterations"]]
 
 
+def test_generation_and_ranking_resume_from_finished_chunks(tmp_path, monkeypatch):
+    """Killed in the second chunk of generation, then of ranking: the reruns keep the finished
+    chunks and end with the files of an uninterrupted run; other settings are refused."""
+    import pyarrow.parquet as pq
+
+    monkeypatch.setattr(it, "RANK_CHUNK", 8)
+    over = dict(prompts_per_iteration="24", generation_batch_size="2", iterations="1")  # chunks of 8
+    whole = it.run_iteration(small(tmp_path / "whole", **over), 1, progress=False, until="rank")
+
+    def dies_on_call(n, real):
+        calls = []
+
+        def f(*a, **k):
+            calls.append(1)
+            if len(calls) == n:
+                raise KeyboardInterrupt
+            return real(*a, **k)
+        return f
+
+    cfg = small(tmp_path / "killed", **over)
+    it_dir = tmp_path / "killed" / "demo" / "iter-1"
+    real_generate = it.generate
+    monkeypatch.setattr(it, "generate", dies_on_call(2, real_generate))
+    with pytest.raises(KeyboardInterrupt):
+        it.run_iteration(cfg, 1, progress=False, until="rank")
+    assert (it_dir / "generations.shards" / "000000.parquet").exists()
+    assert not (it_dir / "generations.shards" / "000001.parquet").exists()
+    with pytest.raises(ValueError, match="other settings.*max_new_tokens"):
+        it.run_iteration(small(tmp_path / "killed", max_new_tokens="7", **over), 1, progress=False)
+    generated = []
+    monkeypatch.setattr(it, "generate", lambda model, tok, prompts, **k: generated.append(len(prompts))
+                        or real_generate(model, tok, prompts, **k))
+
+    class DiesInChunk2(HashWordRanker):
+        calls = 0
+
+        def pair_matrix(self, prompts, candidates):
+            DiesInChunk2.calls += 1
+            if DiesInChunk2.calls == 2:
+                raise KeyboardInterrupt
+            return super().pair_matrix(prompts, candidates)
+
+    with pytest.raises(KeyboardInterrupt):
+        it.run_iteration(cfg, 1, progress=False, until="rank", ranker=DiesInChunk2())
+    assert generated == [8, 8]  # the first chunk was kept, not redone
+    assert not (it_dir / "generations.shards").exists() and (it_dir / "ranked.shards" / "000000.parquet").exists()
+    DiesInChunk2.calls = 10
+    killed = it.run_iteration(cfg, 1, progress=False, until="rank", ranker=DiesInChunk2())
+    assert DiesInChunk2.calls == 12  # chunks 2 and 3 only
+    assert pq.read_table(killed).to_pylist() == pq.read_table(whole).to_pylist()
+    assert pq.read_table(it_dir / "generations.parquet").to_pylist() == \
+        pq.read_table(tmp_path / "whole" / "demo" / "iter-1" / "generations.parquet").to_pylist()
+    assert not list(it_dir.glob("*.shards")) and not (it_dir / "ranked.parquet").exists()
+
+
 def test_cli_runs_stages_and_rejects_bad_config(tmp_path, capsys):
     args = ["--quiet", "--set", f"runs_dir={tmp_path}", "prompts_per_iteration=8", "eval_prompts=4"]
     assert cli.main(["generate", *args]) == 0

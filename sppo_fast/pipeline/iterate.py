@@ -7,6 +7,9 @@ exactly when its output exists, so rerunning after a kill continues from the fir
     runs/<name>/iter-0/model/                 the starting policy (tiny: built here)
     runs/<name>/iter-t/generations.parquet    prompt, K candidates
     runs/<name>/iter-t/train.parquet          official fields + candidates, scores, matrix
+    runs/<name>/iter-t/{generations,ranked}.shards/  while generation or ranking runs: one Parquet
+                                              file per finished chunk of prompts (a rerun keeps
+                                              them), merged and removed when the stage completes
     runs/<name>/iter-t/{metrics.jsonl, model/}
     runs/<name>/summary.json, winrate.png, loss.png
 """
@@ -97,6 +100,45 @@ def _initial_policy(cfg: SPPOConfig, run: Path, device: torch.device) -> Path:
     return out
 
 
+def _sharded_stage(out: Path, n: int, chunk: int, settings: dict, compute, *, desc: str, unit: str,
+                   progress: bool) -> list[dict]:
+    """Rows for items ``[0, n)``, computed ``chunk`` at a time by ``compute(lo, hi) -> rows``.
+
+    Each finished chunk is written atomically to ``<out stem>.shards/`` with the stage's settings;
+    a rerun keeps what a killed run finished and refuses shards written with other settings. The
+    merged rows go to ``out`` (atomic), then the shards are removed."""
+    import shutil
+
+    from tqdm.auto import tqdm
+
+    if out.exists():  # merged by a run killed before the next stage consumed it
+        return _read_parquet(out)
+    shards = out.with_name(f"{out.stem}.shards")
+    shards.mkdir(exist_ok=True)
+    spec = shards / "settings.json"
+    settings = {**settings, "items": n, "chunk": chunk}
+    if spec.exists() and json.loads(spec.read_text()) != settings:
+        old = json.loads(spec.read_text())
+        diff = ", ".join(k for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k))
+        raise ValueError(f"{shards} holds partial results for other settings ({diff}); rerun with the same "
+                         f"settings, or delete that folder to start the stage over")
+    _io.write_json(settings, spec)
+    rows: list[dict] = []
+    with tqdm(total=n, desc=desc, unit=unit, disable=not progress, dynamic_ncols=True) as bar:
+        for lo in range(0, n, chunk):
+            path = shards / f"{lo // chunk:06d}.parquet"
+            if path.exists():
+                part = _read_parquet(path)
+            else:
+                part = compute(lo, min(lo + chunk, n))
+                _atomic_parquet(part, path)
+            rows += part
+            bar.update(len(part))
+    _atomic_parquet(rows, out)
+    shutil.rmtree(shards, ignore_errors=True)
+    return rows
+
+
 def _prompt_source(cfg: SPPOConfig, t: int) -> str:
     return cfg.prompts.replace("{iteration}", str(t))
 
@@ -116,6 +158,13 @@ def iteration_prompts(cfg: SPPOConfig, t: int) -> list[str]:
 
 
 STAGES = ("generate", "rank", "train")
+RANK_CHUNK = 512  # prompts per ranking shard
+
+
+def _digest(obj) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _use_vllm(cfg: SPPOConfig) -> bool:
@@ -149,20 +198,38 @@ def run_iteration(cfg: SPPOConfig, t: int, *, ranker=None, progress: bool = True
     model, tok = load_policy(start, device)
     if not gen_path.exists():
         prompts = iteration_prompts(cfg, t)
-        cands = generate(model, tok, prompts, k=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                         max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, batch_size=cfg.generation_batch_size,
-                         progress=progress)
-        _atomic_parquet([{"prompt": p, "candidates": c} for p, c in zip(prompts, cands)], gen_path)
+        opts = dict(k=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                    max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+
+        def sample(lo: int, hi: int) -> list[dict]:  # candidates do not depend on the chunking
+            cands = generate(model, tok, prompts[lo:hi], batch_size=cfg.generation_batch_size, progress=False,
+                             **opts)
+            return [{"prompt": p, "candidates": c} for p, c in zip(prompts[lo:hi], cands)]
+
+        settings = {"policy": str(start), "prompts": _digest(prompts), **opts}
+        _sharded_stage(gen_path, len(prompts), 4 * cfg.generation_batch_size, settings, sample,
+                       desc=f"iteration {t}: generating", unit="prompt", progress=progress)
     if until == "generate":
         return gen_path
     train_path = it / "train.parquet"
     if not train_path.exists():
         gens = _read_parquet(gen_path)
-        prompts, cands = [g["prompt"] for g in gens], [g["candidates"] for g in gens]
         ranker = ranker or make_ranker(cfg, device)
-        records, tied = training_records(prompts, cands, ranker.pair_matrix(prompts, cands), mode=cfg.mode)
+
+        def judge(lo: int, hi: int) -> list[dict]:
+            part = gens[lo:hi]
+            m = ranker.pair_matrix([g["prompt"] for g in part], [g["candidates"] for g in part])
+            return [{**g, "cmp": row.tolist()} for g, row in zip(part, m.float().cpu())]
+
+        ranked = _sharded_stage(it / "ranked.parquet", len(gens), RANK_CHUNK,
+                                {"ranker": cfg.ranker, "generations": _digest(gens)}, judge,
+                                desc=f"iteration {t}: ranking", unit="prompt", progress=progress)
+        cmp = torch.tensor([r["cmp"] for r in ranked], dtype=torch.float32)
+        records, tied = training_records([r["prompt"] for r in ranked], [r["candidates"] for r in ranked], cmp,
+                                         mode=cfg.mode)
         _atomic_parquet(records, train_path)
-        _io.write_json({"prompts": len(prompts), "tied": tied, "records": len(records)}, it / "ranking.json")
+        _io.write_json({"prompts": len(ranked), "tied": tied, "records": len(records)}, it / "ranking.json")
+        (it / "ranked.parquet").unlink()
     if until == "rank":
         return train_path
     records = _read_parquet(train_path)
