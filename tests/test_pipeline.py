@@ -68,6 +68,7 @@ def test_generation_is_seeded_per_prompt_and_sample_index():
     assert generate(model, tok, prompts[::-1], k=3, max_new_tokens=10, progress=False, batch_size=5)[::-1] == a
     assert generate(model, tok, prompts[3:4], k=3, max_new_tokens=10, progress=False) == a[3:4]
     assert generate(model, tok, prompts, k=3, max_new_tokens=10, progress=False, seed=51)[0] != a[0]
+    assert len(set(generate(model, tok, prompts[:1], k=3, max_new_tokens=10, progress=False, seed=0)[0])) == 3
 
 
 def test_row_sampler_draws_from_the_top_p_distribution():

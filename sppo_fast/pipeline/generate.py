@@ -1,7 +1,7 @@
 """Sampling K responses per prompt from the current policy (batched Hugging Face ``generate``).
 
 As the official ``generate.py``: the chat template with the generation prompt, temperature 0.7,
-top_p 0.9, one seed per sample index (official ``seed = 50``, sample ``k`` drawn with ``seed * k``).
+top_p 0.9, one seed per sample index (official: ``seed = 50``, sample ``k`` drawn with ``seed * k``).
 Here each (prompt, sample) pair gets its own random stream, seeded by :func:`sample_seed` from the
 sample's seed and the prompt's text, and every row of a batch draws only from its own stream: a
 candidate depends on its prompt, its sample index and the seed, not on the batch size, on which
@@ -25,9 +25,10 @@ from .data import prompt_text
 
 
 def sample_seed(seed: int, k: int, prompt: str) -> int:
-    """The seed of sample ``k`` of ``prompt``: 63 bits of SHA-256 of the official per-sample seed
-    ``seed * k`` and the prompt's text (different prompts get independent streams)."""
-    digest = hashlib.sha256(f"{seed * k}\0{prompt}".encode()).digest()
+    """The seed of sample ``k`` of ``prompt``: 63 bits of SHA-256 of the run's seed, the sample index
+    and the prompt's text (one seed per sample index as the official ``seed * k``, but every sample
+    differs for any seed, 0 included, and different prompts get independent streams)."""
+    digest = hashlib.sha256(f"{seed}\0{k}\0{prompt}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 

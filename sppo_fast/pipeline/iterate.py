@@ -187,6 +187,9 @@ def run_iteration(cfg: SPPOConfig, t: int, *, ranker=None, progress: bool = True
     final = it / "model"
     if (final / "trainer_state.json").exists():
         return final
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (it / "train.parquet").exists():
+        raise ValueError(f"iteration {t} has no train.parquet yet: run generation and ranking in one process "
+                         f"first (sppo-fast rank ...), then train under torchrun")
     it.mkdir(parents=True, exist_ok=True)
     start = _initial_policy(cfg, run, device) if t == 1 else run / f"iter-{t - 1}" / "model"
     gen_path = it / "generations.parquet"
@@ -229,7 +232,7 @@ def run_iteration(cfg: SPPOConfig, t: int, *, ranker=None, progress: bool = True
                                          mode=cfg.mode)
         _atomic_parquet(records, train_path)
         _io.write_json({"prompts": len(ranked), "tied": tied, "records": len(records)}, it / "ranking.json")
-        (it / "ranked.parquet").unlink()
+        (it / "ranked.parquet").unlink(missing_ok=True)
     if until == "rank":
         return train_path
     records = _read_parquet(train_path)

@@ -241,7 +241,7 @@ def train(model, tokenizer, records: Sequence[dict], out_dir: str | os.PathLike,
     state = None
     if ckpts:  # weights before any sharding, optimizer state once the optimizer exists
         state = torch.load(ckpts[-1] / "train_state.pt", map_location="cpu", weights_only=False)
-        then = state["settings"]
+        then = state.get("settings", {"records": None})  # a checkpoint from before fingerprints: refused
         changed = sorted(k for k in settings if then.get(k) != settings[k])
         if changed:
             diff = "; ".join(f"{k}: {then.get(k)!r} then, {settings[k]!r} now" if k != "records" else
@@ -251,7 +251,7 @@ def train(model, tokenizer, records: Sequence[dict], out_dir: str | os.PathLike,
     # the reference is the policy at the start: computed once, never after the policy has moved
     ref_path = out / (f"ref_logps.rank{rank}.pt" if world > 1 else "ref_logps.pt")
     saved = torch.load(ref_path, map_location=device) if ref_path.exists() else None
-    if saved is not None and saved["settings"] == settings:
+    if isinstance(saved, dict) and saved.get("settings") == settings:
         refs = saved["refs"]
     elif ckpts:
         raise ValueError(f"{ref_path} is missing or was written for other settings, and the policy has already "
