@@ -88,18 +88,22 @@ def test_fused_and_reference_paths_agree_for_20_steps(tok, tmp_path):
         assert a["rewards/margins"] == pytest.approx(b["rewards/margins"], rel=2e-3, abs=1e-5)
 
 
-def test_resume_gives_the_same_weights(tok, tmp_path, monkeypatch):
-    whole, _ = run(tok, tmp_path, "whole")
-    calls = {"n": 0}
-    real = tr._loss
+def killed_at_call(n, real):
+    """``real``, except that its n-th call raises KeyboardInterrupt (a kill mid-run)."""
+    calls = []
 
-    def killed_at_step_8(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 8:
+    def f(*a, **k):
+        calls.append(1)
+        if len(calls) == n:
             raise KeyboardInterrupt
         return real(*a, **k)
+    return f
 
-    monkeypatch.setattr(tr, "_loss", killed_at_step_8)
+
+def test_resume_gives_the_same_weights(tok, tmp_path, monkeypatch):
+    whole, _ = run(tok, tmp_path, "whole")
+    real = tr._loss
+    monkeypatch.setattr(tr, "_loss", killed_at_call(8, real))
     with pytest.raises(KeyboardInterrupt):
         run(tok, tmp_path, "resumed", save_every=3)
     ckpt = tmp_path / "resumed" / "checkpoints" / "step-6"
@@ -122,16 +126,8 @@ def test_resume_gives_the_same_weights(tok, tmp_path, monkeypatch):
 def test_reference_logps_follow_the_settings_until_the_policy_moves(tok, tmp_path, monkeypatch):
     """Killed before its first checkpoint, a rerun with another batch size recomputes the reference
     log-probs (the policy has not moved) and matches a fresh run with that batch size."""
-    calls = {"n": 0}
     real = tr._loss
-
-    def killed_at_step_2(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(tr, "_loss", killed_at_step_2)
+    monkeypatch.setattr(tr, "_loss", killed_at_call(2, real))
     with pytest.raises(KeyboardInterrupt):
         run(tok, tmp_path, "a", epochs=1)
     assert (tmp_path / "a" / "ref_logps.pt").exists() and not (tmp_path / "a" / "checkpoints").exists()
