@@ -57,7 +57,7 @@ for m in mods:
 print("not importable:", "; ".join(missing) if missing else "none")
 PY
 
-step "GPU tests" 150 sh -c "python -m pytest -q tests/test_triton.py tests/test_cuda.py tests/test_build.py tests/test_pairrm.py tests/test_deberta_attention.py tests/test_train.py tests/test_pipeline.py \
+step "GPU tests" 150 sh -c "python -m pytest -q tests/test_triton.py tests/test_cuda.py tests/test_linear.py tests/test_build.py tests/test_pairrm.py tests/test_deberta_attention.py tests/test_train.py tests/test_pipeline.py \
   -m 'not slow' > '$OUT_DIR/pytest.log' 2>&1; s=\$?; tail -3 '$OUT_DIR/pytest.log'; exit \$s"
 
 bench_sppo() {  # V PROVIDERS...

@@ -9,7 +9,7 @@ upstream gradient of every token of sequence ``s`` is one scalar, ``g_s = dloss/
 soon as that sequence's log-prob sum is. The non-ignored tokens are gathered (prompt and padding
 cost no FLOPs) and cut into chunks of whole sequences under a token budget. For each chunk:
 
-1. ``logits = h_chunk @ W.T (+ b)`` into a reused [chunk, V] float32 buffer (one GEMM);
+1. ``logits = h_chunk @ W.T (+ b)`` into a reused [chunk, V] buffer (one GEMM);
 2. the native forward kernel: per-token log-probs and the row's (max, log-sum), then the sequence
    sums, then ``g_s`` for every sequence of the chunk (all complete);
 3. the native backward kernel turns the buffer in place into ``g_s * (onehot - softmax)``;
@@ -20,11 +20,16 @@ done in two passes (sums first, then recomputed logits and gradients): four GEMM
 The gradients are computed for an upstream gradient of 1 and scaled in ``backward``; if the
 returned ``policy_logps`` also receive a gradient, one extra recompute pass adds its contribution.
 The probabilities are data: no gradient flows to them (as to the labels).
+
+Precision. On a CPU the GEMMs and the buffer are float32 (float64 for float64 inputs), whatever the
+inputs' dtype. On a GPU, bf16/fp16 inputs take tensor-core GEMMs in their own dtype: the buffer
+holds 16-bit logits and then their 16-bit gradient, ``d_hidden`` is written in the input dtype, and
+only ``d_weight`` (and ``d_bias``) are accumulated in float32 across chunks. That rounds exactly
+where the eager reference in the same dtype rounds; the per-row log-softmax work is float32.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -35,8 +40,12 @@ from . import _native, ops, reference
 
 __all__ = ["fused_linear_sppo_loss", "linear_sequence_logps"]
 
-# Default budget for one chunk of float32 logits (32 MiB: 256 tokens at V = 32000).
+# Default budget for one chunk of logits. On a CPU 32 MiB (256 float32 tokens at V = 32000) keeps
+# the chunk near the caches. On a GPU the weight-gradient GEMM adds into a float32 [V, H]
+# accumulator once per chunk; the chunk must be long enough (thousands of tokens) for that
+# read-modify-write to hide under the GEMM's arithmetic: 256 MiB is 4096 bf16 tokens at V = 32000.
 DEFAULT_CHUNK_BYTES = 32 << 20
+DEFAULT_CHUNK_BYTES_CUDA = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -46,11 +55,25 @@ class _Options:
     loss_scale: float  # 1/2 for sppo and sppo_single, 1 for sppo_hard
     with_grads: bool = False  # decided outside: grad mode is off inside Function.forward
     backend: str = "cpp"  # which kernels do the per-chunk work: "cpp", "cuda" or "triton"
+    lowp: bool = False  # 16-bit GEMMs and logits (see _lowp_gemms)
 
 
-def _chunk_tokens(chunk_tokens: Optional[int], V: int) -> int:
+def _lowp_gemms(hidden: Tensor) -> bool:
+    """Whether the chunks run 16-bit GEMMs into 16-bit logits (float32 accumulation inside the GEMM).
+
+    On a GPU, for bf16/fp16 inputs: tensor-core GEMMs, no float32 copy of the weight, half the
+    logits buffer. The logits, their gradient and ``d_hidden`` are then rounded to the input dtype
+    exactly where the eager reference rounds them (``F.linear`` in that dtype, then autograd's
+    gradient of those logits), and ``d_weight`` is accumulated over the chunks in float32. On a CPU
+    the chunks stay in float32: more accurate, and torch has no float32-output 16-bit GEMM there.
+    """
+    return hidden.dtype in (torch.bfloat16, torch.float16) and hidden.device.type == "cuda"
+
+
+def _chunk_tokens(chunk_tokens: Optional[int], V: int, elem_bytes: int = 4, cuda: bool = False) -> int:
     if chunk_tokens is None:
-        return max(16, DEFAULT_CHUNK_BYTES // (4 * V))
+        budget = DEFAULT_CHUNK_BYTES_CUDA if cuda else DEFAULT_CHUNK_BYTES
+        return max(16, budget // (elem_bytes * V))
     if not isinstance(chunk_tokens, int) or chunk_tokens < 1:
         raise ValueError(f"chunk_tokens: expected a positive int, got {chunk_tokens!r}")
     return chunk_tokens
@@ -85,6 +108,14 @@ def _check_linear(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels
     return ops._check_labels(labels, stand_in, ignore_index)
 
 
+def _options(hidden: Tensor, weight: Tensor, ignore_index: int, chunk_tokens: Optional[int],
+             loss_scale: float, with_grads: bool, backend: str) -> _Options:
+    lowp = _lowp_gemms(hidden)
+    elem = hidden.element_size() if lowp else (8 if hidden.dtype == torch.float64 else 4)
+    chunk = _chunk_tokens(chunk_tokens, weight.shape[0], elem, hidden.device.type == "cuda")
+    return _Options(ignore_index, chunk, loss_scale, with_grads, backend, lowp)
+
+
 @dataclass
 class _Plan:
     rows: Tensor       # [R] flat indices of the non-ignored tokens, in order
@@ -115,6 +146,20 @@ def _plan(labels: Tensor, ignore_index: int, chunk_tokens: int) -> _Plan:
     return _Plan(rows, seq_of_row, labels.reshape(-1)[rows], groups)
 
 
+_FP32_OUT_GEMM = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 8)
+
+
+def _add_mm(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """``acc += a @ b``, with ``acc`` float32 (or float64) whatever the dtype of ``a`` and ``b``."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif acc.device.type == "cuda" and _FP32_OUT_GEMM:
+        # cuBLAS: 16-bit operands, float32 accumulation, float32 C read and written by the GEMM
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:  # exact products of the 16-bit values, accumulated in float32 (CPU; torch < 2.8)
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
 class _Chunked:
     """The chunk loop of one call: GEMMs through torch, per-row work through ``_native``."""
 
@@ -124,22 +169,26 @@ class _Chunked:
         self.impl = ops._IMPLS[opts.backend]
         dev = hidden.device
         self.h = hidden.reshape(-1, hidden.shape[-1])
-        self.w = weight.to(self.acc)  # a copy only for 16-bit weights
-        self.b = None if bias is None else bias.to(self.acc)
+        # the GEMMs' dtype, which is also the logits buffer's: float32 (a copy of a 16-bit weight),
+        # or the inputs' own 16-bit dtype in the low-precision mode
+        self.gemm = hidden.dtype if opts.lowp else self.acc
+        self.w = weight.to(self.gemm)
+        self.b = None if bias is None else bias.to(self.gemm)
         self.plan, self.opts = plan, opts
         longest = max((g[1] - g[0] for g in plan.groups), default=0)
         shape = (min(longest, opts.chunk_tokens), weight.shape[0])
-        self.buf = (_native.empty_fresh(shape, self.acc) if dev.type == "cpu"
-                    else torch.empty(shape, dtype=self.acc, device=dev))
+        self.buf = (_native.empty_fresh(shape, self.gemm) if dev.type == "cpu"
+                    else torch.empty(shape, dtype=self.gemm, device=dev))
         self.seq = torch.zeros(hidden.shape[0], dtype=torch.float64, device=dev)
         if with_grads:
-            self.dh = torch.zeros(self.h.shape, dtype=self.acc, device=dev)
+            # each row's d_hidden is written once, so it can take its final dtype at once
+            self.dh = torch.zeros(self.h.shape, dtype=self.gemm, device=dev)
             self.dw = torch.zeros(weight.shape, dtype=self.acc, device=dev)
             self.db = None if bias is None else torch.zeros(weight.shape[0], dtype=self.acc, device=dev)
 
     def _logits(self, r0: int, r1: int) -> tuple[Tensor, Tensor]:
         """Logits of compact rows [r0, r1) in the shared buffer, and those rows' hidden states."""
-        h = self.h.index_select(0, self.plan.rows[r0:r1]).to(self.acc)
+        h = self.h.index_select(0, self.plan.rows[r0:r1]).to(self.gemm)
         out = self.buf[: r1 - r0]
         if self.b is None:
             torch.mm(h, self.w.t(), out=out)
@@ -161,9 +210,9 @@ class _Chunked:
         g = logits[:, None]
         self.impl.logprob_bwd(g, self.plan.labels[r0:r1, None], lse, coef, self.opts.ignore_index, g)
         self.dh.index_copy_(0, self.plan.rows[r0:r1], torch.mm(logits, self.w))
-        self.dw.addmm_(logits.t(), h)
+        _add_mm(self.dw, logits.t(), h)
         if self.db is not None:
-            self.db += logits.sum(0)
+            self.db += logits.sum(0, dtype=self.db.dtype)
 
     def _spans(self, r0: int, r1: int):
         C = self.opts.chunk_tokens
@@ -284,11 +333,13 @@ def fused_linear_sppo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, ref_l
         labels: ``[2B, T]`` aligned labels (see :func:`sppo_fast.next_token_labels`).
         ref_logps: ``[2B]`` reference log-probs; probabilities, ``beta``, ``loss_type``,
             ``ignore_index`` as in :func:`sppo_fast.fused_sppo_loss`.
-        chunk_tokens: tokens per chunk of logits (default: 32 MiB of float32 logits).
+        chunk_tokens: tokens per chunk of logits (default: 32 MiB of float32 logits on a CPU,
+            256 MiB of logits on a GPU).
     Returns:
         ``(loss, policy_logps[2B], metrics)``; gradients reach ``hidden``, ``weight``, ``bias``
-        (and ``ref_logps``). Peak extra memory: one [chunk, V] float32 buffer, a float32 copy of a
-        16-bit weight, and the float32 gradients.
+        (and ``ref_logps``). Peak extra memory: one [chunk, V] buffer, a float32 ``d_weight``,
+        and ``d_hidden`` (in the input dtype on a GPU, else float32); on a CPU also a float32
+        copy of a 16-bit weight. See the module notes on precision.
     """
     labels = _check_linear(hidden, weight, bias, labels, ignore_index)
     if hidden.shape[0] % 2:
@@ -310,7 +361,7 @@ def fused_linear_sppo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, ref_l
     targets = torch.cat([torch.as_tensor(t_w, dtype=torch.float64, device=hidden.device).expand(B),
                          torch.as_tensor(t_l, dtype=torch.float64, device=hidden.device).expand(B)])
     need = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-    opts = _Options(ignore_index, _chunk_tokens(chunk_tokens, weight.shape[0]), _loss_scale(loss_type), need, be)
+    opts = _options(hidden, weight, ignore_index, chunk_tokens, _loss_scale(loss_type), need, be)
     loss, policy = _FusedLinearSPPO.apply(hidden, weight, bias, labels, ref_logps, targets, opts)
     acc = policy.dtype
     metrics = ops._metrics(policy.detach(), ref_logps.detach().to(acc), beta, loss_type,
@@ -332,7 +383,7 @@ def linear_sequence_logps(hidden: Tensor, weight: Tensor, labels: Tensor, *,
         if be == "reference":
             return reference.sequence_logps(torch.nn.functional.linear(hidden, weight, bias), labels,
                                             ignore_index)
-        opts = _Options(ignore_index, _chunk_tokens(chunk_tokens, weight.shape[0]), 1.0, False, be)
+        opts = _options(hidden, weight, ignore_index, chunk_tokens, 1.0, False, be)
         plan = _plan(labels, ignore_index, opts.chunk_tokens)
         work = _Chunked(hidden, weight, bias, plan, opts, with_grads=False)
         return work.logps().to(work.acc)

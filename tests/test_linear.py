@@ -6,7 +6,7 @@ import torch
 import sppo_fast
 from sppo_fast import reference as R
 
-from conftest import assert_as_accurate
+from conftest import assert_as_accurate, gpu
 
 S, T, H, V = 6, 33, 97, 1271  # 2B = 6: B = 3 pairs (odd)
 
@@ -68,6 +68,37 @@ def test_matches_reference(loss_type, dtype, bias, chunk, gen):
     assert (out["d_hidden"][4] == 0).all()
     assert (out["d_hidden"][labels == -100] == 0).all()
     assert metrics["rewards/chosen"].requires_grad is False
+
+
+@pytest.mark.parametrize("loss_type", ["sppo", "sppo_hard"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("chunk", [None, 8])
+def test_low_precision_gemms_match_reference(loss_type, dtype, bias, chunk, gen, monkeypatch):
+    """The GPU's mode for 16-bit inputs (16-bit GEMMs, logits and d_hidden; float32 d_weight),
+    forced on here: as accurate as the eager reference in the same dtype."""
+    from sppo_fast import linear
+
+    monkeypatch.setattr(linear, "_lowp_gemms", lambda hidden: hidden.dtype == dtype)
+    h, w, b, labels, ref, probs = _inputs(gen, bias=bias, fully_masked=(1,))
+    h, w, b = (None if t is None else t.to(dtype).double() for t in (h, w, b))
+    truth, _ = _run(_reference(labels, ref, probs, 0.1, loss_type), h, w, b, torch.float64)
+    same, _ = _run(_reference(labels, ref, probs, 0.1, loss_type), h, w, b, dtype)
+    out, _ = _run(_fused(labels, ref, probs, 0.1, loss_type, chunk), h, w, b, dtype)
+    tol = {torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    for k in truth:
+        assert out[k].dtype == (dtype if k.startswith("d_") else torch.float32), k
+        assert_as_accurate(out[k], same[k], truth[k], atol=tol, rtol=tol, what=f"{k} {dtype}")
+    assert (out["d_hidden"][1] == 0).all()
+    # the mode did run: its policy log-probs come from 16-bit logits, not float32 ones
+    with torch.no_grad():
+        lp16 = sppo_fast.linear_sequence_logps(h.to(dtype), w.to(dtype), labels, backend="cpp",
+                                               bias=None if b is None else b.to(dtype))
+    monkeypatch.setattr(linear, "_lowp_gemms", lambda hidden: False)
+    with torch.no_grad():
+        lp32 = sppo_fast.linear_sequence_logps(h.to(dtype), w.to(dtype), labels, backend="cpp",
+                                               bias=None if b is None else b.to(dtype))
+    assert not torch.equal(lp16, lp32)
 
 
 def test_same_result_whatever_the_chunk_size(gen):
@@ -183,3 +214,33 @@ def test_chunks_through_triton_kernels(gen):
         out[be] = (loss, pol, hh.grad, ww.grad)
     for x, y in zip(out["triton"], out["reference"]):  # both float32: a tolerance on the tensor's scale
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5 * max(1.0, y.abs().max().item()))
+
+
+@gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("chunk", [None, 8])
+def test_on_gpu(backend, dtype, chunk, gen):
+    """On a GPU: 16-bit inputs take the 16-bit GEMM mode by default; every backend's chunks."""
+    from sppo_fast import _native, linear
+
+    if backend == "cuda" and not _native.cuda_status()[0]:
+        pytest.skip("the extension was built without CUDA")
+    h, w, b, labels, ref, probs = _inputs(gen, bias=True, fully_masked=(4,))
+    h, w, b = (t.to(dtype).double().cuda() for t in (h, w, b))
+    labels, ref = labels.cuda(), ref.cuda()
+    probs = {k: v.cuda() for k, v in probs.items()}
+    assert linear._lowp_gemms(h.to(dtype)) == (dtype != torch.float32)
+    truth, _ = _run(_reference(labels, ref, probs, 0.1, "sppo"), h, w, b, torch.float64)
+    same, _ = _run(_reference(labels, ref, probs, 0.1, "sppo"), h, w, b, dtype)
+    fused = lambda hh, ww, bb: sppo_fast.fused_linear_sppo_loss(  # noqa: E731
+        hh, ww, labels, ref.to(hh.dtype), bias=bb, beta=0.1, backend=backend, chunk_tokens=chunk, **probs)
+    out, _ = _run(fused, h, w, b, dtype)
+    tol = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    for k in truth:
+        assert_as_accurate(out[k], same[k], truth[k], atol=tol, rtol=tol, what=f"{k} {dtype} {backend}")
+    assert (out["d_hidden"][4] == 0).all()
+    with torch.no_grad():
+        lp = sppo_fast.linear_sequence_logps(h.to(dtype), w.to(dtype), labels, bias=b.to(dtype),
+                                             backend=backend, chunk_tokens=chunk)
+    assert_as_accurate(lp, same["policy"], truth["policy"], atol=1e-3, rtol=1e-5, what="logps")
