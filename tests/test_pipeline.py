@@ -95,6 +95,11 @@ def test_row_sampler_draws_from_the_top_p_distribution():
         counts += (s(None, scores[:1])[0] == 0).float()
     sigma = (5000 * probs * (1 - probs)).sqrt()
     assert ((counts - 5000 * probs).abs() <= 5 * sigma + 1).all()
+    # int seeds: generators made on the scores' device at the first call, the same streams
+    by_int = RowSampler([11, 12], 0.7, 0.9)
+    by_gen = RowSampler([torch.Generator().manual_seed(11), torch.Generator().manual_seed(12)], 0.7, 0.9)
+    for _ in range(20):
+        assert torch.equal(by_int(None, scores[:2]), by_gen(None, scores[:2]))
     with pytest.raises(ValueError, match="top_p"):
         RowSampler([], 0.7, 0.0)
     with pytest.raises(ValueError, match="temperature"):

@@ -34,9 +34,15 @@ def sample_seed(seed: int, k: int, prompt: str) -> int:
 
 class RowSampler:
     """A ``LogitsProcessor`` that samples each row with its own ``torch.Generator`` and returns
-    scores that are ``-inf`` except at the drawn token, so greedy decoding emits the sample."""
+    scores that are ``-inf`` except at the drawn token, so greedy decoding emits the sample.
 
-    def __init__(self, generators: Sequence[torch.Generator], temperature: float, top_p: float, top_k: int = 0):
+    ``generators`` holds one per row: a ``torch.Generator``, or an int seed for a generator made at
+    the first call on the device of the scores (which, for a model split over devices with
+    ``device_map``, is not the device of its first parameter).
+    """
+
+    def __init__(self, generators: Sequence[torch.Generator | int], temperature: float, top_p: float,
+                 top_k: int = 0):
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if not 0 < top_p <= 1:
@@ -57,6 +63,8 @@ class RowSampler:
             logits = logits.masked_fill(tail.scatter(1, order, tail), float("-inf"))
         probs = logits.softmax(-1)
         out = torch.full_like(scores, float("-inf"))
+        self.generators = [torch.Generator(scores.device).manual_seed(g) if isinstance(g, int) else g
+                           for g in self.generators]
         for r, g in enumerate(self.generators):
             out[r, torch.multinomial(probs[r], 1, generator=g)] = 0
         return out
@@ -88,8 +96,7 @@ def generate(model, tokenizer, prompts: Sequence[str], *, k: int = 5, temperatur
                   dynamic_ncols=True) as bar:
             for i in range(k):
                 for s in range(0, len(texts), batch_size):
-                    gens = [torch.Generator(device).manual_seed(sample_seed(seed, i, p))
-                            for p in prompts[s: s + batch_size]]
+                    gens = [sample_seed(seed, i, p) for p in prompts[s: s + batch_size]]
                     # the template carries BOS already: add no second one
                     enc = tokenizer(texts[s: s + batch_size], return_tensors="pt", padding=True,
                                     add_special_tokens=False).to(device)
