@@ -170,3 +170,37 @@ def test_tensorboard_logging_or_a_clear_error(tok, tmp_path):
     else:
         tr.train(tiny_policy(tok), tok, records(4), tmp_path / "tb", cfg, progress=False)
         assert list((tmp_path / "tb" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_load_weights_one_tensor_at_a_time(tok, tmp_path, tie):
+    """A checkpoint folder (sharded or not, tied embeddings or not) loads into a fresh model in place;
+    a missing or misshapen tensor is an error that names it."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    def model(seed):
+        torch.manual_seed(seed)
+        return MistralForCausalLM(MistralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                tie_word_embeddings=tie))
+
+    src = model(1)
+    src.save_pretrained(tmp_path / "one")
+    src.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
+    for folder in ("one", "sharded"):
+        dst = model(2)
+        tr._load_weights(dst, tmp_path / folder)
+        for (name, a), b in zip(src.state_dict().items(), dst.state_dict().values()):
+            assert torch.equal(a, b), name
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(tmp_path / "one" / "model.safetensors"))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    save_file({k: v for k, v in sd.items() if "layers.1.mlp" not in k}, str(broken / "model.safetensors"))
+    with pytest.raises(ValueError, match="missing.*layers.1.mlp"):
+        tr._load_weights(model(2), broken)
+    save_file({**sd, "model.norm.weight": torch.ones(7)}, str(broken / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"model.norm.weight has shape \(7,\)"):
+        tr._load_weights(model(2), broken)

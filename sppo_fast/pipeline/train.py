@@ -440,21 +440,34 @@ def _load_optimizer(policy, opt, path: Path) -> None:
 
 
 def _load_weights(model, folder: Path) -> None:
-    """Load a ``save_pretrained`` folder (one or several safetensors files) into ``model`` in place;
-    only weights tied to a loaded one (e.g. ``lm_head.weight`` tied to the embeddings) may be absent."""
-    from safetensors.torch import load_file
+    """Load a ``save_pretrained`` folder (one or several safetensors files) into ``model`` in place,
+    one tensor at a time (no second copy of the model in memory on any rank); only weights tied to
+    a loaded one (e.g. ``lm_head.weight`` tied to the embeddings) may be absent."""
+    from safetensors import safe_open
 
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{folder}: no *.safetensors weights")
-    sd = {}
-    for f in files:
-        sd.update(load_file(str(f)))
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    own = model.state_dict()  # views of the parameters and buffers: copying into them loads
+    loaded, unexpected = set(), []
+    with torch.no_grad():
+        for f in files:
+            with safe_open(str(f), framework="pt") as fh:
+                for k in fh.keys():
+                    if k not in own:
+                        unexpected.append(k)
+                        continue
+                    t = fh.get_tensor(k)
+                    if t.shape != own[k].shape:
+                        raise ValueError(f"{folder}: {k} has shape {tuple(t.shape)}, the model's "
+                                         f"{tuple(own[k].shape)}")
+                    own[k].copy_(t)
+                    loaded.add(k)
+    missing = set(own) - loaded
     by_storage: dict = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         by_storage.setdefault(p.data_ptr(), []).append(name)
-    tied = {n for names in by_storage.values() if len(names) > 1 for n in names if any(m in sd for m in names)}
-    bad = sorted(set(missing) - tied)
+    tied = {n for names in by_storage.values() if len(names) > 1 for n in names if any(m in loaded for m in names)}
+    bad = sorted(missing - tied)
     if bad or unexpected:
         raise ValueError(f"{folder} does not match the model: missing {bad[:5]}, unexpected {sorted(unexpected)[:5]}")
