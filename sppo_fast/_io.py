@@ -8,6 +8,17 @@ import os
 from pathlib import Path
 
 
+def digest(obj) -> str:
+    """SHA-256 of ``obj`` as sorted JSON: a fingerprint of settings or records. Arrays and tensors
+    count in full (``tolist``; ``str`` would abbreviate a long numpy array), other objects by ``str``."""
+    import hashlib
+
+    def default(o):
+        return o.tolist() if hasattr(o, "tolist") else str(o)
+
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=default).encode()).hexdigest()
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

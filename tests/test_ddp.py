@@ -92,3 +92,32 @@ def test_two_processes_resume_from_a_checkpoint(tmp_path, parallel):
     final = AutoModelForCausalLM.from_pretrained(tmp_path / "resumed" / "model")
     for (k, a), b in zip(uninterrupted.state_dict().items(), final.state_dict().values()):
         assert (a - b).abs().max() < 1e-6, k
+
+
+RANK0_FAILS = textwrap.dedent('''
+    import sys, torch.distributed as dist
+    from sppo_fast.pipeline import train as tr
+
+    dist.init_process_group("gloo")
+    def fails():
+        raise OSError("disk full")
+    try:
+        tr._on_rank0(2, "writing the checkpoint", fails)
+        print(f"rank {{dist.get_rank()}}: no error", flush=True)
+    except Exception as exc:
+        print(f"rank {{dist.get_rank()}}: {{type(exc).__name__}}: {{exc}}", flush=True)
+    tr._on_rank0(2, "nothing", lambda: None)  # and when it succeeds, both ranks go on
+    print(f"rank {{dist.get_rank()}}: done", flush=True)
+''')
+
+
+def test_a_failure_on_rank0_reaches_every_rank(tmp_path):
+    """Work that rank 0 does alone (checkpoint and model writes): its failure raises on every rank
+    at once instead of leaving the others in a collective until the process group times out."""
+    script = tmp_path / "rank0.py"
+    script.write_text(RANK0_FAILS.format())
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(script)], capture_output=True, text=True, timeout=120)
+    assert "rank 0: OSError: disk full" in r.stdout, r.stdout + r.stderr[-2000:]
+    assert "rank 1: RuntimeError: writing the checkpoint failed on rank 0" in r.stdout, r.stdout
+    assert r.stdout.count(": done") == 2 and r.returncode == 0

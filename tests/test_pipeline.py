@@ -108,6 +108,22 @@ def test_row_sampler_draws_from_the_top_p_distribution():
         RowSampler([], 0.7, 0.9, -1)
 
 
+def test_fingerprints_see_every_element():
+    """Settings and records are fingerprinted in full: a long numpy array, whose str() elides its
+    middle, changes the digest when any element does."""
+    import numpy as np
+
+    from sppo_fast import _io
+
+    a = np.arange(5000)
+    b = a.copy()
+    b[2500] = -1
+    assert str(a) == str(b)  # what default=str would have hashed
+    assert _io.digest({"x": a}) != _io.digest({"x": b})
+    assert _io.digest({"x": a}) == _io.digest({"x": list(range(5000))})
+    assert _io.digest([{"p": "q", "n": 1}]) == _io.digest([{"n": 1, "p": "q"}])
+
+
 def test_ranking_records_and_ties():
     r = HashWordRanker()
     prompts = ["p1", "p2"]

@@ -161,12 +161,6 @@ STAGES = ("generate", "rank", "train")
 RANK_CHUNK = 512  # prompts per ranking shard
 
 
-def _digest(obj) -> str:
-    import hashlib
-
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def _use_vllm(cfg: SPPOConfig) -> bool:
     from .vllm_generate import available
 
@@ -209,7 +203,7 @@ def run_iteration(cfg: SPPOConfig, t: int, *, ranker=None, progress: bool = True
                              **opts)
             return [{"prompt": p, "candidates": c} for p, c in zip(prompts[lo:hi], cands)]
 
-        settings = {"policy": str(start), "prompts": _digest(prompts), **opts}
+        settings = {"policy": str(start), "prompts": _io.digest(prompts), **opts}
         _sharded_stage(gen_path, len(prompts), 4 * cfg.generation_batch_size, settings, sample,
                        desc=f"iteration {t}: generating", unit="prompt", progress=progress)
     if until == "generate":
@@ -225,7 +219,7 @@ def run_iteration(cfg: SPPOConfig, t: int, *, ranker=None, progress: bool = True
             return [{**g, "cmp": row.tolist()} for g, row in zip(part, m.float().cpu())]
 
         ranked = _sharded_stage(it / "ranked.parquet", len(gens), RANK_CHUNK,
-                                {"ranker": cfg.ranker, "generations": _digest(gens)}, judge,
+                                {"ranker": cfg.ranker, "generations": _io.digest(gens)}, judge,
                                 desc=f"iteration {t}: ranking", unit="prompt", progress=progress)
         cmp = torch.tensor([r["cmp"] for r in ranked], dtype=torch.float32)
         records, tied = training_records([r["prompt"] for r in ranked], [r["candidates"] for r in ranked], cmp,

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -331,7 +330,8 @@ def train(model, tokenizer, records: Sequence[dict], out_dir: str | os.PathLike,
         writer.close()
     summary = {"steps": total, "last": last}
     full_state = _full_state_dict(model, policy, cfg)  # a collective under FSDP: every rank takes part
-    if rank == 0:
+
+    def save_final():
         tmp = final.with_name(".model.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp, state_dict=full_state)
@@ -340,7 +340,8 @@ def train(model, tokenizer, records: Sequence[dict], out_dir: str | os.PathLike,
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    _barrier(world)
+
+    _on_rank0(world, f"writing {final}", save_final)
     return summary
 
 
@@ -351,15 +352,29 @@ _FREE_TO_CHANGE = ("log_every", "save_every", "tensorboard", "backend", "loss_pa
 
 def _resume_settings(records: Sequence[dict], cfg: TrainConfig, world: int) -> dict:
     out = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _FREE_TO_CHANGE}
-    digest = hashlib.sha256(json.dumps(list(records), sort_keys=True, default=str).encode()).hexdigest()
-    return {**out, "world_size": world, "records": digest}
+    return {**out, "world_size": world, "records": _io.digest(list(records))}
 
 
-def _barrier(world: int) -> None:
+def _on_rank0(world: int, what: str, fn) -> None:
+    """Run ``fn`` on rank 0 alone, then meet the other ranks: if it failed, every rank raises (rank
+    0 its own error) instead of waiting in the next collective until the process group times out."""
+    rank = _distributed()[0]
+    err = None
+    if rank == 0:
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 - re-raised below, after telling the other ranks
+            err = exc
     if world > 1:
         import torch.distributed as dist
 
-        dist.barrier()
+        dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        failed = torch.tensor([0.0 if err is None else 1.0], device=dev)
+        dist.all_reduce(failed)  # also the barrier
+        if failed.item() and err is None:
+            raise RuntimeError(f"{what} failed on rank 0 (its traceback has the cause)")
+    if err is not None:
+        raise err
 
 
 def _full_state_dict(model, policy, cfg: TrainConfig) -> dict | None:
@@ -391,13 +406,15 @@ def _save_checkpoint(out: Path, model, tokenizer, policy, opt, sched, step: int,
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    rank, world = _distributed()
+    world = _distributed()[1]
     d = out / "checkpoints" / f"step-{step}"
     tmp = d.with_name(f".step-{step}.tmp")
-    if rank == 0:
+
+    def fresh():
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    _barrier(world)
+
+    _on_rank0(world, f"creating {tmp}", fresh)
     with _single_process_dcp():
         dcp.save({"optimizer": get_optimizer_state_dict(policy, opt)}, checkpoint_id=tmp / "optimizer",
                  no_dist=world == 1)
@@ -408,7 +425,7 @@ def _save_checkpoint(out: Path, model, tokenizer, policy, opt, sched, step: int,
 
         rngs = [None] * world
         dist.all_gather_object(rngs, _rng_state())
-    if rank == 0:
+    def finish():
         model.save_pretrained(tmp, state_dict=full_state)
         tokenizer.save_pretrained(tmp)
         torch.save({"scheduler": sched.state_dict(), "rng": rngs, "step": step,
@@ -417,7 +434,8 @@ def _save_checkpoint(out: Path, model, tokenizer, policy, opt, sched, step: int,
         for old in (out / "checkpoints").glob("step-*"):  # keep the newest only
             if old != d:
                 shutil.rmtree(old, ignore_errors=True)
-    _barrier(world)
+
+    _on_rank0(world, f"writing checkpoint {d}", finish)
 
 
 @contextlib.contextmanager
