@@ -5,7 +5,9 @@
 Providers: ``reference`` (F.linear, then log_softmax + gather + sum + loss, autograd), ``torch-lce``
 (torch's F.linear_cross_entropy(reduction="none") for the token log-probs, then the SPPO loss),
 ``cpp`` (sppo_fast.fused_linear_sppo_loss), and ``gemm3``: only the three GEMMs any exact method must
-do (logits, d_hidden, d_weight: 6 N H V FLOPs), timed in the same run as the yardstick.
+do (logits, d_hidden, d_weight: 6 N H V FLOPs), timed in the same run as the yardstick. Peers where
+installed (skipped with the reason otherwise): ``liger`` (Liger-Kernel's LigerFusedLinearDPOLoss with
+loss_type="sppo_hard"; pure torch, runs on a CPU too) and, on a GPU, ``cce`` (cut-cross-entropy).
 All tokens are labelled by default (--prompt-frac 0), so that every method does all 6 N H V FLOPs.
 Each provider runs in a fresh process; extra peak memory is its peak RSS minus the inputs'.
 """
@@ -22,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
 OP = "fused_linear_sppo_loss"
-PROVIDERS = ["gemm3", "reference", "torch-lce", "cpp"]
+PROVIDERS = ["gemm3", "reference", "torch-lce", "liger", "cpp"]  # liger: skipped unless installed
 GPU_PROVIDERS = ["gemm3", "reference", "torch-lce", "triton", "cuda", "liger", "cce"]
 
 
