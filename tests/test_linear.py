@@ -216,6 +216,27 @@ def test_chunks_through_triton_kernels(gen):
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5 * max(1.0, y.abs().max().item()))
 
 
+def test_low_precision_chunks_through_triton_kernels(gen, monkeypatch):
+    """The GPU's 16-bit mode with the Triton kernels reading and writing the bf16 buffer in place
+    (interpreter on CPU): as accurate as the bf16 reference."""
+    pytest.importorskip("triton")
+    from conftest import TRITON_DEVICE
+    from sppo_fast import linear
+
+    monkeypatch.setattr(linear, "_lowp_gemms", lambda hidden: hidden.dtype == torch.bfloat16)
+    h, w, b, labels, ref, probs = _inputs(gen, bias=True)
+    h, w, b = (t.to(torch.bfloat16).double().to(TRITON_DEVICE) for t in (h[:2, :9], w[:300], b[:300]))
+    labels, ref = labels[:2, :9].clamp(max=299).to(TRITON_DEVICE), ref[:2].to(TRITON_DEVICE)
+    probs = {k: v[:1].to(TRITON_DEVICE) for k, v in probs.items()}
+    truth, _ = _run(_reference(labels, ref, probs, 0.1, "sppo"), h, w, b, torch.float64)
+    same, _ = _run(_reference(labels, ref, probs, 0.1, "sppo"), h, w, b, torch.bfloat16)
+    out, _ = _run(lambda hh, ww, bb: sppo_fast.fused_linear_sppo_loss(
+        hh, ww, labels, ref.to(hh.dtype), bias=bb, beta=0.1, backend="triton", chunk_tokens=4, **probs),
+        h, w, b, torch.bfloat16)
+    for k in truth:
+        assert_as_accurate(out[k], same[k], truth[k], atol=8e-3, rtol=8e-3, what=f"{k} triton bf16")
+
+
 @gpu
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
