@@ -24,12 +24,16 @@ The probabilities are data: no gradient flows to them (as to the labels).
 Precision. On a CPU the GEMMs and the buffer are float32 (float64 for float64 inputs), whatever the
 inputs' dtype. On a GPU, bf16/fp16 inputs take tensor-core GEMMs in their own dtype: the buffer
 holds 16-bit logits and then their 16-bit gradient, ``d_hidden`` is written in the input dtype, and
-only ``d_weight`` (and ``d_bias``) are accumulated in float32 across chunks. That rounds exactly
-where the eager reference in the same dtype rounds; the per-row log-softmax work is float32.
+only ``d_weight`` (and ``d_bias``) are accumulated in float32 across chunks. That rounds at the
+points where the eager reference in the same dtype rounds, plus once more where a 16-bit
+``d_hidden`` is scaled by an upstream gradient other than 1 or summed with the extra pass; the
+tests hold every output to the same-dtype reference's error. The per-row log-softmax work is
+float32. Under ``torch.autocast`` the inputs are first cast as ``F.linear`` would cast them.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -43,7 +47,7 @@ __all__ = ["fused_linear_sppo_loss", "linear_sequence_logps"]
 # Default budget for one chunk of logits. On a CPU 32 MiB (256 float32 tokens at V = 32000) keeps
 # the chunk near the caches. On a GPU the weight-gradient GEMM adds into a float32 [V, H]
 # accumulator once per chunk; the chunk must be long enough (thousands of tokens) for that
-# read-modify-write to hide under the GEMM's arithmetic: 256 MiB is 4096 bf16 tokens at V = 32000.
+# read-modify-write to hide under the GEMM's arithmetic: 256 MiB is ~4200 bf16 tokens at V = 32000.
 DEFAULT_CHUNK_BYTES = 32 << 20
 DEFAULT_CHUNK_BYTES_CUDA = 256 << 20
 
@@ -63,8 +67,8 @@ def _lowp_gemms(hidden: Tensor) -> bool:
 
     On a GPU, for bf16/fp16 inputs: tensor-core GEMMs, no float32 copy of the weight, half the
     logits buffer. The logits, their gradient and ``d_hidden`` are then rounded to the input dtype
-    exactly where the eager reference rounds them (``F.linear`` in that dtype, then autograd's
-    gradient of those logits), and ``d_weight`` is accumulated over the chunks in float32. On a CPU
+    where the eager reference rounds them (``F.linear`` in that dtype, then autograd's gradient of
+    those logits), and ``d_weight`` is accumulated over the chunks in float32. On a CPU
     the chunks stay in float32: more accurate, and torch has no float32-output 16-bit GEMM there.
     """
     return hidden.dtype in (torch.bfloat16, torch.float16) and hidden.device.type == "cuda"
@@ -146,18 +150,60 @@ def _plan(labels: Tensor, ignore_index: int, chunk_tokens: int) -> _Plan:
     return _Plan(rows, seq_of_row, labels.reshape(-1)[rows], groups)
 
 
-_FP32_OUT_GEMM = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 8)
+# How a GPU adds a 16-bit product into a float32 accumulator, best first: "addmm" (torch's addmm with
+# out_dtype=float32 and the float32 accumulator as its input; accepted by recent torch only), "mm"
+# (a float32-output 16-bit GEMM into a temporary, then an add; torch >= 2.8), "upcast" (float32
+# copies of the operands and a float32 GEMM). The first call finds out which this torch accepts.
+_GPU_ADD_MM: list = ["addmm", "mm", "upcast"]
 
 
 def _add_mm(acc: Tensor, a: Tensor, b: Tensor) -> None:
     """``acc += a @ b``, with ``acc`` float32 (or float64) whatever the dtype of ``a`` and ``b``."""
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
-    elif acc.device.type == "cuda" and _FP32_OUT_GEMM:
-        # cuBLAS: 16-bit operands, float32 accumulation, float32 C read and written by the GEMM
-        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
-    else:  # exact products of the 16-bit values, accumulated in float32 (CPU; torch < 2.8)
-        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+        return
+    while acc.device.type == "cuda" and _GPU_ADD_MM[0] != "upcast":
+        try:  # cuBLAS: 16-bit operands, float32 accumulation
+            if _GPU_ADD_MM[0] == "addmm":
+                torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            else:
+                acc.add_(torch.mm(a, b, out_dtype=acc.dtype))
+            return
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except (RuntimeError, TypeError, NotImplementedError):  # this torch lacks the overload
+            _GPU_ADD_MM.pop(0)  # (its dtype checks run before any write: acc is untouched)
+    # exact products of the 16-bit values, accumulated in float32 (a CPU; an old torch)
+    acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+def _autocast_inputs(hidden, weight, bias):
+    """Under ``torch.autocast``, ``F.linear`` would run in the autocast dtype; so does the fused path.
+    The casts are autograd ops: float32 parameters still get float32 gradients."""
+    if not isinstance(hidden, Tensor):
+        return hidden, weight, bias  # the argument checks name the problem
+    dev = hidden.device.type
+    try:
+        on = torch.is_autocast_enabled(dev)
+    except (TypeError, RuntimeError):  # an old torch, or a device autocast does not know
+        return hidden, weight, bias
+    if not on:
+        return hidden, weight, bias
+    dt = torch.get_autocast_dtype(dev)
+
+    def cast(t):
+        ok = isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64
+        return t.to(dt) if ok else t
+    return cast(hidden), cast(weight), cast(bias)
+
+
+def _no_autocast(device: torch.device):
+    """The chunk loop picks its own GEMM dtypes: autocast must not recast them (e.g. a bf16
+    ``d_hidden`` chunk into a float32 ``d_hidden``)."""
+    try:
+        return torch.autocast(device.type, enabled=False)
+    except RuntimeError:  # a device type autocast does not support
+        return contextlib.nullcontext()
 
 
 class _Chunked:
@@ -257,7 +303,8 @@ class _FusedLinearSPPO(torch.autograd.Function):
         # dloss/dlogp_s = 2 * scale * (a_s - t_s) / B: each sequence's own scalar
         coef = lambda seq: (2 * opts.loss_scale / B) * (seq - ref64 - t64)  # noqa: E731
         work = _Chunked(hidden, weight, bias, plan, opts, with_grads=need)
-        seq = work.run(coef) if need else work.logps()
+        with _no_autocast(hidden.device):
+            seq = work.run(coef) if need else work.logps()
         a = seq - ref64 - t64
         loss = (opts.loss_scale * (a[:B] ** 2 + a[B:] ** 2)).mean()
         acc = work.acc
@@ -287,7 +334,7 @@ class _FusedLinearSPPO(torch.autograd.Function):
             elif g_loss.device.type == "cpu":
                 scale = float(g_loss)  # free on the CPU, and lets loss.backward() skip the pass
             else:
-                scale = g_loss.to(dh.dtype)  # no host sync on a GPU
+                scale = g_loss.to(dw.dtype)  # float32 even where d_hidden is 16-bit; no host sync
             if not (isinstance(scale, float) and scale == 1.0):
                 for t in (dh, dw, db):
                     if t is not None:
@@ -307,11 +354,12 @@ def _recompute(hidden, weight, bias, labels, opts: _Options, coef_seq: Tensor):
     """Gradients of sum_s coef_seq[s] * logp_s, by recomputing every chunk's logits."""
     plan = _plan(labels, opts.ignore_index, opts.chunk_tokens)
     work = _Chunked(hidden, weight, bias, plan, opts, with_grads=True)
-    for r0, r1, _, _, _ in plan.groups:
-        for a, b in work._spans(r0, r1):
-            logits, h = work._logits(a, b)
-            lse = work._forward_rows(logits, a, b, add_to_sums=False)
-            work._backward_rows(logits, h, lse, a, b, coef_seq)
+    with _no_autocast(hidden.device):
+        for r0, r1, _, _, _ in plan.groups:
+            for a, b in work._spans(r0, r1):
+                logits, h = work._logits(a, b)
+                lse = work._forward_rows(logits, a, b, add_to_sums=False)
+                work._backward_rows(logits, h, lse, a, b, coef_seq)
     return work.dh.view(hidden.shape), work.dw, work.db
 
 
@@ -341,6 +389,7 @@ def fused_linear_sppo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, ref_l
         and ``d_hidden`` (in the input dtype on a GPU, else float32); on a CPU also a float32
         copy of a 16-bit weight. See the module notes on precision.
     """
+    hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
     labels = _check_linear(hidden, weight, bias, labels, ignore_index)
     if hidden.shape[0] % 2:
         raise ValueError(f"hidden: expected an even batch [2B, T, H] (B chosen then B rejected), "
@@ -377,9 +426,10 @@ def linear_sequence_logps(hidden: Tensor, weight: Tensor, labels: Tensor, *,
     How the reference model's log-probs are precomputed once per iteration: O(chunk x V) memory.
     Returns ``[B]`` float32 (float64 for float64 inputs).
     """
+    hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
     labels = _check_linear(hidden, weight, bias, labels, ignore_index)
     be = ops.resolve_backend(backend, hidden.device)
-    with torch.no_grad():
+    with torch.no_grad(), _no_autocast(hidden.device):
         if be == "reference":
             return reference.sequence_logps(torch.nn.functional.linear(hidden, weight, bias), labels,
                                             ignore_index)

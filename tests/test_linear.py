@@ -101,6 +101,36 @@ def test_low_precision_gemms_match_reference(loss_type, dtype, bias, chunk, gen,
     assert not torch.equal(lp16, lp32)
 
 
+@pytest.mark.parametrize("lowp", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_under_autocast(dtype, lowp, gen, monkeypatch):
+    """Under bf16 autocast (how train() runs on a GPU) the fused path computes what F.linear would
+    there: bf16 GEMMs, gradients back in the parameters' dtype; with either chunk mode."""
+    from sppo_fast import linear
+
+    monkeypatch.setattr(linear, "_lowp_gemms", lambda hidden: lowp and hidden.dtype == torch.bfloat16)
+    h, w, b, labels, ref, probs = _inputs(gen, bias=True)
+    h, w, b = (t.to(dtype) for t in (h, w, b))
+    truth, _ = _run(_reference(labels, ref, probs, 0.1, "sppo"), *(t.to(torch.bfloat16).double() for t in (h, w, b)),
+                    torch.float64)
+
+    def under_autocast(fn):
+        def f(hh, ww, bb):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return fn(hh, ww, bb)
+        return f
+    same, _ = _run(under_autocast(_reference(labels, ref, probs, 0.1, "sppo")), h, w, b, dtype)
+    out, _ = _run(under_autocast(_fused(labels, ref, probs, 0.1, "sppo", 8)), h, w, b, dtype)
+    for k in truth:
+        assert out[k].dtype == same[k].dtype, (k, out[k].dtype, same[k].dtype)
+        assert_as_accurate(out[k], same[k], truth[k], atol=8e-3, rtol=8e-3, what=f"{k} autocast {dtype}")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lp = sppo_fast.linear_sequence_logps(h, w, labels, bias=b, chunk_tokens=8)
+    assert_as_accurate(lp, same["policy"], truth["policy"], atol=1e-3, rtol=1e-5, what="logps autocast")
+    # the GEMMs did run in bf16 (as F.linear's would), not in the inputs' own precision
+    assert not torch.equal(lp, sppo_fast.linear_sequence_logps(h, w, labels, bias=b, chunk_tokens=8))
+
+
 def test_same_result_whatever_the_chunk_size(gen):
     h, w, b, labels, ref, probs = _inputs(gen, bias=True)
     runs = [_run(_fused(labels, ref, probs, 0.05, "sppo", chunk), h, w, b, torch.float64)[0]

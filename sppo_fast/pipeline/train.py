@@ -296,8 +296,8 @@ def train(model, tokenizer, records: Sequence[dict], out_dir: str | os.PathLike,
         micro_refs = refs[epoch_pos * cfg.grad_accum: (epoch_pos + 1) * cfg.grad_accum]
         opt.zero_grad(set_to_none=True)
         for b, ref in zip(micro, micro_refs):
-            # bf16 autocast on GPUs (float32 master weights stay as loaded); the fused loss
-            # accumulates its log-probs and gradients in float32 either way
+            # bf16 autocast on GPUs (float32 master weights stay as loaded); the fused loss then runs
+            # bf16 GEMMs, with float32 log-softmax, log-prob sums and lm_head weight gradient
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 loss, _, m = _loss(policy, b, ref, cfg)
             (loss / len(micro)).backward()
@@ -363,7 +363,7 @@ def _on_rank0(world: int, what: str, fn) -> None:
     if rank == 0:
         try:
             fn()
-        except Exception as exc:  # noqa: BLE001 - re-raised below, after telling the other ranks
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, after telling the other ranks
             err = exc
     if world > 1:
         import torch.distributed as dist
