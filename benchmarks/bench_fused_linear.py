@@ -84,7 +84,8 @@ def _fn(provider, args, hidden, weight, labels, ref_logps, probs, backward):
     elif provider in ("cpp", "triton", "cuda"):
         def loss_fn():
             return sppo_fast.fused_linear_sppo_loss(hidden, weight, labels, ref_logps, beta=beta,
-                                                    backend=provider, **probs)[0]
+                                                    backend=provider, chunk_tokens=args.chunk_tokens or None,
+                                                    **probs)[0]
     elif provider == "cce":  # Apple's cut-cross-entropy: per-token losses, then the SPPO loss
         from cut_cross_entropy import linear_cross_entropy
 
@@ -143,6 +144,8 @@ def main() -> None:
     p.add_argument("--beta", type=float, default=0.001)
     p.add_argument("--prompt-frac", dest="prompt_frac", type=float, default=0.0,
                    help="fraction of each sequence labelled -100 (default 0: all tokens count)")
+    p.add_argument("--chunk-tokens", dest="chunk_tokens", type=int, default=0,
+                   help="sppo_fast's tokens per chunk (default 0: the library's default budget)")
     harness.add_common_args(p)
     args = p.parse_args()
     if args.worker:
@@ -152,8 +155,9 @@ def main() -> None:
     N = 2 * args.B * args.T
     flops = 6 * N * args.H * args.V
     d = harness.Driver(Path(__file__).resolve(), OP,
-                       f"N={N} (2B={2 * args.B} x T={args.T}) H={args.H} V={args.V} {args.dtype}",
-                       harness.common_argv(args, ["B", "T", "H", "V", "dtype", "beta", "prompt-frac"]),
+                       f"N={N} (2B={2 * args.B} x T={args.T}) H={args.H} V={args.V} {args.dtype}"
+                       + (f" chunk={args.chunk_tokens}" if args.chunk_tokens else ""),
+                       harness.common_argv(args, ["B", "T", "H", "V", "dtype", "beta", "prompt-frac", "chunk-tokens"]),
                        args.out, f"{args.dtype}-H{args.H}-V{args.V}")
     for provider in args.providers or (GPU_PROVIDERS if args.cuda else PROVIDERS):
         for mode in args.modes:

@@ -6,14 +6,24 @@
 # fused_sppo_loss (N = 16384, bf16, V = 32000 then 128256: device copy, eager reference,
 # torch.compile of it, triton, cuda) and fused_linear_sppo_loss (H = 4096; torch, triton, cuda, and
 # Liger-Kernel / cut-cross-entropy when their wheels were carried over and installed); the CUDA tests
-# under compute-sanitizer memcheck. CSVs and logs go to OUT_DIR; a short table is printed last.
-# Commit what it wrote under benchmarks/results/ with the card's name.
+# under compute-sanitizer memcheck. The CSVs and logs (about 20 files) are bundled at exit, however
+# the script ends, into OUT_DIR/gpu_check.tar.gz, with summary.txt beside it: the device tool brings
+# back at most 8 files. A short table is printed last. Commit the CSVs under benchmarks/results/
+# with the card's name.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT_DIR=${1:-${OUT:-benchmarks/results/gpu}}
+DEST=${1:-${OUT:-benchmarks/results/gpu}}
 BUDGET=${BUDGET:-420}
-mkdir -p "$OUT_DIR"
+mkdir -p "$DEST"
+DEST=$(cd "$DEST" && pwd)
+OUT_DIR=$(mktemp -d /tmp/gpu_check.XXXXXX)  # every step's files; bundled into DEST at exit
 status=0
+bundle() {
+  python benchmarks/summarize.py "$OUT_DIR"/*.csv > "$OUT_DIR/summary.txt" 2>&1
+  cp "$OUT_DIR/summary.txt" "$DEST/summary.txt"
+  tar czf "$DEST/gpu_check.tar.gz" -C "$OUT_DIR" . && echo "bundled into $DEST/gpu_check.tar.gz"
+}
+trap bundle EXIT
 
 # step NAME LIMIT CMD...: run CMD with at most LIMIT seconds, never past the budget
 step() {
@@ -83,6 +93,11 @@ step "PairRM ranking, DeBERTa-v3-large shapes" 120 sh -c "python benchmarks/benc
   s=\$?; tail -8 '$OUT_DIR/bench-pairrm.log'; exit \$s"
 step "fused_sppo_loss V=128256" 90 bash -c "bench_sppo 128256 copy reference triton cuda"
 step "fused_linear_sppo_loss V=128256" 90 bash -c "bench_linear 128256"
+# the GPU chunk budget (default 256 MiB of bf16 logits: ~4200 tokens at V = 32000) against smaller
+# and larger chunks: time and peak memory of the cuda provider alone
+step "fused_linear_sppo_loss chunk sweep" 60 sh -c "for c in 1024 16384; do python benchmarks/bench_fused_linear.py \
+  --cuda --B 8 --T 1024 --H 4096 --V 32000 --dtype bfloat16 --modes full --providers cuda --chunk-tokens \$c \
+  --out '$OUT_DIR/fused_linear_sppo_loss-bf16-V32000-chunk'\$c.csv 2>&1 | grep -E 'cuda|skipped'; done"
 if command -v compute-sanitizer >/dev/null 2>&1; then
   step "compute-sanitizer memcheck (CUDA tests, small shapes)" 120 sh -c "compute-sanitizer --tool memcheck \
     --error-exitcode 9 python -m pytest -q tests/test_cuda.py -k 'not full_size' > '$OUT_DIR/memcheck.log' 2>&1; \
