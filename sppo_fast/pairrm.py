@@ -459,6 +459,8 @@ class PairRMRanker:
         pad = self.builder.tokenizer.pad_token_id or 0
         lengths = np.array([len(e.source) + len(e.candidates[i]) + len(e.candidates[j]) for e, i, j in rows])
         out = np.empty(len(rows), dtype=np.float32)
+        pending = []  # (rows, logits on the device): one host sync at the end, not one per bucket,
+        # so that on a GPU the next bucket is assembled while the last one runs
         for bucket in self._buckets(lengths):
             L = int(lengths[bucket[0]])
             ids = np.full((len(bucket), L), pad, dtype=np.int64)
@@ -473,16 +475,19 @@ class PairRMRanker:
                 ids[r, s + 1], ids[r, s + a + 1] = ids1, ids2
                 mask[r, : s + a + b] = 1
                 pos[r] = (1, s + 1, s + a + 1)
-            out[bucket] = self._forward(ids, mask, pos)
+            pending.append((bucket, self._forward(ids, mask, pos)))
+        if pending:
+            out[np.concatenate([b for b, _ in pending])] = torch.cat([t for _, t in pending]).cpu().numpy()
         return out
 
-    def _forward(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    def _forward(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> Tensor:
+        """float32 logits ``[rows]``, left on the device (no host sync)."""
         dev = self.device
         t = [torch.from_numpy(x).to(dev, non_blocking=True) for x in (ids, mask, pos)]
         with torch.inference_mode(), torch.autocast(dev.type, dtype=self.autocast_dtype or torch.float32,
                                                     enabled=self.autocast_dtype is not None):
             logits = self.model.pair_logits(*t, attn_impl=self.attn_impl)
-        return logits.float().cpu().numpy()
+        return logits.float()
 
     def _progress(self, total: int, desc: str):
         from tqdm.auto import tqdm
