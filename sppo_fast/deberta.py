@@ -151,12 +151,14 @@ ENCODE_IMPLS = ("torch", "triton")
 
 
 def encode(backbone, input_ids: Tensor, attention_mask: Tensor,
-           query_positions: Optional[Tensor] = None, impl: str = "torch") -> Tensor:
+           query_positions: Optional[Tensor] = None, impl: str = "torch",
+           padded: Optional[bool] = None) -> Tensor:
     """Final hidden states of ``backbone`` (a ``DebertaV2Model``) in eval mode.
 
     Returns ``[B, L, D]``, or ``[B, Q, D]`` at ``query_positions [B, Q]`` (the last layer is then
     computed only there). Equals ``backbone(input_ids, attention_mask).last_hidden_state`` (gathered).
-    ``impl``: the attention, ``"torch"`` or ``"triton"`` (see :func:`attention`).
+    ``impl``: the attention, ``"torch"`` or ``"triton"`` (see :func:`attention`). ``padded``:
+    whether any key is masked out, if the caller knows (else found out here, one host sync).
     """
     if impl not in ENCODE_IMPLS:
         raise ValueError(f"impl: expected one of {ENCODE_IMPLS}, got {impl!r}")
@@ -165,7 +167,9 @@ def encode(backbone, input_ids: Tensor, attention_mask: Tensor,
         raise NotImplementedError("DeBERTa convolution layers and z_steps are not supported; use the "
                                   "Hugging Face attention implementation")
     mask = attention_mask.bool()
-    key_mask = None if bool(mask.all()) else mask  # one host sync per bucket, saves an [L, L] pass
+    if padded is None:
+        padded = not bool(mask.all())  # one host sync, which saves an [L, L] pass where nothing is masked
+    key_mask = mask if padded else None
     h = backbone.embeddings(input_ids=input_ids, mask=attention_mask)
     rel_emb = enc.get_rel_embedding()
     n = len(enc.layer)

@@ -139,7 +139,7 @@ class PairRM(DebertaV2PreTrainedModel):
         self.post_init()
 
     def pair_logits(self, input_ids: Tensor, attention_mask: Tensor, positions: Tensor, *,
-                    attn_impl: Optional[str] = None) -> Tensor:
+                    attn_impl: Optional[str] = None, padded: Optional[bool] = None) -> Tensor:
         """``M`` for each row: ``input_ids, attention_mask [N, L]``, ``positions [N, 3]`` (the
         indices of the source, candidate-1 and candidate-2 markers). Returns ``[N]`` float32
         (float64 for a float64 model).
@@ -148,7 +148,8 @@ class PairRM(DebertaV2PreTrainedModel):
         at the three pooled rows, leaner attention), ``"triton"`` (the same with the fused attention
         kernel, no ``[L, L]`` tensor; CUDA, or CPU under ``TRITON_INTERPRET=1``) or ``"hf"``
         (Hugging Face's eager forward, as LLM-Blender runs it). Same weights, same result up to float rounding. Default: ``"torch"``
-        in eval mode, ``"hf"`` in training mode (the inference path has no dropout).
+        in eval mode, ``"hf"`` in training mode (the inference path has no dropout). ``padded``: whether
+        the mask has any 0, if the caller knows (saves a host sync; see :func:`sppo_fast.deberta.encode`).
         """
         if attn_impl is None:
             attn_impl = "hf" if self.training else "torch"
@@ -158,7 +159,7 @@ class PairRM(DebertaV2PreTrainedModel):
             src, c1, c2 = (h[rows, positions[:, k]] for k in range(3))
         elif attn_impl in ("torch", "triton"):
             src, c1, c2 = deberta.encode(self.pretrained_model, input_ids, attention_mask, positions,
-                                         impl=attn_impl).unbind(1)
+                                         impl=attn_impl, padded=padded).unbind(1)
         else:
             raise ValueError(f"attn_impl: expected one of {ATTN_IMPLS}, got {attn_impl!r}")
         # One head call on [2N, 2H]: the same GEMMs as LLM-Blender's two calls, half the launches.
@@ -483,10 +484,11 @@ class PairRMRanker:
     def _forward(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> Tensor:
         """float32 logits ``[rows]``, left on the device (no host sync)."""
         dev = self.device
+        padded = not bool(mask.all())  # known here on the host: no device sync for it
         t = [torch.from_numpy(x).to(dev, non_blocking=True) for x in (ids, mask, pos)]
         with torch.inference_mode(), torch.autocast(dev.type, dtype=self.autocast_dtype or torch.float32,
                                                     enabled=self.autocast_dtype is not None):
-            logits = self.model.pair_logits(*t, attn_impl=self.attn_impl)
+            logits = self.model.pair_logits(*t, attn_impl=self.attn_impl, padded=padded)
         return logits.float()
 
     def _progress(self, total: int, desc: str):
