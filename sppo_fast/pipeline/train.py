@@ -108,9 +108,11 @@ def reference_logps(model, batches: Sequence[dict], backend: str = "auto") -> li
     model.eval()
     dev = next(model.parameters()).device
     for b in batches:
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):  # as in training
+        # as in training: the same autocast for the body and the lm_head, so that the policy's
+        # log-ratio to the reference is exactly 0 before the first step
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             h = hidden_states(model, b["input_ids"], b["attention_mask"])
-        out.append(linear_sequence_logps(h, head.weight, b["labels"], bias=head.bias, backend=backend).float())
+            out.append(linear_sequence_logps(h, head.weight, b["labels"], bias=head.bias, backend=backend).float())
     model.train(was_training)
     return out
 
@@ -178,7 +180,8 @@ def _pair_batches(tokenizer, records: Sequence[dict], cfg: TrainConfig, device) 
         for f in ("chosen_probs_win", "chosen_probs_lose", "chosen_probs"):
             if all(f in r for r in recs):
                 b[f] = torch.tensor([float(r[f]) for r in recs], dtype=torch.float32)
-        out.append({k: v.to(device) for k, v in b.items()})
+        n_tokens = int((b["labels"] != IGNORE_INDEX).sum())  # counted on the host: no device sync later
+        out.append({**{k: v.to(device) for k, v in b.items()}, "n_tokens": n_tokens})
     return out
 
 
@@ -301,7 +304,7 @@ def train(model, tokenizer, records: Sequence[dict], out_dir: str | os.PathLike,
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 loss, _, m = _loss(policy, b, ref, cfg)
             (loss / len(micro)).backward()
-            tokens += int((b["labels"] != IGNORE_INDEX).sum())
+            tokens += b["n_tokens"]
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         opt.step()
         sched.step()
