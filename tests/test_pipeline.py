@@ -86,15 +86,15 @@ def test_row_sampler_draws_from_the_top_p_distribution():
             kept |= out == 0
         assert not (kept & hf.isinf()).any()
         assert kept[hf.softmax(-1) > 0.05].all()  # and its likely tokens are drawn
-    # the frequencies follow the filtered softmax (5000 draws of one row: a 5-sigma band)
+    # the frequencies follow the filtered softmax (40 rows x 1000 steps = 40000 draws: a 5-sigma band)
     probs = TopPLogitsWarper(0.9)(None, scores[:1] / 0.7).softmax(-1)[0]
-    gen = torch.Generator().manual_seed(1)
-    s = RowSampler([gen], 0.7, 0.9)
+    s = RowSampler([torch.Generator().manual_seed(1000 + r) for r in range(40)], 0.7, 0.9)
     counts = torch.zeros(37)
-    for _ in range(5000):
-        counts += (s(None, scores[:1])[0] == 0).float()
-    sigma = (5000 * probs * (1 - probs)).sqrt()
-    assert ((counts - 5000 * probs).abs() <= 5 * sigma + 1).all()
+    for _ in range(1000):
+        counts += (s(None, scores[:1].expand(40, -1)) == 0).float().sum(0)
+    n = 40000
+    sigma = (n * probs * (1 - probs)).sqrt()
+    assert ((counts - n * probs).abs() <= 5 * sigma + 1).all()
     # int seeds: generators made on the scores' device at the first call, the same streams
     by_int = RowSampler([11, 12], 0.7, 0.9)
     by_gen = RowSampler([torch.Generator().manual_seed(11), torch.Generator().manual_seed(12)], 0.7, 0.9)

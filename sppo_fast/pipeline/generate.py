@@ -39,7 +39,14 @@ class RowSampler:
     ``generators`` holds one per row: a ``torch.Generator``, or an int seed for a generator made at
     the first call on the device of the scores (which, for a model split over devices with
     ``device_map``, is not the device of its first parameter).
+
+    Each row's generator yields that row's uniforms, drawn ``BLOCK`` at a time; a draw is the first
+    token whose float64 cumulative probability exceeds ``u`` times the total (inverse-CDF sampling),
+    for all rows at once. Row r's t-th token depends only on its own seed and scores, whatever the
+    batch, and a decoding step costs a few kernels rather than a few per row.
     """
+
+    BLOCK = 256  # uniforms drawn per row and generator call
 
     def __init__(self, generators: Sequence[torch.Generator | int], temperature: float, top_p: float,
                  top_k: int = 0):
@@ -50,6 +57,7 @@ class RowSampler:
         if top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0: no top-k), got {top_k}")
         self.generators, self.temperature, self.top_p, self.top_k = list(generators), temperature, top_p, top_k
+        self._u, self._next = None, 0
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
         logits = scores.float() / self.temperature
@@ -61,13 +69,22 @@ class RowSampler:
             tail = sorted_logits.softmax(-1).cumsum(-1) <= 1 - self.top_p
             tail[:, -1] = False
             logits = logits.masked_fill(tail.scatter(1, order, tail), float("-inf"))
-        probs = logits.softmax(-1)
-        out = torch.full_like(scores, float("-inf"))
-        self.generators = [torch.Generator(scores.device).manual_seed(g) if isinstance(g, int) else g
-                           for g in self.generators]
-        for r, g in enumerate(self.generators):
-            out[r, torch.multinomial(probs[r], 1, generator=g)] = 0
-        return out
+        probs = logits.softmax(-1, dtype=torch.float64)
+        if len(self.generators) != probs.shape[0]:
+            raise ValueError(f"RowSampler has {len(self.generators)} generators for {probs.shape[0]} rows")
+        if self._u is None or self._next == self.BLOCK:
+            self.generators = [torch.Generator(scores.device).manual_seed(g) if isinstance(g, int) else g
+                               for g in self.generators]
+            self._u = torch.stack([torch.rand(self.BLOCK, generator=g, dtype=torch.float64, device=g.device)
+                                   for g in self.generators]).to(scores.device)
+            self._next = 0
+        u = self._u[:, self._next: self._next + 1]
+        self._next += 1
+        cdf = probs.cumsum(-1)
+        pick = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)  # never a zero-probability token...
+        last = probs.shape[-1] - 1 - (probs > 0).flip(-1).to(torch.int8).argmax(-1, keepdim=True)
+        pick = torch.minimum(pick, last)  # ...nor past the last possible one, whatever the rounding
+        return torch.full_like(scores, float("-inf")).scatter_(1, pick, 0.0)
 
 
 @torch.no_grad()
