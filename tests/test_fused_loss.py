@@ -172,5 +172,7 @@ def test_convergence_tiny_model(gen):
 
     fused, ref = run("cpp"), run("reference")
     assert fused[-1] < fused[0]  # it learns
+    # float32 rounding differences (~1e-7) grow along an 8-step Adam trajectory whose loss swings by
+    # 4x per step (seen at 2e-5 over 150 seeds, and once past 1e-4 in a full run): 5e-4
     for a, b in zip(fused, ref):
-        assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
+        assert a == pytest.approx(b, rel=5e-4, abs=1e-5)
