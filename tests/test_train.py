@@ -201,6 +201,26 @@ def test_load_weights_one_tensor_at_a_time(tok, tmp_path, tie):
     save_file({k: v for k, v in sd.items() if "layers.1.mlp" not in k}, str(broken / "model.safetensors"))
     with pytest.raises(ValueError, match="missing.*layers.1.mlp"):
         tr._load_weights(model(2), broken)
+    (broken / "config.json").write_text((tmp_path / "one" / "config.json").read_text())
+    with pytest.raises(ValueError, match="missing.*layers.1.mlp"):  # nor through from_pretrained, which
+        tr._load_weights(model(2), broken)  # would fill the missing weights with new random ones
     save_file({**sd, "model.norm.weight": torch.ones(7)}, str(broken / "model.safetensors"))
     with pytest.raises(ValueError, match=r"model.norm.weight has shape \(7,\)"):
         tr._load_weights(model(2), broken)
+
+
+def test_load_weights_of_a_model_saved_under_other_names(tmp_path):
+    """transformers 5 saves a Mixtral's experts under their original per-expert names, not the fused
+    module names: the checkpoint still loads, through the model class's own conversion."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    cfg = MixtralConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+    torch.manual_seed(1)
+    src = MixtralForCausalLM(cfg)
+    src.save_pretrained(tmp_path / "moe")
+    torch.manual_seed(2)
+    dst = MixtralForCausalLM(cfg)
+    tr._load_weights(dst, tmp_path / "moe")
+    for (name, a), b in zip(src.state_dict().items(), dst.state_dict().values()):
+        assert torch.equal(a, b), name

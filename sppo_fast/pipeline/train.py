@@ -491,4 +491,14 @@ def _load_weights(model, folder: Path) -> None:
     tied = {n for names in by_storage.values() if len(names) > 1 for n in names if any(m in loaded for m in names)}
     bad = sorted(missing - tied)
     if bad or unexpected:
-        raise ValueError(f"{folder} does not match the model: missing {bad[:5]}, unexpected {sorted(unexpected)[:5]}")
+        # names on disk differ from the module's (transformers 5 saves e.g. MoE experts and GPT-NeoX's
+        # head under their original names): let the model class convert them, at the cost of a
+        # second copy of the weights while loading
+        why = f"{folder} does not match the model: missing {bad[:5]}, unexpected {sorted(unexpected)[:5]}"
+        try:  # the model's own config: never a default-sized model; every weight must be found
+            same, info = type(model).from_pretrained(folder, config=model.config, output_loading_info=True)
+        except Exception as exc:  # noqa: BLE001 - the mismatch is the error to report
+            raise ValueError(why) from exc
+        if any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")):
+            raise ValueError(why)
+        model.load_state_dict(same.state_dict())
