@@ -18,12 +18,12 @@ mkdir -p "$DEST"
 DEST=$(cd "$DEST" && pwd)
 OUT_DIR=$(mktemp -d /tmp/gpu_check.XXXXXX)  # every step's files; bundled into DEST at exit
 status=0
-bundle() {
+bundle() {  # after every step too: a run killed outright still leaves what the finished steps wrote
   python benchmarks/summarize.py "$OUT_DIR"/*.csv > "$OUT_DIR/summary.txt" 2>&1
   cp "$OUT_DIR/summary.txt" "$DEST/summary.txt"
-  tar czf "$DEST/gpu_check.tar.gz" -C "$OUT_DIR" . && echo "bundled into $DEST/gpu_check.tar.gz"
+  tar czf "$DEST/.gpu_check.tar.gz.tmp" -C "$OUT_DIR" . && mv "$DEST/.gpu_check.tar.gz.tmp" "$DEST/gpu_check.tar.gz"
 }
-trap bundle EXIT
+trap 'bundle; echo "bundled into $DEST/gpu_check.tar.gz"; rm -rf "$OUT_DIR"' EXIT
 
 # step NAME LIMIT CMD...: run CMD with at most LIMIT seconds, never past the budget
 step() {
@@ -33,6 +33,7 @@ step() {
   [ "$limit" -gt "$left" ] && limit=$left
   echo "== $name (<= ${limit}s)"
   timeout "$limit" "$@" || { echo "   $name: failed or timed out"; status=1; }
+  bundle
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT_DIR/device.txt"
@@ -95,9 +96,10 @@ step "fused_sppo_loss V=128256" 90 bash -c "bench_sppo 128256 copy reference tri
 step "fused_linear_sppo_loss V=128256" 90 bash -c "bench_linear 128256"
 # the GPU chunk budget (default 256 MiB of bf16 logits: ~4200 tokens at V = 32000) against smaller
 # and larger chunks: time and peak memory of the cuda provider alone
-step "fused_linear_sppo_loss chunk sweep" 60 sh -c "for c in 1024 16384; do python benchmarks/bench_fused_linear.py \
+step "fused_linear_sppo_loss chunk sweep" 60 bash -c "for c in 1024 16384; do python benchmarks/bench_fused_linear.py \
   --cuda --B 8 --T 1024 --H 4096 --V 32000 --dtype bfloat16 --modes full --providers cuda --chunk-tokens \$c \
-  --out '$OUT_DIR/fused_linear_sppo_loss-bf16-V32000-chunk'\$c.csv 2>&1 | grep -E 'cuda|skipped'; done"
+  --out '$OUT_DIR/fused_linear_sppo_loss-bf16-V32000-chunk'\$c.csv > '$OUT_DIR/bench-linear-chunk'\$c.log 2>&1 \
+  || exit 1; grep -E '^  cuda' '$OUT_DIR/bench-linear-chunk'\$c.log || exit 1; done"
 if command -v compute-sanitizer >/dev/null 2>&1; then
   step "compute-sanitizer memcheck (CUDA tests, small shapes)" 120 sh -c "compute-sanitizer --tool memcheck \
     --error-exitcode 9 python -m pytest -q tests/test_cuda.py -k 'not full_size' > '$OUT_DIR/memcheck.log' 2>&1; \

@@ -142,7 +142,10 @@ def test_sppo_loss_gradient_is_per_sequence_scalar(gen):
 
 
 def test_convergence_tiny_model(gen):
-    """Train a tiny LM a few steps with the fused loss and with the reference: same loss each step."""
+    """Train a tiny LM a few steps with the fused loss (float32) and with the reference (float64):
+    the same loss each step. Plain SGD: Adam's normalised steps make a trajectory chaotic, so that
+    float32 rounding alone (in the reference too) moved the loss by 3e-3 within 8 steps for some seeds;
+    with SGD the gap stayed under 1.1e-5 over 1500 seeds."""
     V, H, T, B = 257, 32, 24, 4
     torch.manual_seed(1234)
     emb = torch.nn.Embedding(V, H)
@@ -156,23 +159,23 @@ def test_convergence_tiny_model(gen):
     with torch.no_grad():
         ref_logps = R.sequence_logps(head(torch.tanh(emb(tokens))), labels)
 
-    def run(backend):
+    def run(backend, dtype):
         e, h = [m.__class__(*a) for m, a in ((emb, (V, H)), (head, (H, V)))]
         e.load_state_dict(emb.state_dict()), h.load_state_dict(head.state_dict())
-        opt = torch.optim.Adam(list(e.parameters()) + list(h.parameters()), lr=1e-2)
+        e, h = e.to(dtype), h.to(dtype)
+        opt = torch.optim.SGD(list(e.parameters()) + list(h.parameters()), lr=3e-3)
         losses = []
         for _ in range(8):
             logits = h(torch.tanh(e(tokens)))
-            loss, _, _ = sppo_fast.fused_sppo_loss(logits, labels, ref_logps, beta=0.1, backend=backend, **probs)
+            loss, _, _ = sppo_fast.fused_sppo_loss(logits, labels, ref_logps.to(dtype), beta=0.1, backend=backend,
+                                                   **{k: v.to(dtype) for k, v in probs.items()})
             opt.zero_grad()
             loss.backward()
             opt.step()
             losses.append(loss.item())
         return losses
 
-    fused, ref = run("cpp"), run("reference")
+    fused, ref = run("cpp", torch.float32), run("reference", torch.float64)
     assert fused[-1] < fused[0]  # it learns
-    # float32 rounding differences (~1e-7) grow along an 8-step Adam trajectory whose loss swings by
-    # 4x per step (seen at 2e-5 over 150 seeds, and once past 1e-4 in a full run): 5e-4
     for a, b in zip(fused, ref):
-        assert a == pytest.approx(b, rel=5e-4, abs=1e-5)
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-5)

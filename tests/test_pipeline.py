@@ -100,6 +100,9 @@ def test_row_sampler_draws_from_the_top_p_distribution():
     by_gen = RowSampler([torch.Generator().manual_seed(11), torch.Generator().manual_seed(12)], 0.7, 0.9)
     for _ in range(20):
         assert torch.equal(by_int(None, scores[:2]), by_gen(None, scores[:2]))
+    # NaN scores (an fp16 overflow upstream) are an error, not a silent last-token draw
+    with pytest.raises(ValueError, match="NaN"):
+        RowSampler([1], 0.7, 1.0)(None, torch.tensor([[0.0, float("nan"), 1.0]]))
     with pytest.raises(ValueError, match="top_p"):
         RowSampler([], 0.7, 0.0)
     with pytest.raises(ValueError, match="temperature"):

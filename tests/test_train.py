@@ -221,6 +221,14 @@ def test_load_weights_of_a_model_saved_under_other_names(tmp_path):
     src.save_pretrained(tmp_path / "moe")
     torch.manual_seed(2)
     dst = MixtralForCausalLM(cfg)
+    dst.config.dtype = torch.bfloat16  # as after .float() of a bf16 model: the weights stay float32
     tr._load_weights(dst, tmp_path / "moe")
     for (name, a), b in zip(src.state_dict().items(), dst.state_dict().values()):
-        assert torch.equal(a, b), name
+        assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b), name
+    # a weight missing there too: the error names it
+    from safetensors.torch import load_file, save_file
+
+    f = next((tmp_path / "moe").glob("*.safetensors"))
+    save_file({k: v for k, v in load_file(str(f)).items() if k != "model.norm.weight"}, str(f))
+    with pytest.raises(ValueError, match="from_pretrained does not find them either.*model.norm.weight"):
+        tr._load_weights(dst, tmp_path / "moe")

@@ -8,7 +8,7 @@ candidate depends on its prompt, its sample index and the seed, not on the batch
 prompts share its batch, or on a resumed run's chunking (the vLLM backend uses the same seeds). The
 sampler is ours (a logits processor under greedy decoding): temperature, then top-k if asked, then
 top-p as Hugging Face's warpers (top-p: the smallest set of tokens whose probability reaches
-``top_p``, at least one), then one multinomial draw from the row's generator. ``top_k=0`` (the
+``top_p``, at least one), then one draw with a uniform from the row's generator. ``top_k=0`` (the
 default) means no top-k, as the official vLLM sampling; Hugging Face's own ``generate`` would apply
 its default ``top_k=50`` silently.
 """
@@ -81,6 +81,12 @@ class RowSampler:
         u = self._u[:, self._next: self._next + 1]
         self._next += 1
         cdf = probs.cumsum(-1)
+        ok = torch.isfinite(cdf[:, -1]).all() & (cdf[:, -1] > 0).all()  # NaN / inf logits, or no token left
+        if cdf.device.type == "cpu":
+            if not ok:
+                raise ValueError("RowSampler: a row's scores are NaN, +inf or all -inf; no token can be drawn")
+        elif hasattr(torch, "_assert_async"):  # checked on the device, no host sync
+            torch._assert_async(ok)
         pick = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)  # never a zero-probability token...
         last = probs.shape[-1] - 1 - (probs > 0).flip(-1).to(torch.int8).argmax(-1, keepdim=True)
         pick = torch.minimum(pick, last)  # ...nor past the last possible one, whatever the rounding

@@ -461,44 +461,58 @@ def _load_optimizer(policy, opt, path: Path) -> None:
 
 
 def _load_weights(model, folder: Path) -> None:
-    """Load a ``save_pretrained`` folder (one or several safetensors files) into ``model`` in place,
-    one tensor at a time (no second copy of the model in memory on any rank); only weights tied to
-    a loaded one (e.g. ``lm_head.weight`` tied to the embeddings) may be absent."""
+    """Load a ``save_pretrained`` folder (one or several safetensors files) into ``model`` in place.
+
+    When the names on disk are the module's own (dense models), one tensor at a time: no second copy
+    of the model in memory on any rank; only weights tied to a loaded one (e.g. ``lm_head.weight``
+    tied to the embeddings) may be absent. When they differ (transformers 5 saves MoE experts, or
+    GPT-NeoX's head, under their original names), through the model class's ``from_pretrained``,
+    which converts them: a second copy of the weights in host memory while it loads, on every rank.
+    """
     from safetensors import safe_open
 
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{folder}: no *.safetensors weights")
     own = model.state_dict()  # views of the parameters and buffers: copying into them loads
-    loaded, unexpected = set(), []
+    on_disk: dict = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as fh:
+            on_disk.update(dict.fromkeys(fh.keys(), f))
+    by_storage: dict = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_storage.setdefault(p.data_ptr(), []).append(name)
+    tied = {n for names in by_storage.values() if len(names) > 1 for n in names if any(m in on_disk for m in names)}
+    missing, unexpected = sorted(set(own) - set(on_disk) - tied), sorted(set(on_disk) - set(own))
+    if missing or unexpected:
+        _load_converted(model, folder, missing, unexpected)
+        return
     with torch.no_grad():
         for f in files:
             with safe_open(str(f), framework="pt") as fh:
                 for k in fh.keys():
-                    if k not in own:
-                        unexpected.append(k)
-                        continue
                     t = fh.get_tensor(k)
                     if t.shape != own[k].shape:
                         raise ValueError(f"{folder}: {k} has shape {tuple(t.shape)}, the model's "
                                          f"{tuple(own[k].shape)}")
                     own[k].copy_(t)
-                    loaded.add(k)
-    missing = set(own) - loaded
-    by_storage: dict = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        by_storage.setdefault(p.data_ptr(), []).append(name)
-    tied = {n for names in by_storage.values() if len(names) > 1 for n in names if any(m in loaded for m in names)}
-    bad = sorted(missing - tied)
-    if bad or unexpected:
-        # names on disk differ from the module's (transformers 5 saves e.g. MoE experts and GPT-NeoX's
-        # head under their original names): let the model class convert them, at the cost of a
-        # second copy of the weights while loading
-        why = f"{folder} does not match the model: missing {bad[:5]}, unexpected {sorted(unexpected)[:5]}"
-        try:  # the model's own config: never a default-sized model; every weight must be found
-            same, info = type(model).from_pretrained(folder, config=model.config, output_loading_info=True)
-        except Exception as exc:  # noqa: BLE001 - the mismatch is the error to report
-            raise ValueError(why) from exc
-        if any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")):
-            raise ValueError(why)
-        model.load_state_dict(same.state_dict())
+
+
+def _load_converted(model, folder: Path, missing: list, unexpected: list) -> None:
+    """``from_pretrained`` with the model's own config and dtype (never a default-sized model, no
+    rounding), accepted only if it finds every weight and no other."""
+    why = f"{folder} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+    import transformers
+
+    dtype_arg = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    try:
+        same, info = type(model).from_pretrained(folder, config=model.config, output_loading_info=True,
+                                                 **{dtype_arg: next(model.parameters()).dtype})
+    except Exception as exc:  # noqa: BLE001 - the mismatch is the error to report
+        raise ValueError(f"{why}; loading it with {type(model).__name__}.from_pretrained failed too: {exc}") from exc
+    problems = {k: info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")
+                if info.get(k)}
+    if problems:
+        detail = "; ".join(f"{k} {sorted(map(str, v))[:5]}" for k, v in problems.items())
+        raise ValueError(f"{why}; {type(model).__name__}.from_pretrained does not find them either: {detail}")
+    model.load_state_dict(same.state_dict())
