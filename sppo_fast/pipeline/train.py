@@ -24,6 +24,7 @@ resumes from the newest one and reaches the same weights as an uninterrupted run
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import json
@@ -145,6 +146,13 @@ def _fully_shard(policy: _HiddenAndHead) -> _HiddenAndHead:
     return policy
 
 
+def _destroy_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _distributed() -> tuple[int, int]:
     """``(rank, world_size)``; initialises the process group under torchrun when needed."""
     import torch.distributed as dist
@@ -153,6 +161,9 @@ def _distributed() -> tuple[int, int]:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        # ours to tear down, before the interpreter does: a group left to its destructors at exit
+        # can abort the process ("terminate called without an active exception") after its work
+        atexit.register(_destroy_process_group)
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
