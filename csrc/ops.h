@@ -32,6 +32,9 @@ struct LogprobBwdArgs {
   const void* coef; int64_t csb, cst;  // A
   void* out; int64_t osb, ost;
   int num_threads;
+  // vocabulary index of column 0: the rows are the slice [col0, col0 + V) of the full rows, and a
+  // label outside it gets no one-hot term (a slab of the vocabulary, as linear.py's second pass uses)
+  int64_t col0 = 0;
 };
 
 // PairRM aggregation over cmp[B, K, K] (float32 or float64, any strides); see reference.py.

@@ -76,7 +76,7 @@ def _logprob_fwd_kernel(
 def _sppo_bwd_kernel(
     logits_ptr, labels_ptr, lse_ptr, coef_ptr, out_ptr,
     T, V, stride_lb, stride_lt, stride_yb, stride_yt, stride_cb, stride_ct, stride_ob, stride_ot,
-    ignore_index,
+    ignore_index, col0,
     BLOCK_V: tl.constexpr, ACC: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -92,7 +92,7 @@ def _sppo_bwd_kernel(
     mask = cols < V
     x = tl.load(logits_ptr + b * stride_lb + t * stride_lt + cols, mask=mask, other=0.0).to(ACC)
     p = tl.exp(tl.where(keep, (x - m) - ls, float("-inf")))  # ignored rows: p = 0, no overflow
-    grad = g * (tl.where(cols == label, 1.0, 0.0) - p)
+    grad = g * (tl.where(cols + col0 == label, 1.0, 0.0) - p)  # a label outside the slice: no term
     if out_ptr.dtype.element_ty == tl.bfloat16:
         # round to nearest even by hand: the GPU's cast does it too, Triton's interpreter truncates
         bits = grad.to(tl.float32).to(tl.uint32, bitcast=True)
@@ -158,8 +158,11 @@ def logprob_fwd(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
 
 
 def logprob_bwd(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, coef: torch.Tensor,
-                ignore_index: int, out: torch.Tensor, config: LogprobConfig | None = None) -> torch.Tensor:
-    """Write ``coef[b, t] * (onehot(labels[b, t]) - softmax(logits[b, t]))`` into ``out`` (may be logits)."""
+                ignore_index: int, out: torch.Tensor, config: LogprobConfig | None = None,
+                col0: int = 0) -> torch.Tensor:
+    """Write ``coef[b, t] * (onehot(labels[b, t]) - softmax(logits[b, t]))`` into ``out`` (may be logits).
+
+    With ``col0``, ``logits`` holds columns ``[col0, col0 + V)`` of the rows ``lse`` describes."""
     B, T, V = logits.shape
     if B * T == 0:
         return out
@@ -169,7 +172,7 @@ def logprob_bwd(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, c
         _sppo_bwd_kernel[(B * T, triton.cdiv(V, blk))](
             logits, labels, lse, coef, out, T, V, logits.stride(0), logits.stride(1),
             labels.stride(0), labels.stride(1), coef.stride(0), coef.stride(1),
-            out.stride(0), out.stride(1), ignore_index, BLOCK_V=blk, ACC=_tl_acc(lse.dtype),
+            out.stride(0), out.stride(1), ignore_index, col0, BLOCK_V=blk, ACC=_tl_acc(lse.dtype),
             num_warps=cfg.num_warps)
 
     launch(config or _config(V, logits.dtype, launch))

@@ -113,12 +113,15 @@ def logprob_fwd(logits: Tensor, labels: Tensor, ignore_index: int) -> tuple[Tens
 
 
 def logprob_bwd(
-    logits: Tensor, labels: Tensor, lse: Tensor, coef: Tensor, ignore_index: int, out: Tensor
+    logits: Tensor, labels: Tensor, lse: Tensor, coef: Tensor, ignore_index: int, out: Tensor,
+    col0: int = 0,
 ) -> Tensor:
     """Write ``coef[b, t] * (onehot(labels[b, t]) - softmax(logits[b, t]))`` into ``out``.
 
     ``coef`` is ``[B, T]`` in the accumulation dtype with any strides (a per-sequence coefficient
     is ``coef_seq[:, None].expand(B, T)``, stride 0 along T); ``out`` may be ``logits`` itself.
+    With ``col0``, ``logits`` holds columns ``[col0, col0 + V)`` of longer rows whose statistics
+    ``lse`` are: the softmax is the full rows', and a label outside the slice has no one-hot term.
     """
     B, T, V = logits.shape
     if B * T:
@@ -127,7 +130,7 @@ def logprob_bwd(
             logits.stride(0), logits.stride(1),
             labels.data_ptr(), labels.stride(0), labels.stride(1), ignore_index,
             lse.data_ptr(), coef.data_ptr(), coef.stride(0), coef.stride(1),
-            out.data_ptr(), out.stride(0), out.stride(1), _threads(), *_where(logits),
+            out.data_ptr(), out.stride(0), out.stride(1), _threads(), *_where(logits), col0,
         )
     return out
 

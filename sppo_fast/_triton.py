@@ -37,8 +37,8 @@ def logprob_fwd(logits: Tensor, labels: Tensor, ignore_index: int):
 
 
 def logprob_bwd(logits: Tensor, labels: Tensor, lse: Tensor, coef: Tensor, ignore_index: int,
-                out: Tensor) -> Tensor:
-    return _kernels("logprobs").logprob_bwd(logits, labels, lse, coef, ignore_index, out)
+                out: Tensor, col0: int = 0) -> Tensor:
+    return _kernels("logprobs").logprob_bwd(logits, labels, lse, coef, ignore_index, out, col0=col0)
 
 
 def empty_like_fresh(x: Tensor) -> Tensor:

@@ -7,7 +7,7 @@ import sppo_fast
 from sppo_fast import reference as R
 
 from _data import make_batch
-from conftest import DTYPES, FWD_ATOL, assert_as_accurate, check_sequence_logps
+from conftest import DTYPES, FWD_ATOL, assert_as_accurate, check_sequence_logps, gpu
 
 
 def _check_seq(logits, labels, gen, *, huge=False, inplace=False):
@@ -187,3 +187,44 @@ def test_inplace_backward_on_expanded_logits(gen):
     (R.sequence_logps(leaf.expand(4, 5, 301), labels) * torch.arange(1.0, 5.0, dtype=torch.float64)).sum().backward()
     for g in grads:
         torch.testing.assert_close(g.double(), leaf.grad, rtol=0, atol=1e-5)
+
+
+def _slab_backward_matches_full_rows(impl, device, dtype, gen):
+    """The backward on columns [c0, c1) of the rows (``col0 = c0``) writes exactly those columns of
+    the full rows' gradient: the softmax from the full rows' statistics, the one-hot term only for
+    labels inside the slice, ignored rows zero. In place too."""
+    V = 301
+    logits, labels = make_batch(3, 7, V, dtype, gen)
+    labels[0, 2] = -100
+    labels[1, :3] = torch.tensor([0, V - 1, 150])  # the first and last columns, and a boundary
+    labels[2, 0] = 150 - 100  # label - col0 == ignore_index for the slice that starts at 150
+    logits, labels = logits.to(device), labels.to(device)
+    _, lse, _ = impl.logprob_fwd(logits, labels, -100)
+    acc = lse.dtype
+    coef = (torch.randn(3, 7, generator=gen, dtype=acc) * 3).to(device)
+    full = impl.logprob_bwd(logits, labels, lse, coef, -100, torch.empty_like(logits))
+    for c0, c1 in ((0, 150), (150, 151), (150, V), (37, 300), (300, V)):
+        part = logits[..., c0:c1].contiguous()
+        out = impl.logprob_bwd(part, labels, lse, coef, -100, torch.empty_like(part), col0=c0)
+        torch.testing.assert_close(out, full[..., c0:c1], rtol=0, atol=0, msg=f"slice [{c0}, {c1})")
+        impl.logprob_bwd(part, labels, lse, coef, -100, part, col0=c0)  # in place
+        torch.testing.assert_close(part, full[..., c0:c1], rtol=0, atol=0, msg=f"in place [{c0}, {c1})")
+    assert (full[0, 2] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+def test_backward_on_a_vocabulary_slice(isa, dtype, gen):
+    _slab_backward_matches_full_rows(sppo_fast._native, "cpu", dtype, gen)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_on_a_vocabulary_slice_triton(dtype, gen):
+    from sppo_fast import _triton
+    from conftest import TRITON_DEVICE
+    _slab_backward_matches_full_rows(_triton, TRITON_DEVICE, dtype, gen)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backward_on_a_vocabulary_slice_cuda(dtype, gen):
+    _slab_backward_matches_full_rows(sppo_fast._native, "cuda", dtype, gen)

@@ -38,7 +38,7 @@ def main() -> None:
                  {"logits_ptr": f"*{dt}", "labels_ptr": "*i64", "lse_ptr": acc_ptr, "coef_ptr": acc_ptr,
                   "out_ptr": f"*{dt}", "T": "i32", "V": "i32", **strides, "stride_cb": "i64",
                   "stride_ct": "i64", "stride_ob": "i64", "stride_ot": "i64", "ignore_index": "i64",
-                  "BLOCK_V": "constexpr", "ACC": "constexpr"},
+                  "col0": "i64", "BLOCK_V": "constexpr", "ACC": "constexpr"},
                  {"BLOCK_V": logprobs.DEFAULT_CONFIG.block_v, "ACC": acc})
         n += 1
     for dt in ("fp32", "fp64"):

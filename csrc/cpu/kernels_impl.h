@@ -225,7 +225,10 @@ static void bwd_rows(const LogprobBwdArgs& a) {
       }
       const A g = coef[b * a.csb + t * a.cst];
       const A m = lse_in[2 * r], ls = lse_in[2 * r + 1];
-      const A x_label = Io<T>::ld(row, label);  // read before an in-place write can clobber it
+      const int64_t col = label - a.col0;  // the label's column in this slice, if it is in it
+      const bool has_label = col >= 0 && col < V;
+      // read before an in-place write can clobber it
+      const A x_label = has_label ? A(Io<T>::ld(row, col)) : A(0);
       const A ng = -g;
       for (int64_t c = 0; c < V; c += kChunk) {
         const int64_t n = V - c < kChunk ? V - c : kChunk;
@@ -249,7 +252,7 @@ static void bwd_rows(const LogprobBwdArgs& a) {
         }
       }
       // label term: g * (1 - p) = -g * expm1(log p), accurate when p is close to 1
-      Io<T>::st(orow, label, ng * std::expm1((x_label - m) - ls));
+      if (has_label) Io<T>::st(orow, col, ng * std::expm1((x_label - m) - ls));
       (void)buf;  // unused when T is the accumulation type
   });
 }

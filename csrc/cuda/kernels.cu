@@ -148,6 +148,7 @@ __global__ void __launch_bounds__(kThreads) logprob_bwd_kernel(LogprobBwdArgs a)
   const int64_t b = r / a.T, t = r % a.T;
   const int64_t label = a.labels[b * a.lsb + t * a.lst];
   const bool keep = label != a.ignore_index;
+  const int64_t col = label - a.col0;  // the label's column in this slice (may be outside it)
   const A* lse = static_cast<const A*>(a.lse);
   const A g = keep ? static_cast<const A*>(a.coef)[b * a.csb + t * a.cst] : A(0);
   const A m = lse[2 * r], ls = lse[2 * r + 1];
@@ -158,7 +159,7 @@ __global__ void __launch_bounds__(kThreads) logprob_bwd_kernel(LogprobBwdArgs a)
   auto grad = [&](A x, int64_t i) -> A {
     if (!keep) return A(0);
     const A lp = (x - m) - ls;
-    return -g * (i == label ? A(expm1(lp)) : exp_acc(lp));
+    return -g * (i == col ? A(expm1(lp)) : exp_acc(lp));
   };
   int64_t head, nvec;
   split_row(orow, a.V, &head, &nvec);  // orow and row share their alignment in every use here
