@@ -4,7 +4,8 @@
 
 Providers: ``reference`` (F.linear, then log_softmax + gather + sum + loss, autograd), ``torch-lce``
 (torch's F.linear_cross_entropy(reduction="none") for the token log-probs, then the SPPO loss),
-``cpp`` (sppo_fast.fused_linear_sppo_loss), and ``gemm3``: only the three GEMMs any exact method must
+``cpp`` (sppo_fast.fused_linear_sppo_loss with its default ``weight_grad``; ``cpp-recompute`` and
+``cpp-accumulate`` name the mode, and so on for ``triton`` and ``cuda``), and ``gemm3``: only the three GEMMs any exact method must
 do (logits, d_hidden, d_weight: 6 N H V FLOPs), timed in the same run as the yardstick. Peers where
 installed (skipped with the reason otherwise): ``liger`` (Liger-Kernel's LigerFusedLinearDPOLoss with
 loss_type="sppo_hard"; pure torch, runs on a CPU too) and, on a GPU, ``cce`` (cut-cross-entropy).
@@ -24,8 +25,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
 OP = "fused_linear_sppo_loss"
-PROVIDERS = ["gemm3", "reference", "torch-lce", "liger", "cpp"]  # liger: skipped unless installed
-GPU_PROVIDERS = ["gemm3", "reference", "torch-lce", "triton", "cuda", "liger", "cce"]
+PROVIDERS = ["gemm3", "reference", "torch-lce", "liger", "cpp", "cpp-recompute"]  # liger: if installed
+# on a GPU, bf16's default is the vocabulary pass (recompute); cuda-accumulate is the other mode
+GPU_PROVIDERS = ["gemm3", "reference", "torch-lce", "triton", "cuda", "cuda-accumulate", "liger", "cce"]
+OURS = ("cpp", "triton", "cuda")
+
+
+def _ours(provider: str):
+    """(backend, weight_grad) for one of our providers ("cuda", "cpp-recompute", ...), else None."""
+    backend, _, mode = provider.partition("-")
+    return (backend, mode or "auto") if backend in OURS else None
 
 
 def _inputs(args):
@@ -81,11 +90,13 @@ def _fn(provider, args, hidden, weight, labels, ref_logps, probs, backward):
             nll = F.linear_cross_entropy(hidden.reshape(-1, H), weight, labels.reshape(-1),
                                          reduction="none", ignore_index=-100)
             return sppo(-nll.view(labels.shape).sum(-1))
-    elif provider in ("cpp", "triton", "cuda"):
+    elif _ours(provider):
+        backend, weight_grad = _ours(provider)
+
         def loss_fn():
             return sppo_fast.fused_linear_sppo_loss(hidden, weight, labels, ref_logps, beta=beta,
-                                                    backend=provider, chunk_tokens=args.chunk_tokens or None,
-                                                    **probs)[0]
+                                                    backend=backend, chunk_tokens=args.chunk_tokens or None,
+                                                    weight_grad=weight_grad, **probs)[0]
     elif provider == "cce":  # Apple's cut-cross-entropy: per-token losses, then the SPPO loss
         from cut_cross_entropy import linear_cross_entropy
 
@@ -171,7 +182,7 @@ def main() -> None:
                 line += f"  {flops / t / 1e9:7.1f} GFLOP/s (6NHV)  extra peak {r['extra_peak'] / 2**20:8.1f} MiB"
             print(line)
     res = d.results
-    ours = [p for p in ("cpp", "triton", "cuda") if (p, "full") in res]
+    ours = [p for (p, m) in res if m == "full" and _ours(p)]
     for p in ours:
         if ("gemm3", "full") in res:
             ratio = res[(p, "full")]["time"]["median"] / res[("gemm3", "full")]["time"]["median"]
@@ -181,6 +192,11 @@ def main() -> None:
             mem = res[(p, "full")]["extra_peak"] / res[("reference", "full")]["extra_peak"]
             d.row(p, "full", "peak_vs_reference", 100 * mem, "%")
             print(f"  {p}'s extra peak memory is {100 * mem:.1f}% of the eager reference's")
+        for peer in ("torch-lce", "liger", "cce"):
+            if (peer, "full") in res:
+                mem = res[(p, "full")]["extra_peak"] / res[(peer, "full")]["extra_peak"]
+                d.row(p, "full", f"peak_vs_{peer}", 100 * mem, "%")
+                print(f"  {p}'s extra peak memory is {100 * mem:.1f}% of {peer}'s")
     d.speedups("reference", ["torch-lce", "liger", "cce", *ours])
     for peer in ("torch-lce", "liger", "cce"):
         d.speedups(peer, ours)

@@ -21,6 +21,18 @@ The gradients are computed for an upstream gradient of 1 and scaled in ``backwar
 returned ``policy_logps`` also receive a gradient, one extra recompute pass adds its contribution.
 The probabilities are data: no gradient flows to them (as to the labels).
 
+Where ``d_weight`` is summed (``weight_grad``). Step 4 adds every chunk's ``G.T @ h`` into one
+[V, H] accumulator, which must be float32 to keep the sum accurate: for a 16-bit weight that is
+twice the weight's size (2.1 GB for V = 128256, H = 4096), on top of the 16-bit gradient it is
+finally cast to. ``weight_grad="recompute"`` has no such accumulator: step 4 only computes
+``d_hidden``, each row's statistics (max, log-sum) and coefficient are kept (O(N)), and a second
+pass goes over slabs of the vocabulary instead of chunks of tokens: ``logits[:, slab] = h @
+W[slab].T`` again, the kernel's backward on that slice of the rows, and ``d_weight[slab] = G.T @
+h`` in one GEMM over all the tokens (float32 accumulation inside the GEMM), written once in the
+weight's dtype. Four GEMMs instead of three (at most 75% of the GEMM rate), and the extra memory
+is one buffer; the outputs are the only [V, H] tensor. The default (``"auto"``) is ``recompute``
+for 16-bit inputs on a GPU, where memory is what runs out, and ``accumulate`` otherwise.
+
 Precision. On a CPU the GEMMs and the buffer are float32 (float64 for float64 inputs), whatever the
 inputs' dtype. On a GPU, bf16/fp16 inputs take tensor-core GEMMs in their own dtype: the buffer
 holds 16-bit logits and then their 16-bit gradient, ``d_hidden`` is written in the input dtype, and
@@ -60,6 +72,18 @@ class _Options:
     with_grads: bool = False  # decided outside: grad mode is off inside Function.forward
     backend: str = "cpp"  # which kernels do the per-chunk work: "cpp", "cuda" or "triton"
     lowp: bool = False  # 16-bit GEMMs and logits (see _lowp_gemms)
+    weight_grad: str = "accumulate"  # or "recompute": how d_weight is summed (module notes)
+
+
+WEIGHT_GRAD_MODES = ("auto", "accumulate", "recompute")
+
+
+def _weight_grad_mode(mode: str, lowp: bool) -> str:
+    if mode not in WEIGHT_GRAD_MODES:
+        raise ValueError(f"weight_grad: expected one of {WEIGHT_GRAD_MODES}, got {mode!r}")
+    if mode == "auto":
+        return "recompute" if lowp else "accumulate"
+    return mode
 
 
 def _lowp_gemms(hidden: Tensor) -> bool:
@@ -113,11 +137,12 @@ def _check_linear(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels
 
 
 def _options(hidden: Tensor, weight: Tensor, ignore_index: int, chunk_tokens: Optional[int],
-             loss_scale: float, with_grads: bool, backend: str) -> _Options:
+             loss_scale: float, with_grads: bool, backend: str, weight_grad: str = "auto") -> _Options:
     lowp = _lowp_gemms(hidden)
+    mode = _weight_grad_mode(weight_grad, lowp)
     elem = hidden.element_size() if lowp else (8 if hidden.dtype == torch.float64 else 4)
     chunk = _chunk_tokens(chunk_tokens, weight.shape[0], elem, hidden.device.type == "cuda")
-    return _Options(ignore_index, chunk, loss_scale, with_grads, backend, lowp)
+    return _Options(ignore_index, chunk, loss_scale, with_grads, backend, lowp, mode)
 
 
 @dataclass
@@ -221,21 +246,35 @@ class _Chunked:
         self.w = weight.to(self.gemm)
         self.b = None if bias is None else bias.to(self.gemm)
         self.plan, self.opts = plan, opts
+        # every token labelled (rows = 0..N-1): the rows' hidden states are slices, not gathered copies
+        self.every_row = len(plan.rows) == self.h.shape[0]
+        self.by_vocab = with_grads and opts.weight_grad == "recompute"
+        V, R = weight.shape[0], len(plan.labels)
         longest = max((g[1] - g[0] for g in plan.groups), default=0)
-        shape = (min(longest, opts.chunk_tokens), weight.shape[0])
-        self.buf = (_native.empty_fresh(shape, self.gemm) if dev.type == "cpu"
-                    else torch.empty(shape, dtype=self.gemm, device=dev))
+        # one buffer: a chunk of rows of logits, or (second pass) a block of rows x a vocabulary slab
+        rows = min(R if self.by_vocab else longest, opts.chunk_tokens)
+        self.buf = (_native.empty_fresh((rows * V,), self.gemm) if dev.type == "cpu"
+                    else torch.empty((rows * V,), dtype=self.gemm, device=dev))
         self.seq = torch.zeros(hidden.shape[0], dtype=torch.float64, device=dev)
         if with_grads:
             # each row's d_hidden is written once, so it can take its final dtype at once
             self.dh = torch.zeros(self.h.shape, dtype=self.gemm, device=dev)
-            self.dw = torch.zeros(weight.shape, dtype=self.acc, device=dev)
-            self.db = None if bias is None else torch.zeros(weight.shape[0], dtype=self.acc, device=dev)
+            # recompute: each slab of d_weight is written once, in the weight's own dtype
+            self.dw = (torch.empty(weight.shape, dtype=weight.dtype, device=dev) if self.by_vocab
+                       else torch.zeros(weight.shape, dtype=self.acc, device=dev))
+            self.db = None if bias is None else torch.zeros(V, dtype=self.acc, device=dev)
+        if self.by_vocab:
+            self.lse = torch.empty((R, 2), dtype=self.acc, device=dev)  # every row's (max, log-sum)
+
+    def _rows(self, r0: int, r1: int) -> Tensor:
+        """The hidden states of compact rows [r0, r1), in the GEMMs' dtype."""
+        h = self.h[r0:r1] if self.every_row else self.h.index_select(0, self.plan.rows[r0:r1])
+        return h.to(self.gemm)
 
     def _logits(self, r0: int, r1: int) -> tuple[Tensor, Tensor]:
         """Logits of compact rows [r0, r1) in the shared buffer, and those rows' hidden states."""
-        h = self.h.index_select(0, self.plan.rows[r0:r1]).to(self.gemm)
-        out = self.buf[: r1 - r0]
+        h = self._rows(r0, r1)
+        out = self.buf[: (r1 - r0) * self.w.shape[0]].view(r1 - r0, self.w.shape[0])
         if self.b is None:
             torch.mm(h, self.w.t(), out=out)
         else:
@@ -251,14 +290,65 @@ class _Chunked:
 
     def _backward_rows(self, logits: Tensor, h: Tensor, lse: Tensor, r0: int, r1: int,
                        coef_seq: Tensor) -> None:
-        """The buffer becomes coef * (onehot - softmax) in place; then the two gradient GEMMs."""
+        """The buffer becomes coef * (onehot - softmax) in place; then the two gradient GEMMs
+        (only ``d_hidden``'s when ``d_weight`` waits for the vocabulary pass)."""
         coef = coef_seq.to(self.acc)[self.plan.seq_of_row[r0:r1]][:, None]
         g = logits[:, None]
         self.impl.logprob_bwd(g, self.plan.labels[r0:r1, None], lse, coef, self.opts.ignore_index, g)
-        self.dh.index_copy_(0, self.plan.rows[r0:r1], torch.mm(logits, self.w))
+        if self.every_row:
+            torch.mm(logits, self.w, out=self.dh[r0:r1])
+        else:
+            self.dh.index_copy_(0, self.plan.rows[r0:r1], torch.mm(logits, self.w))
+        if self.by_vocab:
+            self.lse[r0:r1] = lse.view(-1, 2)
+            return
         _add_mm(self.dw, logits.t(), h)
         if self.db is not None:
             self.db += logits.sum(0, dtype=self.db.dtype)
+
+    def vocab_pass(self, coef_seq: Tensor) -> None:
+        """``d_weight`` (and ``d_bias``) slab by slab of the vocabulary, from the rows' saved
+        statistics: each slab's logits are recomputed for all the rows, turned into that slice of
+        ``coef * (onehot - softmax)``, and multiplied by the rows' hidden states in one GEMM."""
+        R, (V, H) = len(self.plan.labels), self.w.shape
+        if R == 0:  # every token ignored
+            self.dw.zero_()
+            return
+        coef = coef_seq.to(self.acc)[self.plan.seq_of_row][:, None]
+        labels = self.plan.labels[:, None]
+        space = self.buf.numel()
+        # a block of rows x a slab fills the buffer; slabs of at least min(V, 256) columns, and a
+        # block of gathered hidden rows no larger than the buffer either
+        rb = max(1, min(R, space // min(V, 256), max(1, space // H)))
+        vs = max(1, min(V, space // max(rb, 1)))
+        blocks = [(a, min(a + rb, R)) for a in range(0, R, rb)]
+        one = len(blocks) == 1
+        hs = [self._rows(0, R)] if one else None
+        direct = one and self.dw.dtype == self.gemm  # the GEMM writes d_weight's slab itself
+        part = None if direct else torch.empty((min(vs, V), H), dtype=self.acc, device=self.dw.device)
+        for v0 in range(0, V, vs):
+            v1 = min(v0 + vs, V)
+            w, bias = self.w[v0:v1], None if self.b is None else self.b[v0:v1]
+            if part is not None:
+                part.zero_()
+            for a, b in blocks:
+                h = hs[0] if one else self._rows(a, b)
+                g = self.buf[: (b - a) * (v1 - v0)].view(b - a, v1 - v0)
+                if bias is None:
+                    torch.mm(h, w.t(), out=g)
+                else:
+                    torch.addmm(bias, h, w.t(), out=g)
+                g3 = g[:, None]
+                self.impl.logprob_bwd(g3, labels[a:b], self.lse[a:b], coef[a:b], self.opts.ignore_index,
+                                      g3, col0=v0)
+                if direct:
+                    torch.mm(g.t(), h, out=self.dw[v0:v1])
+                else:
+                    _add_mm(part[: v1 - v0], g.t(), h)
+                if self.db is not None:
+                    self.db[v0:v1] += g.sum(0, dtype=self.db.dtype)
+            if not direct:
+                self.dw[v0:v1].copy_(part[: v1 - v0])
 
     def _spans(self, r0: int, r1: int):
         C = self.opts.chunk_tokens
@@ -287,6 +377,8 @@ class _Chunked:
                 logits, h = self._logits(a, b)
                 lse = self._forward_rows(logits, a, b, add_to_sums=False)
                 self._backward_rows(logits, h, lse, a, b, coef)
+        if self.by_vocab:  # every sum is final now: the same coefficients the chunks used
+            self.vocab_pass(coef_fn(self.seq))
         return self.seq
 
 
@@ -333,8 +425,8 @@ class _FusedLinearSPPO(torch.autograd.Function):
                 scale = 0.0
             elif g_loss.device.type == "cpu":
                 scale = float(g_loss)  # free on the CPU, and lets loss.backward() skip the pass
-            else:
-                scale = g_loss.to(dw.dtype)  # float32 even where d_hidden is 16-bit; no host sync
+            else:  # float32 (float64) even where d_hidden or d_weight is 16-bit; no host sync
+                scale = g_loss.to(torch.float64 if dh.dtype == torch.float64 else torch.float32)
             if not (isinstance(scale, float) and scale == 1.0):
                 for t in (dh, dw, db):
                     if t is not None:
@@ -360,6 +452,8 @@ def _recompute(hidden, weight, bias, labels, opts: _Options, coef_seq: Tensor):
                 logits, h = work._logits(a, b)
                 lse = work._forward_rows(logits, a, b, add_to_sums=False)
                 work._backward_rows(logits, h, lse, a, b, coef_seq)
+        if work.by_vocab:
+            work.vocab_pass(coef_seq)
     return work.dh.view(hidden.shape), work.dw, work.db
 
 
@@ -372,7 +466,8 @@ def fused_linear_sppo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, ref_l
                            chosen_probs_lose: Optional[Tensor] = None,
                            chosen_probs: Optional[Tensor] = None, beta: float = 0.001,
                            loss_type: str = "sppo", ignore_index: int = -100, backend: str = "auto",
-                           chunk_tokens: Optional[int] = None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+                           chunk_tokens: Optional[int] = None,
+                           weight_grad: str = "auto") -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """``fused_sppo_loss(hidden @ weight.T + bias, labels, ref_logps, ...)`` without the logits.
 
     Args:
@@ -383,14 +478,20 @@ def fused_linear_sppo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, ref_l
             ``ignore_index`` as in :func:`sppo_fast.fused_sppo_loss`.
         chunk_tokens: tokens per chunk of logits (default: 32 MiB of float32 logits on a CPU,
             256 MiB of logits on a GPU).
+        weight_grad: ``"accumulate"`` (three GEMMs; ``d_weight`` summed over the chunks in a
+            float32 [V, H]), ``"recompute"`` (four GEMMs; a second pass over vocabulary slabs
+            writes ``d_weight`` once, in the weight's dtype), or ``"auto"``: recompute for 16-bit
+            inputs on a GPU, else accumulate. See the module notes.
     Returns:
         ``(loss, policy_logps[2B], metrics)``; gradients reach ``hidden``, ``weight``, ``bias``
-        (and ``ref_logps``). Peak extra memory: one [chunk, V] buffer, a float32 ``d_weight``,
-        and ``d_hidden`` (in the input dtype on a GPU, else float32); on a CPU also a float32
-        copy of a 16-bit weight. See the module notes on precision.
+        (and ``ref_logps``). Peak extra memory: one [chunk, V] buffer, ``d_hidden`` (in the input
+        dtype on a GPU, else float32), ``d_weight`` (with ``accumulate``, float32 and then a copy
+        in the weight's dtype); on a CPU also a float32 copy of a 16-bit weight. See the module
+        notes on precision.
     """
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
     labels = _check_linear(hidden, weight, bias, labels, ignore_index)
+    _weight_grad_mode(weight_grad, False)  # a bad name fails whatever the backend
     if hidden.shape[0] % 2:
         raise ValueError(f"hidden: expected an even batch [2B, T, H] (B chosen then B rejected), "
                          f"got shape {tuple(hidden.shape)}")
@@ -410,7 +511,8 @@ def fused_linear_sppo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, ref_l
     targets = torch.cat([torch.as_tensor(t_w, dtype=torch.float64, device=hidden.device).expand(B),
                          torch.as_tensor(t_l, dtype=torch.float64, device=hidden.device).expand(B)])
     need = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-    opts = _options(hidden, weight, ignore_index, chunk_tokens, _loss_scale(loss_type), need, be)
+    opts = _options(hidden, weight, ignore_index, chunk_tokens, _loss_scale(loss_type), need, be,
+                    weight_grad)
     loss, policy = _FusedLinearSPPO.apply(hidden, weight, bias, labels, ref_logps, targets, opts)
     acc = policy.dtype
     metrics = ops._metrics(policy.detach(), ref_logps.detach().to(acc), beta, loss_type,

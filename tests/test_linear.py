@@ -43,24 +43,25 @@ def _reference(labels, ref, probs, beta, loss_type):
         loss_type=loss_type, backend="reference", **probs)
 
 
-def _fused(labels, ref, probs, beta, loss_type, chunk=None):
+def _fused(labels, ref, probs, beta, loss_type, chunk=None, weight_grad="auto", backend="cpp"):
     return lambda hh, ww, bb: sppo_fast.fused_linear_sppo_loss(
         hh, ww, labels, ref.to(hh.dtype), bias=bb, beta=beta, loss_type=loss_type,
-        backend="cpp", chunk_tokens=chunk, **probs)
+        backend=backend, chunk_tokens=chunk, weight_grad=weight_grad, **probs)
 
 
 @pytest.mark.parametrize("loss_type", sppo_fast.LOSS_TYPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("chunk", [None, 8, 40])  # 8 and 40 < T: sequences longer than a chunk
-def test_matches_reference(loss_type, dtype, bias, chunk, gen):
+@pytest.mark.parametrize("weight_grad", ["accumulate", "recompute"])
+def test_matches_reference(loss_type, dtype, bias, chunk, weight_grad, gen):
     h, w, b, labels, ref, probs = _inputs(gen, bias=bias, fully_masked=(4,))
     beta = 0.1
     # truth: float64 on exactly the inputs the kernel sees (rounded to dtype)
     h, w, b = (None if t is None else t.to(dtype).double() for t in (h, w, b))
     truth, _ = _run(_reference(labels, ref, probs, beta, loss_type), h, w, b, torch.float64)
     same, _ = _run(_reference(labels, ref, probs, beta, loss_type), h, w, b, dtype)
-    out, metrics = _run(_fused(labels, ref, probs, beta, loss_type, chunk), h, w, b, dtype)
+    out, metrics = _run(_fused(labels, ref, probs, beta, loss_type, chunk, weight_grad), h, w, b, dtype)
     assert out["d_hidden"].dtype == dtype and out["d_weight"].dtype == dtype
     tol = {torch.float32: 1e-6, torch.bfloat16: 8e-3}[dtype]  # bf16: two ulps of the largest entry
     for k in truth:
@@ -74,9 +75,11 @@ def test_matches_reference(loss_type, dtype, bias, chunk, gen):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("chunk", [None, 8])
-def test_low_precision_gemms_match_reference(loss_type, dtype, bias, chunk, gen, monkeypatch):
-    """The GPU's mode for 16-bit inputs (16-bit GEMMs, logits and d_hidden; float32 d_weight),
-    forced on here: as accurate as the eager reference in the same dtype."""
+@pytest.mark.parametrize("weight_grad", ["accumulate", "recompute"])
+def test_low_precision_gemms_match_reference(loss_type, dtype, bias, chunk, weight_grad, gen, monkeypatch):
+    """The GPU's mode for 16-bit inputs (16-bit GEMMs, logits and d_hidden; d_weight summed in
+    float32, over the chunks or inside the vocabulary pass's GEMM), forced on here: as accurate
+    as the eager reference in the same dtype."""
     from sppo_fast import linear
 
     monkeypatch.setattr(linear, "_lowp_gemms", lambda hidden: hidden.dtype == dtype)
@@ -84,7 +87,7 @@ def test_low_precision_gemms_match_reference(loss_type, dtype, bias, chunk, gen,
     h, w, b = (None if t is None else t.to(dtype).double() for t in (h, w, b))
     truth, _ = _run(_reference(labels, ref, probs, 0.1, loss_type), h, w, b, torch.float64)
     same, _ = _run(_reference(labels, ref, probs, 0.1, loss_type), h, w, b, dtype)
-    out, _ = _run(_fused(labels, ref, probs, 0.1, loss_type, chunk), h, w, b, dtype)
+    out, _ = _run(_fused(labels, ref, probs, 0.1, loss_type, chunk, weight_grad), h, w, b, dtype)
     tol = {torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
     for k in truth:
         assert out[k].dtype == (dtype if k.startswith("d_") else torch.float32), k
@@ -132,15 +135,18 @@ def test_under_autocast(dtype, lowp, gen, monkeypatch):
 
 
 def test_same_result_whatever_the_chunk_size(gen):
+    """... and whichever way d_weight is summed (the vocabulary pass's slabs and row blocks follow
+    from the chunk size: from 1 x 1271 columns up to all rows x all columns)."""
     h, w, b, labels, ref, probs = _inputs(gen, bias=True)
-    runs = [_run(_fused(labels, ref, probs, 0.05, "sppo", chunk), h, w, b, torch.float64)[0]
-            for chunk in (1, 5, 33, 34, 100, 10_000)]
+    runs = [_run(_fused(labels, ref, probs, 0.05, "sppo", chunk, mode), h, w, b, torch.float64)[0]
+            for mode in ("accumulate", "recompute") for chunk in (1, 5, 33, 34, 100, 10_000)]
     for r in runs[1:]:
         for k in r:
             torch.testing.assert_close(r[k], runs[0][k], rtol=1e-12, atol=1e-12)
 
 
-def test_policy_logps_used_downstream(gen):
+@pytest.mark.parametrize("weight_grad", ["accumulate", "recompute"])
+def test_policy_logps_used_downstream(weight_grad, gen):
     """A gradient through policy_logps (not only the loss) takes the extra pass and stays exact."""
     h, w, b, labels, ref, probs = _inputs(gen, bias=True)
     coef = torch.randn(S, generator=gen, dtype=torch.float64)
@@ -152,12 +158,13 @@ def test_policy_logps_used_downstream(gen):
         return f
 
     truth, _ = _run(total(_reference(labels, ref, probs, 0.1, "sppo")), h, w, b, torch.float64)
-    out, _ = _run(total(_fused(labels, ref, probs, 0.1, "sppo", 16)), h, w, b, torch.float64)
+    out, _ = _run(total(_fused(labels, ref, probs, 0.1, "sppo", 16, weight_grad)), h, w, b, torch.float64)
     for k in truth:
         torch.testing.assert_close(out[k], truth[k], rtol=1e-10, atol=1e-12)
 
 
-def test_gradcheck(gen):
+@pytest.mark.parametrize("weight_grad", ["accumulate", "recompute"])
+def test_gradcheck(weight_grad, gen):
     f64 = torch.float64
     h = torch.randn(4, 5, 6, generator=gen, dtype=f64, requires_grad=True)
     w = torch.randn(11, 6, generator=gen, dtype=f64, requires_grad=True)
@@ -170,7 +177,7 @@ def test_gradcheck(gen):
         assert torch.autograd.gradcheck(
             lambda hh, ww, bb: sppo_fast.fused_linear_sppo_loss(
                 hh, ww, labels, ref, bias=bb, chosen_probs_win=pw, chosen_probs_lose=pl, beta=2.0,
-                chunk_tokens=chunk, backend="cpp")[:2], (h, w, b))
+                chunk_tokens=chunk, backend="cpp", weight_grad=weight_grad)[:2], (h, w, b))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -204,29 +211,34 @@ def test_no_grad_forward_matches(gen):
     (lambda a: a["labels"].__setitem__((0, 20), V), ValueError, r"labels: 1 label\(s\) outside \[0, 1271\)"),
     (lambda a: a.update(labels=a["labels"][:, :4]), ValueError, "labels: shape"),
     (lambda a: a.update(chunk=0), ValueError, "chunk_tokens: expected a positive int"),
+    (lambda a: a.update(weight_grad="sum"), ValueError, "weight_grad: expected one of"),
     (lambda a: a.update(beta=-1.0), ValueError, "beta: must be a finite number > 0"),
 ])
 def test_bad_input(mutate, exc, match, gen):
     h, w, b, labels, ref, probs = _inputs(gen, bias=True)
-    a = {"h": h, "w": w, "b": b, "labels": labels, "chunk": None, "beta": 0.1}
+    a = {"h": h, "w": w, "b": b, "labels": labels, "chunk": None, "beta": 0.1, "weight_grad": "auto"}
     mutate(a)
     with pytest.raises(exc, match=match):
         sppo_fast.fused_linear_sppo_loss(a["h"], a["w"], a["labels"], ref, bias=a["b"], beta=a["beta"],
-                                         chunk_tokens=a["chunk"], backend="cpp", **probs)
+                                         chunk_tokens=a["chunk"], backend="cpp",
+                                         weight_grad=a["weight_grad"], **probs)
 
 
-def test_backward_twice_with_retain_graph(gen):
+@pytest.mark.parametrize("weight_grad", ["accumulate", "recompute"])
+def test_backward_twice_with_retain_graph(weight_grad, gen):
     """The first backward hands its precomputed buffers to autograd; a second one recomputes."""
     h, w, b, labels, ref, probs = _inputs(gen, bias=True)
     hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
-    loss, pol, _ = sppo_fast.fused_linear_sppo_loss(hh, ww, labels, ref, bias=b, beta=0.1, **probs)
+    loss, pol, _ = sppo_fast.fused_linear_sppo_loss(hh, ww, labels, ref, bias=b, beta=0.1,
+                                                    weight_grad=weight_grad, chunk_tokens=20, **probs)
     g1 = torch.autograd.grad(loss * 0.5, (hh, ww), retain_graph=True)
     g2 = torch.autograd.grad(loss * 0.5, (hh, ww))
     for x, y in zip(g1, g2):
         torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
 
 
-def test_chunks_through_triton_kernels(gen):
+@pytest.mark.parametrize("weight_grad", ["accumulate", "recompute"])
+def test_chunks_through_triton_kernels(weight_grad, gen):
     """The same chunk loop with the Triton kernels doing the per-chunk work (interpreter on CPU)."""
     pytest.importorskip("triton")
     from conftest import TRITON_DEVICE
@@ -239,14 +251,15 @@ def test_chunks_through_triton_kernels(gen):
     for be in ("triton", "reference"):
         hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
         loss, pol, _ = sppo_fast.fused_linear_sppo_loss(hh, ww, labels, ref, bias=b, beta=0.1, backend=be,
-                                                        chunk_tokens=4, **probs)
+                                                        chunk_tokens=4, weight_grad=weight_grad, **probs)
         (loss * 0.3).backward()
         out[be] = (loss, pol, hh.grad, ww.grad)
     for x, y in zip(out["triton"], out["reference"]):  # both float32: a tolerance on the tensor's scale
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5 * max(1.0, y.abs().max().item()))
 
 
-def test_low_precision_chunks_through_triton_kernels(gen, monkeypatch):
+@pytest.mark.parametrize("weight_grad", ["accumulate", "recompute"])
+def test_low_precision_chunks_through_triton_kernels(weight_grad, gen, monkeypatch):
     """The GPU's 16-bit mode with the Triton kernels reading and writing the bf16 buffer in place
     (interpreter on CPU): as accurate as the bf16 reference."""
     pytest.importorskip("triton")
@@ -261,7 +274,8 @@ def test_low_precision_chunks_through_triton_kernels(gen, monkeypatch):
     truth, _ = _run(_reference(labels, ref, probs, 0.1, "sppo"), h, w, b, torch.float64)
     same, _ = _run(_reference(labels, ref, probs, 0.1, "sppo"), h, w, b, torch.bfloat16)
     out, _ = _run(lambda hh, ww, bb: sppo_fast.fused_linear_sppo_loss(
-        hh, ww, labels, ref.to(hh.dtype), bias=bb, beta=0.1, backend="triton", chunk_tokens=4, **probs),
+        hh, ww, labels, ref.to(hh.dtype), bias=bb, beta=0.1, backend="triton", chunk_tokens=4,
+        weight_grad=weight_grad, **probs),
         h, w, b, torch.bfloat16)
     for k in truth:
         assert_as_accurate(out[k], same[k], truth[k], atol=8e-3, rtol=8e-3, what=f"{k} triton bf16")
@@ -271,8 +285,10 @@ def test_low_precision_chunks_through_triton_kernels(gen, monkeypatch):
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("chunk", [None, 8])
-def test_on_gpu(backend, dtype, chunk, gen):
-    """On a GPU: 16-bit inputs take the 16-bit GEMM mode by default; every backend's chunks."""
+@pytest.mark.parametrize("weight_grad", ["auto", "accumulate"])
+def test_on_gpu(backend, dtype, chunk, weight_grad, gen):
+    """On a GPU: 16-bit inputs take the 16-bit GEMM mode (and the vocabulary pass) by default;
+    every backend's chunks."""
     from sppo_fast import _native, linear
 
     if backend == "cuda" and not _native.cuda_status()[0]:
@@ -285,7 +301,8 @@ def test_on_gpu(backend, dtype, chunk, gen):
     truth, _ = _run(_reference(labels, ref, probs, 0.1, "sppo"), h, w, b, torch.float64)
     same, _ = _run(_reference(labels, ref, probs, 0.1, "sppo"), h, w, b, dtype)
     fused = lambda hh, ww, bb: sppo_fast.fused_linear_sppo_loss(  # noqa: E731
-        hh, ww, labels, ref.to(hh.dtype), bias=bb, beta=0.1, backend=backend, chunk_tokens=chunk, **probs)
+        hh, ww, labels, ref.to(hh.dtype), bias=bb, beta=0.1, backend=backend, chunk_tokens=chunk,
+        weight_grad=weight_grad, **probs)
     out, _ = _run(fused, h, w, b, dtype)
     tol = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
     for k in truth:
@@ -295,3 +312,51 @@ def test_on_gpu(backend, dtype, chunk, gen):
         lp = sppo_fast.linear_sequence_logps(h.to(dtype), w.to(dtype), labels, bias=b.to(dtype),
                                              backend=backend, chunk_tokens=chunk)
     assert_as_accurate(lp, same["policy"], truth["policy"], atol=1e-3, rtol=1e-5, what="logps")
+
+
+@pytest.mark.parametrize("weight_grad", ["accumulate", "recompute"])
+def test_every_token_ignored(weight_grad, gen):
+    h, w, b, labels, ref, probs = _inputs(gen, bias=True)
+    labels[:] = -100
+    truth, _ = _run(_reference(labels, ref, probs, 0.1, "sppo"), h, w, b, torch.float64)
+    out, _ = _run(_fused(labels, ref, probs, 0.1, "sppo", 8, weight_grad), h, w, b, torch.float32)
+    for k in ("d_hidden", "d_weight", "d_bias"):
+        assert (out[k] == 0).all(), k
+    torch.testing.assert_close(out["loss"].double(), truth["loss"], rtol=1e-6, atol=0)
+
+
+def test_recompute_keeps_no_float32_weight_gradient(gen, monkeypatch):
+    """The vocabulary pass writes a 16-bit d_weight directly: no [V, H] float32 tensor is made
+    (the accumulate mode, for contrast, makes one)."""
+    from sppo_fast import linear
+
+    monkeypatch.setattr(linear, "_lowp_gemms", lambda hidden: hidden.dtype == torch.bfloat16)
+    h, w, b, labels, ref, probs = _inputs(gen, bias=False)
+    made = []
+    real = {name: getattr(torch, name) for name in ("zeros", "empty")}
+
+    def spy(name):
+        def f(*shape, dtype=None, **kw):
+            t = real[name](*shape, dtype=dtype, **kw)
+            made.append((tuple(t.shape), t.dtype))
+            return t
+        return f
+    for name in real:
+        monkeypatch.setattr(linear.torch, name, spy(name))
+    for mode, expect in (("recompute", False), ("accumulate", True)):
+        made.clear()
+        out, _ = _run(_fused(labels, ref, probs, 0.1, "sppo", 8, mode), h, w, None, torch.bfloat16)
+        assert out["d_weight"].dtype == torch.bfloat16
+        assert ((V, H), torch.float32) in made if expect else ((V, H), torch.float32) not in made, (mode, made)
+
+
+@pytest.mark.parametrize("weight_grad", ["accumulate", "recompute"])
+@pytest.mark.parametrize("chunk", [None, 5, 40])
+def test_every_token_labelled(weight_grad, chunk, gen):
+    """No ignored token: the rows' hidden states are read in place instead of gathered."""
+    h, w, b, labels, ref, probs = _inputs(gen, bias=True)
+    labels = torch.randint(0, V, (S, T), generator=gen)
+    truth, _ = _run(_reference(labels, ref, probs, 0.1, "sppo"), h, w, b, torch.float64)
+    out, _ = _run(_fused(labels, ref, probs, 0.1, "sppo", chunk, weight_grad), h, w, b, torch.float64)
+    for k in truth:
+        torch.testing.assert_close(out[k], truth[k], rtol=1e-10, atol=1e-12)
