@@ -167,13 +167,21 @@ def logprob_bwd(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, c
     if B * T == 0:
         return out
 
-    def launch(cfg: LogprobConfig):
+    def launch(cfg: LogprobConfig, src: torch.Tensor = logits, dst: torch.Tensor = out):
         blk = _block(cfg, V)
         _sppo_bwd_kernel[(B * T, triton.cdiv(V, blk))](
-            logits, labels, lse, coef, out, T, V, logits.stride(0), logits.stride(1),
+            src, labels, lse, coef, dst, T, V, src.stride(0), src.stride(1),
             labels.stride(0), labels.stride(1), coef.stride(0), coef.stride(1),
-            out.stride(0), out.stride(1), ignore_index, col0, BLOCK_V=blk, ACC=_tl_acc(lse.dtype),
+            dst.stride(0), dst.stride(1), ignore_index, col0, BLOCK_V=blk, ACC=_tl_acc(lse.dtype),
             num_warps=cfg.num_warps)
 
-    launch(config or _config(V, logits.dtype, launch))
+    if config is None and os.environ.get("SPPO_FAST_AUTOTUNE") == "1":
+        # timed on a scratch copy: the candidates' runs must not overwrite logits that out aliases
+        scratch = logits.clone()
+
+        def trial(cfg: LogprobConfig):
+            launch(cfg, scratch, scratch)
+        trial.__name__ = "logprob_bwd"
+        config = _config(V, logits.dtype, trial)
+    launch(config or DEFAULT_CONFIG)
     return out

@@ -25,13 +25,17 @@ Where ``d_weight`` is summed (``weight_grad``). Step 4 adds every chunk's ``G.T 
 [V, H] accumulator, which must be float32 to keep the sum accurate: for a 16-bit weight that is
 twice the weight's size (2.1 GB for V = 128256, H = 4096), on top of the 16-bit gradient it is
 finally cast to. ``weight_grad="recompute"`` has no such accumulator: step 4 only computes
-``d_hidden``, each row's statistics (max, log-sum) and coefficient are kept (O(N)), and a second
-pass goes over slabs of the vocabulary instead of chunks of tokens: ``logits[:, slab] = h @
-W[slab].T`` again, the kernel's backward on that slice of the rows, and ``d_weight[slab] = G.T @
-h`` in one GEMM over all the tokens (float32 accumulation inside the GEMM), written once in the
-weight's dtype. Four GEMMs instead of three (at most 75% of the GEMM rate), and the extra memory
-is one buffer; the outputs are the only [V, H] tensor. The default (``"auto"``) is ``recompute``
-for 16-bit inputs on a GPU, where memory is what runs out, and ``accumulate`` otherwise.
+``d_hidden`` and keeps each row's statistics (max, log-sum), O(N); in ``backward``, with the true
+upstream gradients, a second pass goes over slabs of the vocabulary instead of chunks of tokens:
+``logits[:, slab] = h @ W[slab].T`` again, the kernel's backward on that slice of the rows, and
+``d_weight[slab] = G.T @ h`` in one GEMM over all the tokens (float32 accumulation inside the
+GEMM), written once in the weight's dtype. Four GEMMs instead of three (at most 75% of the GEMM
+rate); the extra memory is one buffer, and the gradient itself is the only [V, H] tensor. Since
+the slab's gradient is formed at the true upstream scale, a 16-bit ``d_weight`` rounds exactly
+where the eager reference's does (under an fp16 loss scale too, where unit-scale logit gradients
+of ~1e-5 would be subnormal), and a gradient through ``policy_logps`` costs no extra ``d_weight``
+pass. The default (``"auto"``) is ``recompute`` for 16-bit inputs on a GPU, where memory is what
+runs out, and ``accumulate`` otherwise.
 
 Precision. On a CPU the GEMMs and the buffer are float32 (float64 for float64 inputs), whatever the
 inputs' dtype. On a GPU, bf16/fp16 inputs take tensor-core GEMMs in their own dtype: the buffer
@@ -232,39 +236,52 @@ def _no_autocast(device: torch.device):
 
 
 class _Chunked:
-    """The chunk loop of one call: GEMMs through torch, per-row work through ``_native``."""
+    """The chunk loop of one call: GEMMs through torch, per-row work through ``_native``.
+
+    ``with_grads``: the chunk pass also writes ``d_hidden`` (and, in the accumulate mode, sums
+    ``d_weight`` and ``d_bias``; in the recompute mode it keeps every row's statistics instead, for
+    :meth:`vocab_pass`).
+    """
 
     def __init__(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], plan: _Plan,
                  opts: _Options, with_grads: bool):
         self.acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         self.impl = ops._IMPLS[opts.backend]
-        dev = hidden.device
+        dev = self.dev = hidden.device
         self.h = hidden.reshape(-1, hidden.shape[-1])
         # the GEMMs' dtype, which is also the logits buffer's: float32 (a copy of a 16-bit weight),
         # or the inputs' own 16-bit dtype in the low-precision mode
         self.gemm = hidden.dtype if opts.lowp else self.acc
         self.w = weight.to(self.gemm)
+        self.w_dtype = weight.dtype
         self.b = None if bias is None else bias.to(self.gemm)
         self.plan, self.opts = plan, opts
         # every token labelled (rows = 0..N-1): the rows' hidden states are slices, not gathered copies
         self.every_row = len(plan.rows) == self.h.shape[0]
-        self.by_vocab = with_grads and opts.weight_grad == "recompute"
-        V, R = weight.shape[0], len(plan.labels)
+        self.by_vocab = opts.weight_grad == "recompute"
         longest = max((g[1] - g[0] for g in plan.groups), default=0)
-        # one buffer: a chunk of rows of logits, or (second pass) a block of rows x a vocabulary slab
-        rows = min(R if self.by_vocab else longest, opts.chunk_tokens)
-        self.buf = (_native.empty_fresh((rows * V,), self.gemm) if dev.type == "cpu"
-                    else torch.empty((rows * V,), dtype=self.gemm, device=dev))
+        self.chunk_rows = min(longest, opts.chunk_tokens)  # the chunk pass's buffer, in rows
+        self.buf: Optional[Tensor] = None
         self.seq = torch.zeros(hidden.shape[0], dtype=torch.float64, device=dev)
+        self.dh = self.dw = self.db = self.lse = None
         if with_grads:
-            # each row's d_hidden is written once, so it can take its final dtype at once
-            self.dh = torch.zeros(self.h.shape, dtype=self.gemm, device=dev)
-            # recompute: each slab of d_weight is written once, in the weight's own dtype
-            self.dw = (torch.empty(weight.shape, dtype=weight.dtype, device=dev) if self.by_vocab
-                       else torch.zeros(weight.shape, dtype=self.acc, device=dev))
-            self.db = None if bias is None else torch.zeros(V, dtype=self.acc, device=dev)
-        if self.by_vocab:
-            self.lse = torch.empty((R, 2), dtype=self.acc, device=dev)  # every row's (max, log-sum)
+            # each row's d_hidden is written once, so it can take its final dtype at once (and
+            # needs no zeros when every row is written)
+            self.dh = (torch.empty if self.every_row else torch.zeros)(self.h.shape, dtype=self.gemm, device=dev)
+            if self.by_vocab:
+                self.lse = torch.empty((len(plan.labels), 2), dtype=self.acc, device=dev)
+            else:
+                self.dw = torch.zeros(weight.shape, dtype=self.acc, device=dev)
+                self.db = None if bias is None else torch.zeros(weight.shape[0], dtype=self.acc, device=dev)
+
+    def _buffer(self, rows: int) -> Tensor:
+        """The one buffer of ``rows`` x V elements (a chunk of logits, or a block x slab), reused."""
+        n = rows * self.w.shape[0]
+        if self.buf is None or self.buf.numel() < n:
+            self.buf = None  # free the old one first
+            self.buf = (_native.empty_fresh((n,), self.gemm) if self.dev.type == "cpu"
+                        else torch.empty((n,), dtype=self.gemm, device=self.dev))
+        return self.buf
 
     def _rows(self, r0: int, r1: int) -> Tensor:
         """The hidden states of compact rows [r0, r1), in the GEMMs' dtype."""
@@ -274,7 +291,8 @@ class _Chunked:
     def _logits(self, r0: int, r1: int) -> tuple[Tensor, Tensor]:
         """Logits of compact rows [r0, r1) in the shared buffer, and those rows' hidden states."""
         h = self._rows(r0, r1)
-        out = self.buf[: (r1 - r0) * self.w.shape[0]].view(r1 - r0, self.w.shape[0])
+        V = self.w.shape[0]
+        out = self._buffer(self.chunk_rows)[: (r1 - r0) * V].view(r1 - r0, V)
         if self.b is None:
             torch.mm(h, self.w.t(), out=out)
         else:
@@ -306,50 +324,6 @@ class _Chunked:
         if self.db is not None:
             self.db += logits.sum(0, dtype=self.db.dtype)
 
-    def vocab_pass(self, coef_seq: Tensor) -> None:
-        """``d_weight`` (and ``d_bias``) slab by slab of the vocabulary, from the rows' saved
-        statistics: each slab's logits are recomputed for all the rows, turned into that slice of
-        ``coef * (onehot - softmax)``, and multiplied by the rows' hidden states in one GEMM."""
-        R, (V, H) = len(self.plan.labels), self.w.shape
-        if R == 0:  # every token ignored
-            self.dw.zero_()
-            return
-        coef = coef_seq.to(self.acc)[self.plan.seq_of_row][:, None]
-        labels = self.plan.labels[:, None]
-        space = self.buf.numel()
-        # a block of rows x a slab fills the buffer; slabs of at least min(V, 256) columns, and a
-        # block of gathered hidden rows no larger than the buffer either
-        rb = max(1, min(R, space // min(V, 256), max(1, space // H)))
-        vs = max(1, min(V, space // max(rb, 1)))
-        blocks = [(a, min(a + rb, R)) for a in range(0, R, rb)]
-        one = len(blocks) == 1
-        hs = [self._rows(0, R)] if one else None
-        direct = one and self.dw.dtype == self.gemm  # the GEMM writes d_weight's slab itself
-        part = None if direct else torch.empty((min(vs, V), H), dtype=self.acc, device=self.dw.device)
-        for v0 in range(0, V, vs):
-            v1 = min(v0 + vs, V)
-            w, bias = self.w[v0:v1], None if self.b is None else self.b[v0:v1]
-            if part is not None:
-                part.zero_()
-            for a, b in blocks:
-                h = hs[0] if one else self._rows(a, b)
-                g = self.buf[: (b - a) * (v1 - v0)].view(b - a, v1 - v0)
-                if bias is None:
-                    torch.mm(h, w.t(), out=g)
-                else:
-                    torch.addmm(bias, h, w.t(), out=g)
-                g3 = g[:, None]
-                self.impl.logprob_bwd(g3, labels[a:b], self.lse[a:b], coef[a:b], self.opts.ignore_index,
-                                      g3, col0=v0)
-                if direct:
-                    torch.mm(g.t(), h, out=self.dw[v0:v1])
-                else:
-                    _add_mm(part[: v1 - v0], g.t(), h)
-                if self.db is not None:
-                    self.db[v0:v1] += g.sum(0, dtype=self.db.dtype)
-            if not direct:
-                self.dw[v0:v1].copy_(part[: v1 - v0])
-
     def _spans(self, r0: int, r1: int):
         C = self.opts.chunk_tokens
         return [(a, min(a + C, r1)) for a in range(r0, r1, C)]
@@ -362,8 +336,8 @@ class _Chunked:
         return self.seq
 
     def run(self, coef_fn) -> Tensor:
-        """Forward and gradients. ``coef_fn(seq_logps)`` maps the sums of complete sequences to
-        their upstream gradients; returns the sums [S] (float64)."""
+        """The chunk pass with gradients. ``coef_fn(seq_logps)`` maps the sums of complete
+        sequences to their upstream gradients; returns the sums [S] (float64)."""
         for r0, r1, s0, s1, whole in self.plan.groups:
             if whole:  # one chunk of whole sequences: the three GEMMs, logits computed once
                 logits, h = self._logits(r0, r1)
@@ -377,13 +351,67 @@ class _Chunked:
                 logits, h = self._logits(a, b)
                 lse = self._forward_rows(logits, a, b, add_to_sums=False)
                 self._backward_rows(logits, h, lse, a, b, coef)
-        if self.by_vocab:  # every sum is final now: the same coefficients the chunks used
-            self.vocab_pass(coef_fn(self.seq))
         return self.seq
+
+    def vocab_pass(self, lse: Tensor, coef_seq: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        """``(d_weight, d_bias)`` slab by slab of the vocabulary, from every row's saved statistics
+        ``lse`` [R, 2]: each slab's logits are recomputed for all the rows, turned into that slice
+        of ``coef * (onehot - softmax)``, and multiplied by the rows' hidden states in one GEMM.
+        ``d_weight`` is in the weight's dtype, ``d_bias`` in the accumulation dtype."""
+        R, (V, H) = len(self.plan.labels), self.w.shape
+        dw = torch.empty((V, H), dtype=self.w_dtype, device=self.dev)
+        db = None if self.b is None else torch.zeros(V, dtype=self.acc, device=self.dev)
+        if R == 0:  # every token ignored
+            return dw.zero_(), db
+        coef = coef_seq.to(self.acc)[self.plan.seq_of_row][:, None]
+        labels = self.plan.labels[:, None]
+        space = self._buffer(min(R, self.opts.chunk_tokens)).numel()
+        # a block of rows x a slab fills the buffer; slabs of at least min(V, 256) columns; a block
+        # of gathered hidden rows (not needed when every row is labelled) no larger than the buffer
+        rb = min(R, max(1, space // min(V, 256)))
+        if not self.every_row:
+            rb = min(rb, max(1, space // H))
+        blocks = [(a, min(a + rb, R)) for a in range(0, R, rb)]
+        one = len(blocks) == 1
+        direct = one and self.w_dtype == self.gemm  # the GEMM writes d_weight's slab itself
+        vs = min(V, max(1, space // rb))
+        if not direct:  # the float32 slab accumulator is no larger than the buffer either
+            vs = min(vs, max(1, space // H))
+        if vs < V and vs >= 128:
+            vs -= vs % 128  # aligned slabs: leading dimensions that are multiples of 16 bytes
+        hs = self._rows(0, R) if one else None
+        part = None if direct else torch.empty((vs, H), dtype=self.acc, device=self.dev)
+        for v0 in range(0, V, vs):
+            v1 = min(v0 + vs, V)
+            w, bias = self.w[v0:v1], None if self.b is None else self.b[v0:v1]
+            if part is not None:
+                part.zero_()
+            for a, b in blocks:
+                h = hs if one else self._rows(a, b)
+                g = self.buf[: (b - a) * (v1 - v0)].view(b - a, v1 - v0)
+                if bias is None:
+                    torch.mm(h, w.t(), out=g)
+                else:
+                    torch.addmm(bias, h, w.t(), out=g)
+                g3 = g[:, None]
+                self.impl.logprob_bwd(g3, labels[a:b], lse[a:b], coef[a:b], self.opts.ignore_index,
+                                      g3, col0=v0)
+                if direct:
+                    torch.mm(g.t(), h, out=dw[v0:v1])
+                else:
+                    _add_mm(part[: v1 - v0], g.t(), h)
+                if db is not None:
+                    db[v0:v1] += g.sum(0, dtype=db.dtype)
+            if not direct:
+                dw[v0:v1].copy_(part[: v1 - v0])
+        return dw, db
 
 
 class _FusedLinearSPPO(torch.autograd.Function):
-    """(loss, policy_logps[S]) with the gradients for an upstream gradient of 1 computed in forward."""
+    """(loss, policy_logps[S]). The chunk pass runs in forward with an upstream gradient of 1:
+    ``d_hidden`` (and, accumulating, ``d_weight``); ``backward`` scales them, and in the recompute
+    mode runs the vocabulary pass with the true upstream gradients, so that a 16-bit ``d_weight``
+    is rounded once."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ref, targets, opts: _Options):
@@ -404,6 +432,7 @@ class _FusedLinearSPPO(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         if need:
             ctx.grads = (work.dh.view(hidden.shape), work.dw, work.db)
+            ctx.plan, ctx.lse = plan, work.lse  # the vocabulary pass's inputs (recompute mode)
             ctx.coef = coef(seq)
             ctx.save_for_backward(hidden, weight, bias, labels)
         return loss.to(acc), seq.to(acc)
@@ -411,39 +440,51 @@ class _FusedLinearSPPO(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_loss, g_pol):
         hidden, weight, bias, labels = ctx.saved_tensors
+        opts = ctx.opts
+        # the upstream gradient of every sequence's log-prob sum
+        coef = torch.zeros_like(ctx.coef)
+        if g_loss is not None:
+            coef += ctx.coef * g_loss.double()
+        if g_pol is not None:
+            coef += g_pol.double()
+        want_w = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         pre, ctx.grads = ctx.grads, None  # hand our buffers to autograd: no copy of d_weight
         if pre is None:  # a second backward through the same graph (retain_graph): recompute
-            coef = torch.zeros_like(ctx.coef)
-            if g_loss is not None:
-                coef += ctx.coef * g_loss.double()
-            if g_pol is not None:
-                coef += g_pol.double()
-            dh, dw, db = _recompute(hidden, weight, bias, labels, ctx.opts, coef)
+            dh, dw, db = _recompute(hidden, weight, bias, labels, opts, coef, weight_grads=want_w)
         else:
             dh, dw, db = pre
             if g_loss is None:
                 scale = 0.0
             elif g_loss.device.type == "cpu":
                 scale = float(g_loss)  # free on the CPU, and lets loss.backward() skip the pass
-            else:  # float32 (float64) even where d_hidden or d_weight is 16-bit; no host sync
-                scale = g_loss.to(torch.float64 if dh.dtype == torch.float64 else torch.float32)
+            else:  # float32 (float64) even where d_hidden is 16-bit; no host sync
+                scale = g_loss.to(torch.float64 if hidden.dtype == torch.float64 else torch.float32)
             if not (isinstance(scale, float) and scale == 1.0):
-                for t in (dh, dw, db):
+                for t in (dh, dw, db):  # (d_weight, d_bias: the accumulate mode's, float32)
                     if t is not None:
                         t.mul_(scale)
             if g_pol is not None:  # policy_logps used elsewhere too: one more pass adds its part
-                eh, ew, eb = _recompute(hidden, weight, bias, labels, ctx.opts, g_pol.double())
+                eh, ew, eb = _recompute(hidden, weight, bias, labels, opts, g_pol.double(),
+                                        weight_grads=opts.weight_grad == "accumulate")
                 dh += eh
-                dw += ew
-                if db is not None:
+                if ew is not None:
+                    dw += ew
+                if eb is not None:
                     db += eb
+            if opts.weight_grad == "recompute" and want_w:
+                with _no_autocast(hidden.device):
+                    work = _Chunked(hidden, weight, bias, ctx.plan, opts, with_grads=False)
+                    dw, db = work.vocab_pass(ctx.lse, coef)
+        ctx.plan = ctx.lse = None
         d_ref = None if g_loss is None else -ctx.coef * g_loss.double()
-        return (dh.to(hidden.dtype), dw.to(weight.dtype), None if db is None else db.to(bias.dtype),
+        return (dh.to(hidden.dtype), None if dw is None else dw.to(weight.dtype),
+                None if db is None else db.to(bias.dtype),
                 None, None if d_ref is None else d_ref.to(hidden.dtype), None, None)
 
 
-def _recompute(hidden, weight, bias, labels, opts: _Options, coef_seq: Tensor):
-    """Gradients of sum_s coef_seq[s] * logp_s, by recomputing every chunk's logits."""
+def _recompute(hidden, weight, bias, labels, opts: _Options, coef_seq: Tensor, weight_grads: bool = True):
+    """Gradients of sum_s coef_seq[s] * logp_s, by recomputing every chunk's logits (and, in the
+    recompute mode, then the vocabulary pass); without ``weight_grads`` only ``d_hidden``."""
     plan = _plan(labels, opts.ignore_index, opts.chunk_tokens)
     work = _Chunked(hidden, weight, bias, plan, opts, with_grads=True)
     with _no_autocast(hidden.device):
@@ -452,9 +493,12 @@ def _recompute(hidden, weight, bias, labels, opts: _Options, coef_seq: Tensor):
                 logits, h = work._logits(a, b)
                 lse = work._forward_rows(logits, a, b, add_to_sums=False)
                 work._backward_rows(logits, h, lse, a, b, coef_seq)
-        if work.by_vocab:
-            work.vocab_pass(coef_seq)
-    return work.dh.view(hidden.shape), work.dw, work.db
+        dw, db = work.dw, work.db
+        if work.by_vocab and weight_grads:
+            dw, db = work.vocab_pass(work.lse, coef_seq)
+    if not weight_grads:
+        dw = db = None
+    return work.dh.view(hidden.shape), dw, db
 
 
 def _loss_scale(loss_type: str) -> float:

@@ -135,8 +135,8 @@ def test_under_autocast(dtype, lowp, gen, monkeypatch):
 
 
 def test_same_result_whatever_the_chunk_size(gen):
-    """... and whichever way d_weight is summed (the vocabulary pass's slabs and row blocks follow
-    from the chunk size: from 1 x 1271 columns up to all rows x all columns)."""
+    """... and whichever way d_weight is summed (the vocabulary pass's row blocks and slabs follow
+    from the chunk size: from 4 rows x 317 columns up to all rows x all columns)."""
     h, w, b, labels, ref, probs = _inputs(gen, bias=True)
     runs = [_run(_fused(labels, ref, probs, 0.05, "sppo", chunk, mode), h, w, b, torch.float64)[0]
             for mode in ("accumulate", "recompute") for chunk in (1, 5, 33, 34, 100, 10_000)]
@@ -285,7 +285,7 @@ def test_low_precision_chunks_through_triton_kernels(weight_grad, gen, monkeypat
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("chunk", [None, 8])
-@pytest.mark.parametrize("weight_grad", ["auto", "accumulate"])
+@pytest.mark.parametrize("weight_grad", ["recompute", "accumulate"])
 def test_on_gpu(backend, dtype, chunk, weight_grad, gen):
     """On a GPU: 16-bit inputs take the 16-bit GEMM mode (and the vocabulary pass) by default;
     every backend's chunks."""
@@ -325,7 +325,8 @@ def test_every_token_ignored(weight_grad, gen):
     torch.testing.assert_close(out["loss"].double(), truth["loss"], rtol=1e-6, atol=0)
 
 
-def test_recompute_keeps_no_float32_weight_gradient(gen, monkeypatch):
+@pytest.mark.parametrize("chunk", [None, 8])  # one block of rows (the GEMM writes d_weight), several
+def test_recompute_keeps_no_float32_weight_gradient(chunk, gen, monkeypatch):
     """The vocabulary pass writes a 16-bit d_weight directly: no [V, H] float32 tensor is made
     (the accumulate mode, for contrast, makes one)."""
     from sppo_fast import linear
@@ -345,7 +346,7 @@ def test_recompute_keeps_no_float32_weight_gradient(gen, monkeypatch):
         monkeypatch.setattr(linear.torch, name, spy(name))
     for mode, expect in (("recompute", False), ("accumulate", True)):
         made.clear()
-        out, _ = _run(_fused(labels, ref, probs, 0.1, "sppo", 8, mode), h, w, None, torch.bfloat16)
+        out, _ = _run(_fused(labels, ref, probs, 0.1, "sppo", chunk, mode), h, w, None, torch.bfloat16)
         assert out["d_weight"].dtype == torch.bfloat16
         assert ((V, H), torch.float32) in made if expect else ((V, H), torch.float32) not in made, (mode, made)
 
@@ -360,3 +361,71 @@ def test_every_token_labelled(weight_grad, chunk, gen):
     out, _ = _run(_fused(labels, ref, probs, 0.1, "sppo", chunk, weight_grad), h, w, b, torch.float64)
     for k in truth:
         torch.testing.assert_close(out[k], truth[k], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("weight_grad", ["accumulate", "recompute"])
+def test_low_precision_policy_gradient_and_second_backward(dtype, weight_grad, gen, monkeypatch):
+    """16-bit GEMM mode, policy_logps used too, then a second backward through the same graph:
+    each as accurate as the same-dtype reference."""
+    from sppo_fast import linear
+
+    monkeypatch.setattr(linear, "_lowp_gemms", lambda hidden: hidden.dtype == dtype)
+    h, w, b, labels, ref, probs = _inputs(gen, bias=True)
+    h, w, b = (t.to(dtype).double() for t in (h, w, b))
+    coef = torch.randn(S, generator=gen, dtype=torch.float64)
+
+    def grads(fn, dt):
+        hh, ww, bb = (t.to(dt).clone().requires_grad_() for t in (h, w, b))
+        loss, pol, _ = fn(hh, ww, bb)
+        total = loss * 0.7 + (pol.double() * coef).sum() / 100
+        first = torch.autograd.grad(total, (hh, ww, bb), retain_graph=True)
+        return first, torch.autograd.grad(total, (hh, ww, bb))
+
+    truth, _ = grads(_reference(labels, ref, probs, 0.1, "sppo"), torch.float64)
+    same, _ = grads(_reference(labels, ref, probs, 0.1, "sppo"), dtype)
+    first, second = grads(_fused(labels, ref, probs, 0.1, "sppo", 8, weight_grad), dtype)
+    tol = {torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    for name, t, s_, o1, o2 in zip(("d_hidden", "d_weight", "d_bias"), truth, same, first, second):
+        for o, which in ((o1, "first"), (o2, "second")):
+            assert o.dtype == dtype, (name, o.dtype)
+            assert_as_accurate(o, s_, t, atol=tol, rtol=tol, what=f"{name} {which} {dtype}")
+
+
+def test_fp16_weight_gradient_under_a_loss_scale(gen, monkeypatch):
+    """fp16 under a GradScaler-sized loss scale (65536), with a large vocabulary: most softmax
+    entries are ~1e-5, so their logit gradients at scale 1 would be fp16 subnormals. The recompute
+    mode's vocabulary pass runs in backward with the true upstream gradient, so every entry of
+    d_weight is as accurate as the fp16 reference's (per entry, not only the largest)."""
+    from sppo_fast import linear
+
+    dtype, f64 = torch.float16, torch.float64
+    monkeypatch.setattr(linear, "_lowp_gemms", lambda hidden: hidden.dtype == dtype)
+    S_, T_, H_, V_ = 4, 6, 32, 16384
+    h = torch.randn(S_, T_, H_, generator=gen, dtype=f64).to(dtype).double()
+    w = (torch.randn(V_, H_, generator=gen, dtype=f64) / 5).to(dtype).double()
+    labels = torch.randint(0, V_, (S_, T_), generator=gen)
+    probs = {"chosen_probs_win": torch.tensor([0.7, 0.9], dtype=f64),
+             "chosen_probs_lose": torch.tensor([0.2, 0.4], dtype=f64)}
+    pol = R.sequence_logps(torch.nn.functional.linear(h, w), labels)
+    t_w, t_l = R.sppo_targets(beta=0.1, loss_type="sppo", **probs)
+    ref = pol - torch.cat([t_w, t_l]) + torch.randn(S_, generator=gen, dtype=f64) * 5
+
+    def d_weight(fn, dt):
+        hh, ww = h.to(dt).requires_grad_(), w.to(dt).requires_grad_()
+        return torch.autograd.grad(fn(hh, ww)[0] * 65536.0, ww)[0].double()
+
+    def reference(hh, ww):
+        return sppo_fast.fused_sppo_loss(torch.nn.functional.linear(hh, ww), labels, ref, beta=0.1,
+                                         backend="reference", **probs)
+
+    def fused(hh, ww):
+        return sppo_fast.fused_linear_sppo_loss(hh, ww, labels, ref, beta=0.1, backend="cpp",
+                                                chunk_tokens=8, weight_grad="recompute", **probs)
+
+    truth = d_weight(reference, f64)
+    rel = {k: ((d_weight(f, dtype) - truth).abs() / truth.abs()).flatten()
+           for k, f in (("reference", reference), ("fused", fused))}
+    for q in (0.5, 0.9):
+        ours, theirs = (torch.quantile(rel[k], q).item() for k in ("fused", "reference"))
+        assert ours <= theirs * 1.01 + 1e-6, f"quantile {q} of the relative error: {ours:.3g} vs {theirs:.3g}"

@@ -50,6 +50,24 @@ def test_row_split_across_programs(gen, monkeypatch):
     _check(logits.to(DEV), labels.to(DEV), gen)
 
 
+@gpu
+def test_autotuned_inplace_backward_keeps_its_input(gen, monkeypatch):
+    """SPPO_FAST_AUTOTUNE=1 times the candidates on a scratch copy: an in-place backward still
+    reads the logits it was given (timing runs on them would have overwritten them first)."""
+    lp = pytest.importorskip("sppo_fast.kernels.logprobs")
+    logits, labels = make_batch(3, 4, 3001, torch.bfloat16, gen)
+    logits, labels = logits.to(DEV), labels.to(DEV)
+    _, lse, _ = lp.logprob_fwd(logits, labels, -100)
+    coef = torch.randn(3, 4, generator=gen).to(DEV)
+    expect = lp.logprob_bwd(logits, labels, lse, coef, -100, torch.empty_like(logits))
+    monkeypatch.setenv("SPPO_FAST_AUTOTUNE", "1")
+    monkeypatch.setattr(lp, "_TUNED", {})
+    work = logits.clone()
+    lp.logprob_bwd(work, labels, lse, coef, -100, work)
+    assert lp._TUNED, "the autotuner did not run"
+    torch.testing.assert_close(work, expect, rtol=0, atol=0)
+
+
 def test_token_logprobs_2d(gen):
     x = torch.randn(9, 301, generator=gen).to(DEV)
     labels = torch.randint(0, 301, (9,), generator=gen).to(DEV)
