@@ -429,3 +429,23 @@ def test_fp16_weight_gradient_under_a_loss_scale(gen, monkeypatch):
     for q in (0.5, 0.9):
         ours, theirs = (torch.quantile(rel[k], q).item() for k in ("fused", "reference"))
         assert ours <= theirs * 1.01 + 1e-6, f"quantile {q} of the relative error: {ours:.3g} vs {theirs:.3g}"
+
+
+@pytest.mark.parametrize("flag", ["0", "1"])
+def test_cpu_bf16_gemms_follow_the_hardware_or_the_override(flag, monkeypatch):
+    """bf16 on a CPU runs 16-bit GEMMs (and the vocabulary pass) only where the CPU multiplies
+    bf16 in hardware; SPPO_FAST_CPU_BF16_GEMMS overrides the probe. fp16 and fp32 never do."""
+    from sppo_fast import linear
+
+    monkeypatch.setenv("SPPO_FAST_CPU_BF16_GEMMS", flag)
+    linear._cpu_native_bf16.cache_clear()
+    try:
+        x = torch.zeros(2, 3, 4)
+        assert linear._lowp_gemms(x.bfloat16()) == (flag == "1")
+        assert not linear._lowp_gemms(x.half()) and not linear._lowp_gemms(x)
+        opts = linear._options(x.bfloat16(), torch.zeros(5, 4, dtype=torch.bfloat16), -100, None, 0.5,
+                               True, "cpp")
+        assert opts.weight_grad == ("recompute" if flag == "1" else "accumulate")
+    finally:
+        monkeypatch.delenv("SPPO_FAST_CPU_BF16_GEMMS")
+        linear._cpu_native_bf16.cache_clear()
