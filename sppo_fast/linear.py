@@ -39,7 +39,7 @@ runs out; on a CPU it spares the float32-output 16-bit GEMM a CPU lacks), ``accu
 
 Precision. The GEMMs run in float32 (float64 for float64 inputs), on float32 copies of 16-bit
 inputs, except in the 16-bit mode (``_lowp_gemms``): bf16/fp16 inputs on a GPU, and bf16 inputs on
-a CPU that multiplies bf16 in hardware (AMX, AVX512-BF16). There the GEMMs take the inputs' own
+a CPU with AMX (and oneDNN enabled). There the GEMMs take the inputs' own
 dtype: the buffer holds 16-bit logits and then their 16-bit gradient, ``d_hidden`` is written in
 the input dtype, and only ``d_weight`` (and ``d_bias``) are summed in float32 (inside the
 vocabulary pass's GEMM, or across chunks). That rounds at the points where the eager reference
@@ -65,12 +65,16 @@ from . import _native, ops, reference
 
 __all__ = ["fused_linear_sppo_loss", "linear_sequence_logps"]
 
-# Default budget for one chunk of logits. On a CPU 32 MiB (256 float32 tokens at V = 32000) keeps
+# Default budget for one chunk of logits. On a CPU 32 MiB (256 float32 or 512 bf16 tokens at V = 32000) keeps
 # the chunk near the caches. On a GPU the weight-gradient GEMM adds into a float32 [V, H]
 # accumulator once per chunk; the chunk must be long enough (thousands of tokens) for that
 # read-modify-write to hide under the GEMM's arithmetic: 256 MiB is ~4200 bf16 tokens at V = 32000.
 DEFAULT_CHUNK_BYTES = 32 << 20
 DEFAULT_CHUNK_BYTES_CUDA = 256 << 20
+# The vocabulary pass (weight_grad="recompute") runs in backward, while d_weight exists: on a GPU its
+# buffer is the only memory beyond the two gradients, so it gets a smaller default of its own. Its
+# GEMMs span all the tokens, so narrow slabs still make large GEMMs (16384 x 4096 x 2048 at 64 MiB).
+DEFAULT_VOCAB_PASS_BYTES_CUDA = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,7 @@ class _Options:
     backend: str = "cpp"  # which kernels do the per-chunk work: "cpp", "cuda" or "triton"
     lowp: bool = False  # 16-bit GEMMs and logits (see _lowp_gemms)
     weight_grad: str = "accumulate"  # or "recompute": how d_weight is summed (module notes)
+    vocab_elems: int = 0  # the vocabulary pass's buffer in elements (0: chunk_tokens x V)
 
 
 WEIGHT_GRAD_MODES = ("auto", "accumulate", "recompute")
@@ -96,18 +101,28 @@ def _weight_grad_mode(mode: str, lowp: bool) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _cpu_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AMX or AVX512-BF16, read from /proc/cpuinfo;
-    ``SPPO_FAST_CPU_BF16_GEMMS=0/1`` overrides). Without either, bf16 GEMMs are emulated and slow."""
-    forced = os.environ.get("SPPO_FAST_CPU_BF16_GEMMS")
-    if forced in ("0", "1"):
-        return forced == "1"
+def _cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles the OS lets torch use (torch's own probe; False where the
+    probe is missing)."""
+    probe = getattr(getattr(torch, "cpu", None), "_is_amx_tile_supported", None)
     try:
-        with open("/proc/cpuinfo") as f:
-            info = f.read()
-    except OSError:
+        return bool(probe()) if probe is not None else False
+    except Exception:  # noqa: BLE001 - a probe that fails means no
         return False
-    return re.search(r"\b(amx_bf16|avx512_bf16)\b", info) is not None
+
+
+def _cpu_native_bf16() -> bool:
+    """Whether bf16 GEMMs on this CPU beat float32 ones: AMX, with oneDNN available and enabled
+    (checked at each call). AVX512-BF16 alone measured slower than float32 (oneDNN limited to it:
+    960 vs 635 ms), and without oneDNN bf16 GEMMs are emulated (50x slower).
+    ``SPPO_FAST_CPU_BF16_GEMMS=1`` or ``0`` overrides."""
+    forced = os.environ.get("SPPO_FAST_CPU_BF16_GEMMS")
+    if forced is not None:
+        if forced not in ("0", "1"):
+            raise ValueError(f"SPPO_FAST_CPU_BF16_GEMMS: expected 0 or 1, got {forced!r}")
+        return forced == "1"
+    mkldnn = torch.backends.mkldnn
+    return mkldnn.is_available() and bool(mkldnn.enabled) and _cpu_has_amx()
 
 
 def _lowp_gemms(hidden: Tensor) -> bool:
@@ -117,10 +132,9 @@ def _lowp_gemms(hidden: Tensor) -> bool:
     logits buffer. The logits, their gradient and ``d_hidden`` are then rounded to the input dtype
     where the eager reference rounds them (``F.linear`` in that dtype, then autograd's gradient of
     those logits), and ``d_weight`` is summed in float32 (inside the vocabulary pass's GEMM, or
-    over the chunks). On a CPU, for bf16 inputs where the CPU multiplies bf16 in hardware (AMX,
-    AVX512-BF16): measured 2.7x faster than float32 GEMMs on copies here (with the vocabulary
+    over the chunks). On a CPU, for bf16 inputs where the CPU has AMX: measured 2.7x faster than float32 GEMMs on copies here (with the vocabulary
     pass, which needs no float32-output 16-bit GEMM, which a CPU lacks). Otherwise float32 GEMMs
-    (fp16 on a CPU measured no faster in 16 bits).
+    (fp16 on a CPU measured no faster in 16 bits). See ``_cpu_native_bf16``.
     """
     if hidden.dtype in (torch.bfloat16, torch.float16) and hidden.device.type == "cuda":
         return True
@@ -170,8 +184,10 @@ def _options(hidden: Tensor, weight: Tensor, ignore_index: int, chunk_tokens: Op
     lowp = _lowp_gemms(hidden)
     mode = _weight_grad_mode(weight_grad, lowp)
     elem = hidden.element_size() if lowp else (8 if hidden.dtype == torch.float64 else 4)
-    chunk = _chunk_tokens(chunk_tokens, weight.shape[0], elem, hidden.device.type == "cuda")
-    return _Options(ignore_index, chunk, loss_scale, with_grads, backend, lowp, mode)
+    cuda = hidden.device.type == "cuda"
+    chunk = _chunk_tokens(chunk_tokens, weight.shape[0], elem, cuda)
+    vocab = DEFAULT_VOCAB_PASS_BYTES_CUDA // elem if cuda and chunk_tokens is None else 0
+    return _Options(ignore_index, chunk, loss_scale, with_grads, backend, lowp, mode, vocab)
 
 
 @dataclass
@@ -269,7 +285,7 @@ class _Chunked:
     """
 
     def __init__(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], plan: _Plan,
-                 opts: _Options, with_grads: bool):
+                 opts: _Options, with_grads: bool, weight_grads: bool = True):
         self.acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         self.impl = ops._IMPLS[opts.backend]
         dev = self.dev = hidden.device
@@ -295,13 +311,12 @@ class _Chunked:
             self.dh = (torch.empty if self.every_row else torch.zeros)(self.h.shape, dtype=self.gemm, device=dev)
             if self.by_vocab:
                 self.lse = torch.empty((len(plan.labels), 2), dtype=self.acc, device=dev)
-            else:
+            elif weight_grads:  # (without: d_hidden only, e.g. for a frozen lm_head)
                 self.dw = torch.zeros(weight.shape, dtype=self.acc, device=dev)
                 self.db = None if bias is None else torch.zeros(weight.shape[0], dtype=self.acc, device=dev)
 
-    def _buffer(self, rows: int) -> Tensor:
-        """The one buffer of ``rows`` x V elements (a chunk of logits, or a block x slab), reused."""
-        n = rows * self.w.shape[0]
+    def _buffer(self, n: int) -> Tensor:
+        """The one buffer, of at least ``n`` elements (a chunk of logits, or a block x slab), reused."""
         if self.buf is None or self.buf.numel() < n:
             self.buf = None  # free the old one first
             self.buf = (_native.empty_fresh((n,), self.gemm) if self.dev.type == "cpu"
@@ -317,7 +332,7 @@ class _Chunked:
         """Logits of compact rows [r0, r1) in the shared buffer, and those rows' hidden states."""
         h = self._rows(r0, r1)
         V = self.w.shape[0]
-        out = self._buffer(self.chunk_rows)[: (r1 - r0) * V].view(r1 - r0, V)
+        out = self._buffer(self.chunk_rows * V)[: (r1 - r0) * V].view(r1 - r0, V)
         if self.b is None:
             torch.mm(h, self.w.t(), out=out)
         else:
@@ -344,6 +359,8 @@ class _Chunked:
             self.dh.index_copy_(0, self.plan.rows[r0:r1], torch.mm(logits, self.w))
         if self.by_vocab:
             self.lse[r0:r1] = lse.view(-1, 2)
+            return
+        if self.dw is None:
             return
         _add_mm(self.dw, logits.t(), h)
         if self.db is not None:
@@ -390,7 +407,8 @@ class _Chunked:
             return dw.zero_(), db
         coef = coef_seq.to(self.acc)[self.plan.seq_of_row][:, None]
         labels = self.plan.labels[:, None]
-        space = self._buffer(min(R, self.opts.chunk_tokens)).numel()
+        space = min(R * V, self.opts.vocab_elems or min(R, self.opts.chunk_tokens) * V)
+        space = self._buffer(space).numel()
         # a block of rows x a slab fills the buffer; slabs of at least min(V, 256) columns; a block
         # of gathered hidden rows (not needed when every row is labelled) no larger than the buffer
         rb = min(R, max(1, space // min(V, 256)))
@@ -463,6 +481,7 @@ class _FusedLinearSPPO(torch.autograd.Function):
         return loss.to(acc), seq.to(acc)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # a first-order gradient (create_graph=True works)
     def backward(ctx, g_loss, g_pol):
         hidden, weight, bias, labels = ctx.saved_tensors
         opts = ctx.opts
@@ -490,12 +509,13 @@ class _FusedLinearSPPO(torch.autograd.Function):
                         t.mul_(scale)
             if g_pol is not None:  # policy_logps used elsewhere too: one more pass adds its part
                 eh, ew, eb = _recompute(hidden, weight, bias, labels, opts, g_pol.double(),
-                                        weight_grads=opts.weight_grad == "accumulate")
+                                        weight_grads=want_w and opts.weight_grad == "accumulate")
                 dh += eh
                 if ew is not None:
                     dw += ew
                 if eb is not None:
                     db += eb
+                del eh, ew, eb  # not alive during the vocabulary pass
             if opts.weight_grad == "recompute" and want_w:
                 with _no_autocast(hidden.device):
                     work = _Chunked(hidden, weight, bias, ctx.plan, opts, with_grads=False)
@@ -511,7 +531,7 @@ def _recompute(hidden, weight, bias, labels, opts: _Options, coef_seq: Tensor, w
     """Gradients of sum_s coef_seq[s] * logp_s, by recomputing every chunk's logits (and, in the
     recompute mode, then the vocabulary pass); without ``weight_grads`` only ``d_hidden``."""
     plan = _plan(labels, opts.ignore_index, opts.chunk_tokens)
-    work = _Chunked(hidden, weight, bias, plan, opts, with_grads=True)
+    work = _Chunked(hidden, weight, bias, plan, opts, with_grads=True, weight_grads=weight_grads)
     with _no_autocast(hidden.device):
         for r0, r1, _, _, _ in plan.groups:
             for a, b in work._spans(r0, r1):
@@ -545,19 +565,20 @@ def fused_linear_sppo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, ref_l
         labels: ``[2B, T]`` aligned labels (see :func:`sppo_fast.next_token_labels`).
         ref_logps: ``[2B]`` reference log-probs; probabilities, ``beta``, ``loss_type``,
             ``ignore_index`` as in :func:`sppo_fast.fused_sppo_loss`.
-        chunk_tokens: tokens per chunk of logits (default: 32 MiB of float32 logits on a CPU,
-            256 MiB of logits on a GPU).
+        chunk_tokens: tokens per chunk of logits (default: 32 MiB of logits on a CPU,
+            256 MiB of logits on a GPU). The vocabulary pass's buffer holds ``chunk_tokens x V``
+            elements, by default on a GPU 64 MiB (it runs while ``d_weight`` exists).
         weight_grad: ``"accumulate"`` (three GEMMs; ``d_weight`` summed over the chunks in a
             float32 [V, H]), ``"recompute"`` (four GEMMs; a second pass over vocabulary slabs
             writes ``d_weight`` once, in the weight's dtype), or ``"auto"``: recompute where the
-            GEMMs run in 16 bits (16-bit inputs on a GPU; bf16 on a CPU with AMX or AVX512-BF16),
+            GEMMs run in 16 bits (16-bit inputs on a GPU; bf16 on a CPU with AMX),
             else accumulate. See the module notes.
     Returns:
         ``(loss, policy_logps[2B], metrics)``; gradients reach ``hidden``, ``weight``, ``bias``
         (and ``ref_logps``). Peak extra memory: one [chunk, V] buffer, ``d_hidden`` (in the input
-        dtype on a GPU, else float32), ``d_weight`` (with ``accumulate``, float32 and then a copy
-        in the weight's dtype); on a CPU also a float32 copy of a 16-bit weight. See the module
-        notes on precision.
+        dtype in the 16-bit mode, else float32), ``d_weight`` (with ``accumulate``, float32 and
+        then a copy in the weight's dtype); outside the 16-bit mode also a float32 copy of a
+        16-bit weight. See the module notes on precision.
     """
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
     labels = _check_linear(hidden, weight, bias, labels, ignore_index)
@@ -596,7 +617,9 @@ def linear_sequence_logps(hidden: Tensor, weight: Tensor, labels: Tensor, *,
     """``sequence_logps(hidden @ weight.T + bias, labels)`` without the logits; no gradient.
 
     How the reference model's log-probs are precomputed once per iteration: O(chunk x V) memory.
-    Returns ``[B]`` float32 (float64 for float64 inputs).
+    Returns ``[B]`` float32 (float64 for float64 inputs). In the 16-bit mode (``_lowp_gemms``: a
+    GPU, or bf16 on an AMX CPU) these come from 16-bit logits, as the eager ``F.linear`` in that
+    dtype would give them; the per-row log-softmax is float32 either way.
     """
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
     labels = _check_linear(hidden, weight, bias, labels, ignore_index)

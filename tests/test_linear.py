@@ -55,6 +55,19 @@ def _fused(labels, ref, probs, beta, loss_type, chunk=None, weight_grad="auto", 
 @pytest.mark.parametrize("chunk", [None, 8, 40])  # 8 and 40 < T: sequences longer than a chunk
 @pytest.mark.parametrize("weight_grad", ["accumulate", "recompute"])
 def test_matches_reference(loss_type, dtype, bias, chunk, weight_grad, gen):
+    _check_matches_reference(loss_type, dtype, bias, chunk, weight_grad, gen)
+
+
+@pytest.mark.parametrize("loss_type", ["sppo", "sppo_hard"])
+@pytest.mark.parametrize("chunk", [None, 8])
+@pytest.mark.parametrize("weight_grad", ["accumulate", "recompute"])
+def test_bf16_with_float32_gemms_matches_reference(loss_type, chunk, weight_grad, gen, monkeypatch):
+    """bf16 on a CPU without AMX: float32 GEMMs on copies (this machine has AMX, so forced)."""
+    monkeypatch.setenv("SPPO_FAST_CPU_BF16_GEMMS", "0")
+    _check_matches_reference(loss_type, torch.bfloat16, True, chunk, weight_grad, gen)
+
+
+def _check_matches_reference(loss_type, dtype, bias, chunk, weight_grad, gen):
     h, w, b, labels, ref, probs = _inputs(gen, bias=bias, fully_masked=(4,))
     beta = 0.1
     # truth: float64 on exactly the inputs the kernel sees (rounded to dtype)
@@ -431,6 +444,7 @@ def test_fp16_weight_gradient_under_a_loss_scale(gen, monkeypatch):
         assert ours <= theirs * 1.01 + 1e-6, f"quantile {q} of the relative error: {ours:.3g} vs {theirs:.3g}"
 
 
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # torch's mkldnn.flags()
 @pytest.mark.parametrize("flag", ["0", "1"])
 def test_cpu_bf16_gemms_follow_the_hardware_or_the_override(flag, monkeypatch):
     """bf16 on a CPU runs 16-bit GEMMs (and the vocabulary pass) only where the CPU multiplies
@@ -438,14 +452,53 @@ def test_cpu_bf16_gemms_follow_the_hardware_or_the_override(flag, monkeypatch):
     from sppo_fast import linear
 
     monkeypatch.setenv("SPPO_FAST_CPU_BF16_GEMMS", flag)
-    linear._cpu_native_bf16.cache_clear()
-    try:
-        x = torch.zeros(2, 3, 4)
-        assert linear._lowp_gemms(x.bfloat16()) == (flag == "1")
-        assert not linear._lowp_gemms(x.half()) and not linear._lowp_gemms(x)
-        opts = linear._options(x.bfloat16(), torch.zeros(5, 4, dtype=torch.bfloat16), -100, None, 0.5,
-                               True, "cpp")
-        assert opts.weight_grad == ("recompute" if flag == "1" else "accumulate")
-    finally:
-        monkeypatch.delenv("SPPO_FAST_CPU_BF16_GEMMS")
-        linear._cpu_native_bf16.cache_clear()
+    x = torch.zeros(2, 3, 4)
+    assert linear._lowp_gemms(x.bfloat16()) == (flag == "1")
+    assert not linear._lowp_gemms(x.half()) and not linear._lowp_gemms(x)
+    opts = linear._options(x.bfloat16(), torch.zeros(5, 4, dtype=torch.bfloat16), -100, None, 0.5, True, "cpp")
+    assert opts.weight_grad == ("recompute" if flag == "1" else "accumulate")
+    monkeypatch.setenv("SPPO_FAST_CPU_BF16_GEMMS", "yes")
+    with pytest.raises(ValueError, match="SPPO_FAST_CPU_BF16_GEMMS: expected 0 or 1"):
+        linear._lowp_gemms(x.bfloat16())
+    # without the override: AMX and oneDNN enabled, asked at each call
+    monkeypatch.delenv("SPPO_FAST_CPU_BF16_GEMMS")
+    monkeypatch.setattr(linear, "_cpu_has_amx", lambda: True)
+    assert linear._lowp_gemms(x.bfloat16())
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert not linear._lowp_gemms(x.bfloat16())
+    monkeypatch.setattr(linear, "_cpu_has_amx", lambda: False)
+    assert not linear._lowp_gemms(x.bfloat16())
+
+
+@pytest.mark.parametrize("vocab_elems", [1, 300, 5000, 10**7])
+def test_vocabulary_pass_buffer_of_its_own(vocab_elems, gen, monkeypatch):
+    """The GPU default gives the vocabulary pass a buffer of its own size (vocab_elems), smaller than
+    the chunks': any size gives the same gradients (slabs of 1 column up to the whole vocabulary)."""
+    import dataclasses
+
+    from sppo_fast import linear
+
+    real = linear._options
+    monkeypatch.setattr(linear, "_options", lambda *a, **k: dataclasses.replace(real(*a, **k), vocab_elems=vocab_elems))
+    h, w, b, labels, ref, probs = _inputs(gen, bias=True)
+    truth, _ = _run(_reference(labels, ref, probs, 0.1, "sppo"), h, w, b, torch.float64)
+    out, _ = _run(_fused(labels, ref, probs, 0.1, "sppo", None, "recompute"), h, w, b, torch.float64)
+    for k in truth:
+        torch.testing.assert_close(out[k], truth[k], rtol=1e-10, atol=1e-12)
+
+
+def test_create_graph_backward_is_first_order(gen):
+    """create_graph=True (e.g. a gradient penalty elsewhere in the graph) works in both modes: the
+    fused op's gradient is first order (once_differentiable): it carries no graph, so a second
+    derivative through it raises instead of silently coming out zero."""
+    h, w, b, labels, ref, probs = _inputs(gen, bias=False)
+    for mode in ("accumulate", "recompute"):
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        loss = _fused(labels, ref, probs, 0.1, "sppo", 8, mode)(hh, ww, None)[0]
+        gh, gw = torch.autograd.grad(loss, (hh, ww), create_graph=True)
+        rh, rw = h.clone().requires_grad_(), w.clone().requires_grad_()
+        truth = torch.autograd.grad(_reference(labels, ref, probs, 0.1, "sppo")(rh, rw, None)[0], (rh, rw))
+        torch.testing.assert_close(gh, truth[0], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(gw, truth[1], rtol=1e-10, atol=1e-12)
+        with pytest.raises(RuntimeError, match="does not require grad|differentiable"):
+            gw.sum().backward()
