@@ -391,15 +391,28 @@ def fused_sppo_loss(logits: Tensor, labels: Tensor, ref_logps: Tensor, *,
     be = resolve_backend(backend, logits.device)
     if be == "reference":
         policy = reference.sequence_logps(logits, labels, ignore_index)
+        sums = policy
     else:
-        _, policy = _native_logprobs(logits, labels, ignore_index, inplace_backward, be)
+        tok, policy = _native_logprobs(logits, labels, ignore_index, inplace_backward, be)
+        # the loss from float64 sums of the token log-probs: the float32 sum of a ~1000-nat
+        # sequence carries ~6e-5 of rounding, which is all of the log-ratio's precision when it is
+        # near its target; its gradient reaches the tokens directly (g_tok)
+        sums = tok.sum(-1, dtype=torch.float64)
     acc = policy.dtype
     ref = ref_logps.to(acc)
     probs = {k: (None if v is None else v.to(acc)) for k, v in (
         ("chosen_probs_win", chosen_probs_win), ("chosen_probs_lose", chosen_probs_lose),
         ("chosen_probs", chosen_probs))}
-    losses = reference.sppo_loss(policy[:B], policy[B:], ref[:B], ref[B:], beta=beta,
-                                 loss_type=loss_type, **probs)
+    if sums is policy:
+        losses = reference.sppo_loss(policy[:B], policy[B:], ref[:B], ref[B:], beta=beta,
+                                     loss_type=loss_type, **probs)
+    else:
+        ref64 = ref_logps.double()
+        probs64 = {k: (None if v is None else v.double()) for k, v in (
+            ("chosen_probs_win", chosen_probs_win), ("chosen_probs_lose", chosen_probs_lose),
+            ("chosen_probs", chosen_probs))}
+        losses = reference.sppo_loss(sums[:B], sums[B:], ref64[:B], ref64[B:], beta=beta,
+                                     loss_type=loss_type, **probs64).to(acc)
     loss = losses.mean()
     return loss, policy, _metrics(policy.detach(), ref.detach(), beta, loss_type, probs)
 
