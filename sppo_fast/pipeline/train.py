@@ -27,6 +27,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -150,6 +151,7 @@ def _destroy_process_group() -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        gc.collect()  # what still holds the group through a reference cycle goes first
         dist.destroy_process_group()
 
 
@@ -356,6 +358,11 @@ def train(model, tokenizer, records: Sequence[dict], out_dir: str | os.PathLike,
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
 
     _on_rank0(world, f"writing {final}", save_final)
+    if world > 1:
+        # the DDP/FSDP wrapper (its reducer holds the process group) sits in reference cycles: free
+        # it now, while the interpreter is whole, not in the collection at exit after the group
+        del policy, opt, sched, full_state
+        gc.collect()
     return summary
 
 
