@@ -399,20 +399,16 @@ def fused_sppo_loss(logits: Tensor, labels: Tensor, ref_logps: Tensor, *,
         # near its target; its gradient reaches the tokens directly (g_tok)
         sums = tok.sum(-1, dtype=torch.float64)
     acc = policy.dtype
-    ref = ref_logps.to(acc)
-    probs = {k: (None if v is None else v.to(acc)) for k, v in (
-        ("chosen_probs_win", chosen_probs_win), ("chosen_probs_lose", chosen_probs_lose),
-        ("chosen_probs", chosen_probs))}
-    if sums is policy:
-        losses = reference.sppo_loss(policy[:B], policy[B:], ref[:B], ref[B:], beta=beta,
-                                     loss_type=loss_type, **probs)
-    else:
-        ref64 = ref_logps.double()
-        probs64 = {k: (None if v is None else v.double()) for k, v in (
-            ("chosen_probs_win", chosen_probs_win), ("chosen_probs_lose", chosen_probs_lose),
-            ("chosen_probs", chosen_probs))}
-        losses = reference.sppo_loss(sums[:B], sums[B:], ref64[:B], ref64[B:], beta=beta,
-                                     loss_type=loss_type, **probs64).to(acc)
+    given = {"chosen_probs_win": chosen_probs_win, "chosen_probs_lose": chosen_probs_lose,
+             "chosen_probs": chosen_probs}
+
+    def cast(dtype):
+        return ref_logps.to(dtype), {k: (None if v is None else v.to(dtype)) for k, v in given.items()}
+
+    ref, probs = cast(acc)
+    lref, lprobs = (ref, probs) if sums is policy else cast(sums.dtype)
+    losses = reference.sppo_loss(sums[:B], sums[B:], lref[:B], lref[B:], beta=beta,
+                                 loss_type=loss_type, **lprobs).to(acc)
     loss = losses.mean()
     return loss, policy, _metrics(policy.detach(), ref.detach(), beta, loss_type, probs)
 
