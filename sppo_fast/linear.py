@@ -30,7 +30,14 @@ upstream gradients, a second pass goes over slabs of the vocabulary instead of c
 ``logits[:, slab] = h @ W[slab].T`` again, the kernel's backward on that slice of the rows, and
 ``d_weight[slab] = G.T @ h`` in one GEMM over all the tokens (float32 accumulation inside the
 GEMM), written once in the weight's dtype. Four GEMMs instead of three (at most 75% of the GEMM
-rate); the extra memory is one buffer, and the gradient itself is the only [V, H] tensor. Since
+rate), and almost no memory beside the two gradients: ``d_weight`` is made in forward, and until
+the pass writes them its rows are the chunk pass's logits buffer (chunks of at most H tokens),
+then each slab's gradient (in the rows after the slab) and, with ignored tokens, the gathered
+hidden rows (in the last R rows). On a GPU the slabs shrink where that room runs out, and only
+the last few columns use a buffer, of N x 256 (``MIN_SLAB_CUDA``); on a CPU, where narrow slabs
+measured slow, the slabs keep their width and the columns left use a buffer of the budget's size.
+(Float32 GEMMs on copies of a 16-bit weight, outside the 16-bit mode, use blocks of rows and
+slabs in a buffer of their own, summed in float32.) Since
 the slab's gradient is formed at the true upstream scale, a 16-bit ``d_weight`` rounds exactly
 where the eager reference's does (under an fp16 loss scale too, where unit-scale logit gradients
 of ~1e-5 would be subnormal), and a gradient through ``policy_logps`` costs no extra ``d_weight``
@@ -71,10 +78,16 @@ __all__ = ["fused_linear_sppo_loss", "linear_sequence_logps"]
 # read-modify-write to hide under the GEMM's arithmetic: 256 MiB is ~4200 bf16 tokens at V = 32000.
 DEFAULT_CHUNK_BYTES = 32 << 20
 DEFAULT_CHUNK_BYTES_CUDA = 256 << 20
-# The vocabulary pass (weight_grad="recompute") runs in backward, while d_weight exists: on a GPU its
-# buffer is the only memory beyond the two gradients, so it gets a smaller default of its own. Its
-# GEMMs span all the tokens, so narrow slabs still make large GEMMs (16384 x 4096 x 2048 at 64 MiB).
+# The vocabulary pass's (weight_grad="recompute") widest slab on a GPU, as the size of its gradient:
+# no memory is allocated for it (it lives in the rows of d_weight not yet written). Its GEMMs span
+# all the tokens, so narrow slabs still make large GEMMs (16384 x 4096 x 2048 at 64 MiB).
 DEFAULT_VOCAB_PASS_BYTES_CUDA = 64 << 20
+# Its slabs shrink towards the end of the vocabulary, as the room for their gradient in d_weight
+# does, down to this many columns on a GPU; the last few use a buffer of N x this many (8 MiB for
+# 16384 bf16 tokens). Narrower slabs would make GEMMs that wait on memory (a 16384 x 4096 x 256
+# GEMM is about at an H100's balance point). On a CPU the slabs keep the budget's width (narrow
+# ones measured 1.4x-1.8x slower in all, bf16, N = 4096, H = 512): the buffer is the budget's.
+MIN_SLAB_CUDA = 256
 
 
 @dataclass(frozen=True)
@@ -86,7 +99,8 @@ class _Options:
     backend: str = "cpp"  # which kernels do the per-chunk work: "cpp", "cuda" or "triton"
     lowp: bool = False  # 16-bit GEMMs and logits (see _lowp_gemms)
     weight_grad: str = "accumulate"  # or "recompute": how d_weight is summed (module notes)
-    vocab_elems: int = 0  # the vocabulary pass's buffer in elements (0: chunk_tokens x V)
+    vocab_elems: int = 0  # the vocabulary pass's widest slab (or block x slab) in elements (0: chunk_tokens x V)
+    min_slab: int = 0  # its narrowest slab in d_weight's own memory, in columns (0: the widest)
 
 
 WEIGHT_GRAD_MODES = ("auto", "accumulate", "recompute")
@@ -186,8 +200,13 @@ def _options(hidden: Tensor, weight: Tensor, ignore_index: int, chunk_tokens: Op
     elem = hidden.element_size() if lowp else (8 if hidden.dtype == torch.float64 else 4)
     cuda = hidden.device.type == "cuda"
     chunk = _chunk_tokens(chunk_tokens, weight.shape[0], elem, cuda)
+    if mode == "recompute" and with_grads and chunk_tokens is None:
+        # the chunk pass's buffer is then the not yet written d_weight [V, H]: chunks of at most H
+        # tokens fit in it (e.g. 4096 instead of 4194 bf16 tokens at V = 32000 on a GPU)
+        chunk = min(chunk, max(16, weight.shape[1]))
     vocab = DEFAULT_VOCAB_PASS_BYTES_CUDA // elem if cuda and chunk_tokens is None else 0
-    return _Options(ignore_index, chunk, loss_scale, with_grads, backend, lowp, mode, vocab)
+    return _Options(ignore_index, chunk, loss_scale, with_grads, backend, lowp, mode, vocab,
+                    MIN_SLAB_CUDA if cuda else 0)
 
 
 @dataclass
@@ -314,13 +333,24 @@ class _Chunked:
             elif weight_grads:  # (without: d_hidden only, e.g. for a frozen lm_head)
                 self.dw = torch.zeros(weight.shape, dtype=self.acc, device=dev)
                 self.db = None if bias is None else torch.zeros(weight.shape[0], dtype=self.acc, device=dev)
+        # the recompute mode's d_weight, made now: until the vocabulary pass writes it, its memory
+        # is the chunk pass's buffer, then the pass's own scratch (see vocab_pass)
+        self.dw_out = None
+        if with_grads and weight_grads and self.by_vocab and self.w_dtype == self.gemm:
+            self.dw_out = self._empty(weight.shape, self.w_dtype)
 
-    def _buffer(self, n: int) -> Tensor:
-        """The one buffer, of at least ``n`` elements (a chunk of logits, or a block x slab), reused."""
+    def _empty(self, shape, dtype: torch.dtype) -> Tensor:
+        return (_native.empty_fresh(tuple(shape), dtype) if self.dev.type == "cpu"
+                else torch.empty(shape, dtype=dtype, device=self.dev))
+
+    def _buffer(self, n: int, in_weight_grad: bool = True) -> Tensor:
+        """The one buffer, of at least ``n`` elements (a chunk of logits, or a block x slab), reused:
+        the not yet written ``d_weight`` where it exists and is large enough (``in_weight_grad``)."""
+        if in_weight_grad and self.dw_out is not None and n <= self.dw_out.numel():
+            return self.dw_out.view(-1)
         if self.buf is None or self.buf.numel() < n:
             self.buf = None  # free the old one first
-            self.buf = (_native.empty_fresh((n,), self.gemm) if self.dev.type == "cpu"
-                        else torch.empty((n,), dtype=self.gemm, device=self.dev))
+            self.buf = self._empty((n,), self.gemm)
         return self.buf
 
     def _rows(self, r0: int, r1: int) -> Tensor:
@@ -395,59 +425,130 @@ class _Chunked:
                 self._backward_rows(logits, h, lse, a, b, coef)
         return self.seq
 
-    def vocab_pass(self, lse: Tensor, coef_seq: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+    def vocab_pass(self, lse: Tensor, coef_seq: Tensor,
+                   out: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
         """``(d_weight, d_bias)`` slab by slab of the vocabulary, from every row's saved statistics
         ``lse`` [R, 2]: each slab's logits are recomputed for all the rows, turned into that slice
         of ``coef * (onehot - softmax)``, and multiplied by the rows' hidden states in one GEMM.
-        ``d_weight`` is in the weight's dtype, ``d_bias`` in the accumulation dtype."""
+        ``d_weight`` is in the weight's dtype (written into ``out`` where given), ``d_bias`` in the
+        accumulation dtype."""
         R, (V, H) = len(self.plan.labels), self.w.shape
-        dw = torch.empty((V, H), dtype=self.w_dtype, device=self.dev)
         db = None if self.b is None else torch.zeros(V, dtype=self.acc, device=self.dev)
+        dw = out if out is not None else self.dw_out
+        if dw is None:
+            dw = self._empty((V, H), self.w_dtype)
         if R == 0:  # every token ignored
             return dw.zero_(), db
         coef = coef_seq.to(self.acc)[self.plan.seq_of_row][:, None]
         labels = self.plan.labels[:, None]
+        if self.w_dtype != self.gemm:  # float32 GEMMs for a 16-bit weight
+            self._vocab_pass_blocked(dw, db, lse, coef, labels)
+        else:
+            self._vocab_pass_in_place(dw, db, lse, coef, labels)
+        return dw, db
+
+    def _slab(self, g: Tensor, h: Tensor, v0: int, v1: int, labels: Tensor, lse: Tensor,
+              coef: Tensor, db: Optional[Tensor]) -> None:
+        """``g`` [rows, v1 - v0] becomes the rows' ``coef * (onehot - softmax)`` on columns [v0, v1)."""
+        if self.b is None:
+            torch.mm(h, self.w[v0:v1].t(), out=g)
+        else:
+            torch.addmm(self.b[v0:v1], h, self.w[v0:v1].t(), out=g)
+        g3 = g[:, None]
+        self.impl.logprob_bwd(g3, labels, lse, coef, self.opts.ignore_index, g3, col0=v0)
+        if db is not None:
+            db[v0:v1] += g.sum(0, dtype=db.dtype)
+
+    def _vocab_pass_in_place(self, dw: Tensor, db: Optional[Tensor], lse: Tensor, coef: Tensor,
+                             labels: Tensor) -> None:
+        """Every slab in one GEMM over all its rows, ``d_weight[slab] = G.T @ h``, with little
+        memory: until they are written, the rows of ``d_weight`` after the slab hold the slab's
+        gradient ``G``. So slabs shrink towards the end of the vocabulary, down to ``min_slab``
+        columns (on a GPU; on a CPU, where narrow slabs measured slow, none), and the last few
+        use a buffer of their own, of rows x that many columns.
+
+        With ignored tokens on a GPU, the labelled rows' hidden states are first gathered into the
+        last R rows of ``d_weight`` (while that leaves room for slabs); the columns left when it
+        does not are done over all the tokens, in place, the ignored ones with a zero gradient (a
+        little more arithmetic instead of an [R, H] copy). On a CPU they are gathered once."""
+        R, (V, H) = len(labels), self.w.shape
+        N = self.h.shape[0]
+        budget = self.opts.vocab_elems or min(R, self.opts.chunk_tokens) * V
+        if self.every_row or not self.opts.min_slab:
+            self._slabs(dw, db, 0, V, self._rows(0, R), labels, lse, coef, budget, last=True)
+            return
+        v0 = 0
+        if V - R > self._slab_widths(R, budget)[1] * (1 + -(-R // H)):
+            compact = dw.view(-1)[(V - R) * H:].view(R, H)
+            torch.index_select(self.h, 0, self.plan.rows, out=compact)
+            v0 = self._slabs(dw, db, 0, V - R, compact, labels, lse, coef, budget, last=False)
+        # the remaining columns, over every token (the ignored ones with a zero gradient)
+        rows = self.plan.rows
+        full = lambda t, fill: torch.full((N, t.shape[1]), fill, dtype=t.dtype, device=self.dev).index_copy_(0, rows, t)  # noqa: E731
+        labels, lse, coef = full(labels, self.opts.ignore_index), full(lse, 0), full(coef, 0)
+        self._slabs(dw, db, v0, V, self.h, labels, lse, coef, budget, last=True)
+
+    def _slabs(self, dw: Tensor, db: Optional[Tensor], v0: int, end: int, h: Tensor, labels: Tensor,
+               lse: Tensor, coef: Tensor, budget: int, last: bool) -> int:
+        """Slabs from column ``v0`` while the slab's gradient fits in ``d_weight``'s rows after it,
+        below row ``end``; with ``last``, to the end of the vocabulary. Returns the next column."""
+        rows, (V, H) = h.shape[0], dw.shape
+        flat = dw.view(-1)
+        widest, narrowest = self._slab_widths(rows, budget)
+        while v0 < V:
+            # G [rows, w] must fit in rows [v0 + w, end): rows * w <= (end - v0 - w) * H
+            w = _aligned(min(widest, V - v0, (end - v0) * H // (rows + H)))
+            if w < min(narrowest, V - v0):
+                if not last:
+                    break
+                w = min(narrowest, V - v0)
+                g = self._buffer(rows * w, in_weight_grad=False)[: rows * w].view(rows, w)
+            else:
+                g = flat[(v0 + w) * H:(v0 + w) * H + rows * w].view(rows, w)
+            self._slab(g, h, v0, v0 + w, labels, lse, coef, db)
+            torch.mm(g.t(), h, out=dw[v0:v0 + w])
+            v0 += w
+        return v0
+
+    def _slab_widths(self, rows: int, budget: int) -> tuple[int, int]:
+        """The widest slab (the budget's: the tuned GEMM shape) and the narrowest one in ``d_weight``."""
+        widest = _aligned(max(self.opts.min_slab, 1, budget // rows))
+        return widest, min(widest, self.opts.min_slab or widest)
+
+    def _vocab_pass_blocked(self, dw: Tensor, db: Optional[Tensor], lse: Tensor, coef: Tensor,
+                            labels: Tensor) -> None:
+        """For float32 GEMMs on copies of a 16-bit weight: a block of rows x a slab fills a buffer,
+        and every slab is summed over the blocks in a float32 accumulator, then cast."""
+        R, (V, H) = len(labels), self.w.shape
         space = min(R * V, self.opts.vocab_elems or min(R, self.opts.chunk_tokens) * V)
-        space = self._buffer(space).numel()
-        # a block of rows x a slab fills the buffer; slabs of at least min(V, 256) columns; a block
-        # of gathered hidden rows (not needed when every row is labelled) no larger than the buffer
+        buf = self._buffer(space, in_weight_grad=False)
+        space = buf.numel()
+        # slabs of at least min(V, 256) columns; a block of gathered hidden rows (not needed when
+        # every row is labelled) no larger than the buffer; the accumulator no larger either
         rb = min(R, max(1, space // min(V, 256)))
         if not self.every_row:
             rb = min(rb, max(1, space // H))
-        blocks = [(a, min(a + rb, R)) for a in range(0, R, rb)]
-        one = len(blocks) == 1
-        direct = one and self.w_dtype == self.gemm  # the GEMM writes d_weight's slab itself
-        vs = min(V, max(1, space // rb))
-        if not direct:  # the float32 slab accumulator is no larger than the buffer either
-            vs = min(vs, max(1, space // H))
-        if vs < V and vs >= 128:
-            vs -= vs % 128  # aligned slabs: leading dimensions that are multiples of 16 bytes
-        hs = self._rows(0, R) if one else None
-        part = None if direct else torch.empty((vs, H), dtype=self.acc, device=self.dev)
+        vs = _aligned(min(V, max(1, space // rb), max(1, space // H)), below=V)
+        part = torch.empty((vs, H), dtype=self.acc, device=self.dev)
+        hs = self._rows(0, R) if rb == R else None
         for v0 in range(0, V, vs):
             v1 = min(v0 + vs, V)
-            w, bias = self.w[v0:v1], None if self.b is None else self.b[v0:v1]
-            if part is not None:
-                part.zero_()
-            for a, b in blocks:
-                h = hs if one else self._rows(a, b)
-                g = self.buf[: (b - a) * (v1 - v0)].view(b - a, v1 - v0)
-                if bias is None:
-                    torch.mm(h, w.t(), out=g)
-                else:
-                    torch.addmm(bias, h, w.t(), out=g)
-                g3 = g[:, None]
-                self.impl.logprob_bwd(g3, labels[a:b], lse[a:b], coef[a:b], self.opts.ignore_index,
-                                      g3, col0=v0)
-                if direct:
-                    torch.mm(g.t(), h, out=dw[v0:v1])
-                else:
-                    _add_mm(part[: v1 - v0], g.t(), h)
-                if db is not None:
-                    db[v0:v1] += g.sum(0, dtype=db.dtype)
-            if not direct:
-                dw[v0:v1].copy_(part[: v1 - v0])
-        return dw, db
+            part.zero_()
+            for a in range(0, R, rb):
+                b = min(a + rb, R)
+                h = hs if hs is not None else self._rows(a, b)
+                g = buf[: (b - a) * (v1 - v0)].view(b - a, v1 - v0)
+                self._slab(g, h, v0, v1, labels[a:b], lse[a:b], coef[a:b], db)
+                _add_mm(part[: v1 - v0], g.t(), h)
+            dw[v0:v1].copy_(part[: v1 - v0])
+
+
+def _aligned(w: int, below: Optional[int] = None) -> int:
+    """A slab width rounded down to a multiple of 64 (of 16 under 64): leading dimensions that are
+    multiples of 16 bytes. Unchanged when it is already the whole rest (``below``)."""
+    if below is not None and w >= below:
+        return w
+    return w - w % 64 if w >= 64 else (w - w % 16 if w >= 16 else w)
 
 
 class _FusedLinearSPPO(torch.autograd.Function):
@@ -465,7 +566,8 @@ class _FusedLinearSPPO(torch.autograd.Function):
         ref64, t64 = ref.double(), targets.double()
         # dloss/dlogp_s = 2 * scale * (a_s - t_s) / B: each sequence's own scalar
         coef = lambda seq: (2 * opts.loss_scale / B) * (seq - ref64 - t64)  # noqa: E731
-        work = _Chunked(hidden, weight, bias, plan, opts, with_grads=need)
+        work = _Chunked(hidden, weight, bias, plan, opts, with_grads=need,
+                        weight_grads=ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
         with _no_autocast(hidden.device):
             seq = work.run(coef) if need else work.logps()
         a = seq - ref64 - t64
@@ -475,7 +577,8 @@ class _FusedLinearSPPO(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         if need:
             ctx.grads = (work.dh.view(hidden.shape), work.dw, work.db)
-            ctx.plan, ctx.lse = plan, work.lse  # the vocabulary pass's inputs (recompute mode)
+            # the vocabulary pass's inputs (recompute mode), and the d_weight it writes
+            ctx.plan, ctx.lse, ctx.dw_out = plan, work.lse, work.dw_out
             ctx.coef = coef(seq)
             ctx.save_for_backward(hidden, weight, bias, labels)
         return loss.to(acc), seq.to(acc)
@@ -519,8 +622,8 @@ class _FusedLinearSPPO(torch.autograd.Function):
             if opts.weight_grad == "recompute" and want_w:
                 with _no_autocast(hidden.device):
                     work = _Chunked(hidden, weight, bias, ctx.plan, opts, with_grads=False)
-                    dw, db = work.vocab_pass(ctx.lse, coef)
-        ctx.plan = ctx.lse = None
+                    dw, db = work.vocab_pass(ctx.lse, coef, out=ctx.dw_out)
+        ctx.plan = ctx.lse = ctx.dw_out = None
         d_ref = None if g_loss is None else -ctx.coef * g_loss.double()
         return (dh.to(hidden.dtype), None if dw is None else dw.to(weight.dtype),
                 None if db is None else db.to(bias.dtype),
@@ -566,8 +669,9 @@ def fused_linear_sppo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, ref_l
         ref_logps: ``[2B]`` reference log-probs; probabilities, ``beta``, ``loss_type``,
             ``ignore_index`` as in :func:`sppo_fast.fused_sppo_loss`.
         chunk_tokens: tokens per chunk of logits (default: 32 MiB of logits on a CPU,
-            256 MiB of logits on a GPU). The vocabulary pass's buffer holds ``chunk_tokens x V``
-            elements, by default on a GPU 64 MiB (it runs while ``d_weight`` exists).
+            256 MiB of logits on a GPU, and at most H tokens with ``recompute``, whose chunks
+            use ``d_weight``'s memory). The vocabulary pass's slabs hold ``chunk_tokens x V``
+            elements at most, by default on a GPU 64 MiB.
         weight_grad: ``"accumulate"`` (three GEMMs; ``d_weight`` summed over the chunks in a
             float32 [V, H]), ``"recompute"`` (four GEMMs; a second pass over vocabulary slabs
             writes ``d_weight`` once, in the weight's dtype), or ``"auto"``: recompute where the
@@ -575,10 +679,13 @@ def fused_linear_sppo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, ref_l
             else accumulate. See the module notes.
     Returns:
         ``(loss, policy_logps[2B], metrics)``; gradients reach ``hidden``, ``weight``, ``bias``
-        (and ``ref_logps``). Peak extra memory: one [chunk, V] buffer, ``d_hidden`` (in the input
-        dtype in the 16-bit mode, else float32), ``d_weight`` (with ``accumulate``, float32 and
-        then a copy in the weight's dtype); outside the 16-bit mode also a float32 copy of a
-        16-bit weight. See the module notes on precision.
+        (and ``ref_logps``). Peak extra memory with ``recompute`` (where the GEMMs' dtype is the
+        weight's): the two gradients, a buffer of N x 256 (on a CPU, of the vocabulary pass's
+        budget) and O(N). With ``accumulate``: one
+        [chunk, V] buffer, ``d_hidden`` (in the input dtype in the 16-bit mode, else float32),
+        ``d_weight`` in float32 and then a copy in the weight's dtype. Outside the 16-bit mode
+        also a float32 copy of a 16-bit weight. A weight without ``requires_grad`` costs no
+        ``d_weight`` work or memory. See the module notes on precision.
     """
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
     labels = _check_linear(hidden, weight, bias, labels, ignore_index)

@@ -502,3 +502,150 @@ def test_create_graph_backward_is_first_order(gen):
         torch.testing.assert_close(gw, truth[1], rtol=1e-10, atol=1e-12)
         with pytest.raises(RuntimeError, match="does not require grad|differentiable"):
             gw.sum().backward()
+
+
+def _gpu_slabs(monkeypatch, min_slab: int = 64) -> None:
+    """The vocabulary pass's slabs as on a GPU: shrinking in d_weight's memory down to ``min_slab``
+    columns (a CPU keeps them at the budget's width)."""
+    import dataclasses
+
+    from sppo_fast import linear
+
+    real = linear._options
+    monkeypatch.setattr(linear, "_options",
+                        lambda *a, **k: dataclasses.replace(real(*a, **k), min_slab=min_slab))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("chunk", [None, 8])
+@pytest.mark.parametrize("every_row", [False, True])
+@pytest.mark.parametrize("min_slab", [16, 64])
+def test_vocabulary_pass_in_d_weight_memory(dtype, bias, chunk, every_row, min_slab, gen, monkeypatch):
+    """The GPU's vocabulary pass on a CPU: slabs whose gradient lives in d_weight's rows after them,
+    shrinking to min_slab columns, then a buffer for the last ones; with ignored tokens the
+    labelled rows first, gathered into d_weight, then every row. Exact whatever the layout."""
+    monkeypatch.setenv("SPPO_FAST_CPU_BF16_GEMMS", "1")
+    _gpu_slabs(monkeypatch, min_slab)
+    h, w, b, labels, ref, probs = _inputs(gen, bias=bias, fully_masked=(4,))
+    if every_row:
+        labels = torch.randint(0, V, (S, T), generator=gen)
+    h, w, b = (None if t is None else t.to(dtype).double() for t in (h, w, b))
+    truth, _ = _run(_reference(labels, ref, probs, 0.1, "sppo"), h, w, b, torch.float64)
+    same, _ = _run(_reference(labels, ref, probs, 0.1, "sppo"), h, w, b, dtype)
+    out, _ = _run(_fused(labels, ref, probs, 0.1, "sppo", chunk, "recompute"), h, w, b, dtype)
+    tol = {torch.float32: 1e-6, torch.bfloat16: 8e-3}[dtype]
+    for k in truth:
+        assert_as_accurate(out[k], same[k], truth[k], atol=tol, rtol=tol, what=f"{k} {dtype}")
+
+
+def _cpu_peak_bytes(fn) -> int:
+    """Peak bytes of CPU tensor memory allocated while ``fn()`` ran and still held: from the
+    profiler's memory events (each op's allocations counted at its start, its frees at its end)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.time_range.start if e.self_cpu_memory_usage > 0 else e.time_range.end,
+                     e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage)
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+def _sized_inputs(gen, dtype, V_, H_, every_row):
+    h = torch.randn(S, T, H_, generator=gen).to(dtype).requires_grad_()
+    w = (torch.randn(V_, H_, generator=gen) / 5).to(dtype).requires_grad_()
+    labels = torch.randint(0, V_, (S, T), generator=gen)
+    if not every_row:
+        labels[:, :5] = -100
+    ref = torch.randn(S, generator=gen) - 150
+    p = torch.rand(S // 2, generator=gen)
+    return h, w, labels, ref, {"chosen_probs_win": p / 2 + 0.5, "chosen_probs_lose": p / 2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("every_row", [False, True])
+def test_recompute_holds_only_the_gradients(dtype, every_row, gen, monkeypatch):
+    """The recompute mode's d_weight is made in forward and its memory, until written, is the chunk
+    pass's buffer and then the vocabulary pass's scratch (with ignored tokens, also the gathered
+    hidden rows): forward + backward hold the two gradients, a tail buffer of N x min_slab and O(N)
+    more. (A chunk buffer and a vocabulary-pass buffer of their own made this 3.5x larger.)"""
+    monkeypatch.setenv("SPPO_FAST_CPU_BF16_GEMMS", "1")  # bf16: the 16-bit mode, as on a GPU
+    _gpu_slabs(monkeypatch, min_slab=64)
+    h, w, labels, ref, probs = _sized_inputs(gen, dtype, 8000, 64, every_row)
+
+    def step():
+        loss = sppo_fast.fused_linear_sppo_loss(h, w, labels, ref.to(dtype), beta=0.1, weight_grad="recompute",
+                                                backend="cpp", **probs)[0]
+        (loss * 0.7).backward()
+    peak = _cpu_peak_bytes(step)
+    e = h.element_size()
+    grads = (w.numel() + h.numel()) * e
+    tail = h.shape[0] * h.shape[1] * 64 * e
+    assert grads <= peak <= grads + tail + (128 << 10), (peak, grads, tail)
+    # and the gradients are right at this shape too (long slabs, then shrinking ones, then the tail)
+    got = {"d_hidden": h.grad, "d_weight": w.grad}
+    ref_fn = _reference(labels, ref, probs, 0.1, "sppo")
+    truth, _ = _run(ref_fn, h.detach().double(), w.detach().double(), None, torch.float64)
+    same, _ = _run(ref_fn, h.detach().double(), w.detach().double(), None, dtype)
+    tol = {torch.float32: 1e-6, torch.bfloat16: 8e-3}[dtype]
+    for k in got:
+        assert_as_accurate(got[k], same[k], truth[k], atol=tol, rtol=tol, what=k)
+
+
+@pytest.mark.parametrize("weight_grad", ["accumulate", "recompute"])
+def test_frozen_lm_head(weight_grad, gen):
+    """A weight without requires_grad: the same d_hidden as with a trainable one, no gradient for
+    the weight, and no [V, H] tensor made (no d_weight work at all)."""
+    from sppo_fast import linear
+
+    h, w, b, labels, ref, probs = _inputs(gen, bias=False)
+    fn = _fused(labels, ref, probs, 0.1, "sppo", None, weight_grad)
+    trained, _ = _run(fn, h, w, None, torch.float32)
+    made = []
+    real = torch.empty
+
+    def spy(*shape, **kw):
+        t = real(*shape, **kw)
+        made.append(tuple(t.shape))
+        return t
+    hh = h.float().clone().requires_grad_()
+    ww = w.float()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(linear.torch, "empty", spy)
+        mp.setattr(linear.torch, "zeros", lambda *s, **kw: spy(*s, **kw).zero_())
+        (fn(hh, ww, None)[0] * 0.7).backward()
+    assert ww.grad is None
+    assert torch.equal(hh.grad, trained["d_hidden"])
+    assert made and (V, H) not in made, made
+
+
+@gpu
+@pytest.mark.parametrize("every_row", [False, True])
+def test_recompute_holds_only_the_gradients_on_gpu(every_row, gen):
+    """On a GPU, bf16 with the default options: forward + backward raise the allocator's peak by
+    the two gradients, the tail buffer and O(N), nothing else (no chunk buffer, no vocabulary-pass
+    buffer: d_weight's memory is both until it is written)."""
+    from sppo_fast import linear
+
+    h, w, labels, ref, probs = _sized_inputs(gen, torch.bfloat16, 32000, 256, every_row)
+    h, w = (t.detach().cuda().requires_grad_() for t in (h, w))
+    labels, ref = labels.cuda(), ref.cuda().bfloat16()
+    probs = {k: v.cuda() for k, v in probs.items()}
+
+    def step():
+        (sppo_fast.fused_linear_sppo_loss(h, w, labels, ref, **probs)[0] * 0.7).backward()
+    step()  # compiles the kernels, makes the GEMM workspaces
+    h.grad = w.grad = None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    grads = (w.numel() + h.numel()) * 2
+    tail = h.shape[0] * h.shape[1] * linear.MIN_SLAB_CUDA * 2
+    assert grads <= peak <= grads + tail + (1 << 20), (peak, grads, tail)
