@@ -575,19 +575,22 @@ class _FusedLinearSPPO(torch.autograd.Function):
         acc = work.acc
         ctx.opts = opts
         ctx.set_materialize_grads(False)
+        ctx.coef, ctx.ref_dtype = coef(seq), ref.dtype  # (all that ref_logps' gradient needs)
         if need:
             ctx.grads = (work.dh.view(hidden.shape), work.dw, work.db)
             # the vocabulary pass's inputs (recompute mode), and the d_weight it writes
             ctx.plan, ctx.lse, ctx.dw_out = plan, work.lse, work.dw_out
-            ctx.coef = coef(seq)
             ctx.save_for_backward(hidden, weight, bias, labels)
         return loss.to(acc), seq.to(acc)
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # a first-order gradient (create_graph=True works)
     def backward(ctx, g_loss, g_pol):
-        hidden, weight, bias, labels = ctx.saved_tensors
         opts = ctx.opts
+        d_ref = None if g_loss is None else (-ctx.coef * g_loss.double()).to(ctx.ref_dtype)
+        if not opts.with_grads:  # only ref_logps wants a gradient
+            return None, None, None, None, d_ref, None, None
+        hidden, weight, bias, labels = ctx.saved_tensors
         # the upstream gradient of every sequence's log-prob sum
         coef = torch.zeros_like(ctx.coef)
         if g_loss is not None:
@@ -624,10 +627,9 @@ class _FusedLinearSPPO(torch.autograd.Function):
                     work = _Chunked(hidden, weight, bias, ctx.plan, opts, with_grads=False)
                     dw, db = work.vocab_pass(ctx.lse, coef, out=ctx.dw_out)
         ctx.plan = ctx.lse = ctx.dw_out = None
-        d_ref = None if g_loss is None else -ctx.coef * g_loss.double()
         return (dh.to(hidden.dtype), None if dw is None else dw.to(weight.dtype),
                 None if db is None else db.to(bias.dtype),
-                None, None if d_ref is None else d_ref.to(hidden.dtype), None, None)
+                None, d_ref, None, None)
 
 
 def _recompute(hidden, weight, bias, labels, opts: _Options, coef_seq: Tensor, weight_grads: bool = True):

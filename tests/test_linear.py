@@ -184,13 +184,16 @@ def test_gradcheck(weight_grad, gen):
     b = torch.randn(11, generator=gen, dtype=f64, requires_grad=True)
     labels = torch.randint(0, 11, (4, 5), generator=gen)
     labels[:, 0] = -100
-    ref = torch.randn(4, generator=gen, dtype=f64)
+    ref = torch.randn(4, generator=gen, dtype=f64, requires_grad=True)
     pw, pl = torch.tensor([0.7, 0.9], dtype=f64), torch.tensor([0.2, 0.4], dtype=f64)
+    fn = lambda hh, ww, bb, rr: sppo_fast.fused_linear_sppo_loss(  # noqa: E731
+        hh, ww, labels, rr, bias=bb, chosen_probs_win=pw, chosen_probs_lose=pl, beta=2.0,
+        chunk_tokens=chunk, backend="cpp", weight_grad=weight_grad)[:2]
     for chunk in (2, 100):
-        assert torch.autograd.gradcheck(
-            lambda hh, ww, bb: sppo_fast.fused_linear_sppo_loss(
-                hh, ww, labels, ref, bias=bb, chosen_probs_win=pw, chosen_probs_lose=pl, beta=2.0,
-                chunk_tokens=chunk, backend="cpp", weight_grad=weight_grad)[:2], (h, w, b))
+        assert torch.autograd.gradcheck(fn, (h, w, b, ref))
+    # ref_logps alone wanting a gradient (the others are data)
+    hd, wd, bd = h.detach(), w.detach(), b.detach()
+    assert torch.autograd.gradcheck(lambda rr: fn(hd, wd, bd, rr)[0], (ref,))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
