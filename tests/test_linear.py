@@ -37,6 +37,18 @@ def _run(fn, h, w, b, dtype, up=0.7):
             **({} if bb is None else {"d_bias": bb.grad})}, metrics
 
 
+def _tol(k: str, dtype: torch.dtype) -> tuple[float, float]:
+    """(atol, rtol) for output ``k`` beyond the same-dtype reference's error. Gradients in 16 bits:
+    two ulps of their largest entry. The loss and log-probs are float32 and much tighter (a 16-bit
+    tolerance there would allow whole nats): measured excess over the reference at most 3e-5 nats
+    for the log-probs and 3e-3 (16-bit GEMMs) or 2.8 (float32 GEMMs on bf16 inputs; the loss is
+    ~35000) for the loss."""
+    if dtype in (torch.bfloat16, torch.float16) and k in ("loss", "policy"):
+        return (1e-3, 1e-5) if k == "policy" else (1e-3, 3e-4)
+    t = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    return t, t
+
+
 def _reference(labels, ref, probs, beta, loss_type):
     return lambda hh, ww, bb: sppo_fast.fused_sppo_loss(
         torch.nn.functional.linear(hh, ww, bb), labels, ref.to(hh.dtype), beta=beta,
@@ -76,9 +88,9 @@ def _check_matches_reference(loss_type, dtype, bias, chunk, weight_grad, gen):
     same, _ = _run(_reference(labels, ref, probs, beta, loss_type), h, w, b, dtype)
     out, metrics = _run(_fused(labels, ref, probs, beta, loss_type, chunk, weight_grad), h, w, b, dtype)
     assert out["d_hidden"].dtype == dtype and out["d_weight"].dtype == dtype
-    tol = {torch.float32: 1e-6, torch.bfloat16: 8e-3}[dtype]  # bf16: two ulps of the largest entry
     for k in truth:
-        assert_as_accurate(out[k], same[k], truth[k], atol=tol, rtol=tol, what=f"{k} {dtype}")
+        atol, rtol = _tol(k, dtype)
+        assert_as_accurate(out[k], same[k], truth[k], atol=atol, rtol=rtol, what=f"{k} {dtype}")
     assert (out["d_hidden"][4] == 0).all()
     assert (out["d_hidden"][labels == -100] == 0).all()
     assert metrics["rewards/chosen"].requires_grad is False
@@ -101,10 +113,10 @@ def test_low_precision_gemms_match_reference(loss_type, dtype, bias, chunk, weig
     truth, _ = _run(_reference(labels, ref, probs, 0.1, loss_type), h, w, b, torch.float64)
     same, _ = _run(_reference(labels, ref, probs, 0.1, loss_type), h, w, b, dtype)
     out, _ = _run(_fused(labels, ref, probs, 0.1, loss_type, chunk, weight_grad), h, w, b, dtype)
-    tol = {torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
     for k in truth:
         assert out[k].dtype == (dtype if k.startswith("d_") else torch.float32), k
-        assert_as_accurate(out[k], same[k], truth[k], atol=tol, rtol=tol, what=f"{k} {dtype}")
+        atol, rtol = _tol(k, dtype)
+        assert_as_accurate(out[k], same[k], truth[k], atol=atol, rtol=rtol, what=f"{k} {dtype}")
     assert (out["d_hidden"][1] == 0).all()
     # the mode did run: its policy log-probs come from 16-bit logits, not float32 ones
     with torch.no_grad():
@@ -320,9 +332,9 @@ def test_on_gpu(backend, dtype, chunk, weight_grad, gen):
         hh, ww, labels, ref.to(hh.dtype), bias=bb, beta=0.1, backend=backend, chunk_tokens=chunk,
         weight_grad=weight_grad, **probs)
     out, _ = _run(fused, h, w, b, dtype)
-    tol = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
     for k in truth:
-        assert_as_accurate(out[k], same[k], truth[k], atol=tol, rtol=tol, what=f"{k} {dtype} {backend}")
+        atol, rtol = (1e-5, 1e-5) if dtype == torch.float32 else _tol(k, dtype)
+        assert_as_accurate(out[k], same[k], truth[k], atol=atol, rtol=rtol, what=f"{k} {dtype} {backend}")
     assert (out["d_hidden"][4] == 0).all()
     with torch.no_grad():
         lp = sppo_fast.linear_sequence_logps(h.to(dtype), w.to(dtype), labels, bias=b.to(dtype),
@@ -537,9 +549,9 @@ def test_vocabulary_pass_in_d_weight_memory(dtype, bias, chunk, every_row, min_s
     truth, _ = _run(_reference(labels, ref, probs, 0.1, "sppo"), h, w, b, torch.float64)
     same, _ = _run(_reference(labels, ref, probs, 0.1, "sppo"), h, w, b, dtype)
     out, _ = _run(_fused(labels, ref, probs, 0.1, "sppo", chunk, "recompute"), h, w, b, dtype)
-    tol = {torch.float32: 1e-6, torch.bfloat16: 8e-3}[dtype]
     for k in truth:
-        assert_as_accurate(out[k], same[k], truth[k], atol=tol, rtol=tol, what=f"{k} {dtype}")
+        atol, rtol = _tol(k, dtype)
+        assert_as_accurate(out[k], same[k], truth[k], atol=atol, rtol=rtol, what=f"{k} {dtype}")
 
 
 def _cpu_peak_bytes(fn) -> int:
