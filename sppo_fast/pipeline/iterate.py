@@ -64,10 +64,16 @@ def _read_parquet(path: Path) -> list[dict]:
     return pq.read_table(path).to_pylist()
 
 
-def load_policy(path: str | Path, device: torch.device):
+def policy_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on GPUs (generation and evaluation); :func:`~sppo_fast.pipeline.train.train` trains a
+    float32 copy of the weights whatever this is (bf16 compute through autocast)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def load_policy(path: str | Path, device: torch.device, dtype: torch.dtype | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = dtype or policy_dtype(device)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
     return model, AutoTokenizer.from_pretrained(path)
 

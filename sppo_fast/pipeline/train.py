@@ -119,6 +119,19 @@ def reference_logps(model, batches: Sequence[dict], backend: str = "auto") -> li
     return out
 
 
+def _float32_master_weights(model) -> None:
+    """Cast ``model``'s bf16/fp16 parameters and buffers to float32, in place, before training.
+
+    The optimizer updates the parameters themselves: a bf16 parameter rounds away any update below
+    ~2**-8 of its size (lr 5e-7 RMSprop steps are ~5e-7), so most weights would never move. The
+    official recipe (DeepSpeed bf16) keeps float32 master weights too; compute stays bf16 through
+    autocast on GPUs. Exact (bf16 -> float32 loses nothing), so the reference log-probs are those of
+    the loaded weights. Costs 2x the weights' memory; under ``parallel="fsdp"`` the float32 weights
+    and optimizer state are sharded across ranks, like ZeRO-3."""
+    if any(p.is_floating_point() and p.dtype != torch.float32 for p in model.parameters()):
+        model.to(torch.float32)
+
+
 class _HiddenAndHead(torch.nn.Module):
     """``forward(ids, mask) -> (hidden, lm_head.weight, lm_head.bias)``: the module DDP wraps, so the
     lm_head weight, used by the fused loss rather than by the forward, is still one of its outputs."""
@@ -247,6 +260,7 @@ def train(model, tokenizer, records: Sequence[dict], out_dir: str | os.PathLike,
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as exc:
             raise ValueError("train.tensorboard needs the tensorboard package: pip install tensorboard") from exc
+    _float32_master_weights(model)
     device = next(model.parameters()).device
     rank, world = _distributed()
     torch.manual_seed(cfg.seed)
@@ -312,8 +326,9 @@ def train(model, tokenizer, records: Sequence[dict], out_dir: str | os.PathLike,
         micro_refs = refs[epoch_pos * cfg.grad_accum: (epoch_pos + 1) * cfg.grad_accum]
         opt.zero_grad(set_to_none=True)
         for b, ref in zip(micro, micro_refs):
-            # bf16 autocast on GPUs (float32 master weights stay as loaded); the fused loss then runs
-            # bf16 GEMMs, with float32 log-softmax, log-prob sums and lm_head weight gradient
+            # bf16 autocast on GPUs over float32 parameters (_float32_master_weights): the optimizer
+            # updates float32 weights; the fused loss runs bf16 GEMMs, with float32 log-softmax,
+            # log-prob sums and lm_head weight gradient
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 loss, _, m = _loss(policy, b, ref, cfg)
             (loss / len(micro)).backward()
