@@ -45,3 +45,23 @@ def test_training_updates_float32_weights_whatever_dtype_the_policy_is_loaded_in
     moved = sum(int((v != start[k]).sum()) for k, v in model.state_dict().items() if "weight" in k)
     assert moved > 0.5 * sum(v.numel() for k, v in start.items() if "weight" in k)  # lr 1e-6 steps land
     assert json.loads((tmp_path / "t" / "model" / "config.json").read_text())["dtype"] == "float32"
+
+
+def test_a_run_folder_refuses_other_settings(tmp_path):
+    """`demo` then `demo --set seed=51` used to reuse the seed-50 outputs while config.yaml said 51."""
+    import yaml
+
+    tiny = dict(prompts_per_iteration="2", k="2", max_new_tokens="4")
+    it.run_iteration(small(tmp_path, **tiny), 1, progress=False, until="generate")
+    config = tmp_path / "demo" / "config.yaml"
+    before = config.read_text()
+    assert yaml.safe_load(before)["seed"] == 50
+    with pytest.raises(ValueError, match=r"other settings \(seed: 50 then, 51 now; train.beta: 0.1 then, 0.2 now\)"
+                                         r".*name=.*delete"):
+        it.run_iteration(small(tmp_path, seed="51", **{"train.beta": "0.2"}, **tiny), 1, progress=False,
+                         until="generate")
+    assert config.read_text() == before
+    # fields that do not change the results may change: more iterations, another batch size
+    out = it.run_iteration(small(tmp_path, iterations="3", generation_batch_size="1", **tiny), 1, progress=False,
+                           until="generate")
+    assert out.exists() and yaml.safe_load(config.read_text())["iterations"] == 3

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
+from .train import _FREE_TO_CHANGE as TRAIN_FREE_TO_CHANGE
 from .train import TrainConfig
 
 
@@ -139,6 +140,41 @@ def _check_keys(data: dict, fields: dict, where: str, prefix: str = "") -> None:
             raise ValueError(f"{where}: unknown config field {prefix + k!r}")
         if isinstance(v, dict) and isinstance(fields[k], dict):
             _check_keys(v, fields[k], where, prefix + k + ".")
+
+
+# fields a run folder's later commands may change: they name or locate the folder, extend the run
+# (iterations: iteration t's outputs do not depend on how many follow), or do not change the numbers
+# beyond rounding (generation_batch_size: a sample depends on its prompt, index and seed only; the
+# training fields the checkpoints also let change). Every other field is compared.
+FREE_TO_CHANGE = ("name", "runs_dir", "iterations", "generation_batch_size",
+                  *(f"train.{k}" for k in TRAIN_FREE_TO_CHANGE))
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+def check_run_config(cfg: SPPOConfig) -> None:
+    """Write ``<run_dir>/config.yaml``, or, when the folder already holds results, refuse settings that
+    differ from the ones recorded there (except :data:`FREE_TO_CHANGE`): the finished stages would
+    be reused silently while config.yaml and summary.json claimed the new settings."""
+    import yaml
+
+    run = cfg.run_dir
+    path = run / "config.yaml"
+    if path.exists() and any(p.name != "config.yaml" for p in run.iterdir()):
+        then = _flat(yaml.safe_load(path.read_text()) or {})
+        now = _flat(cfg.to_dict())
+        changed = [k for k in sorted(set(then) | set(now)) if k not in FREE_TO_CHANGE and then.get(k) != now.get(k)]
+        if changed:
+            diff = "; ".join(f"{k}: {then.get(k, '<absent>')!r} then, {now.get(k, '<absent>')!r} now" for k in changed)
+            raise ValueError(f"{run} holds a run made with other settings ({diff}): rerun with the same settings, "
+                             f"give the new run another name (--set name=...) or runs_dir, or delete {run}")
+    run.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, path)
 
 
 def save_config(cfg: SPPOConfig, path: Path) -> None:

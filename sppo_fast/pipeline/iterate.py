@@ -3,7 +3,8 @@
 Files of a run (every one written to a temporary name and renamed when complete; a stage is done
 exactly when its output exists, so rerunning after a kill continues from the first missing one):
 
-    runs/<name>/config.yaml
+    runs/<name>/config.yaml                   the run's settings: a later command on the folder with
+                                              other settings is refused (config.FREE_TO_CHANGE)
     runs/<name>/iter-0/model/                 the starting policy (tiny: built here)
     runs/<name>/iter-t/generations.parquet    prompt, K candidates
     runs/<name>/iter-t/train.parquet          official fields + candidates, scores, matrix
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 
 from .. import _io
-from .config import SPPOConfig, save_config
+from .config import SPPOConfig, check_run_config
 from .generate import generate
 from .prompts import load_prompts
 from .rank import HashWordRanker, training_records, win_rate
@@ -181,6 +182,7 @@ def run_iteration(cfg: SPPOConfig, t: int, *, ranker=None, progress: bool = True
     ``until``: stop after ``"generate"`` or ``"rank"`` (earlier stages run first when missing)."""
     if until not in STAGES:
         raise ValueError(f"until: expected one of {STAGES}, got {until!r}")
+    check_run_config(cfg)
     device = _device(cfg)
     run = cfg.run_dir
     it = run / f"iter-{t}"
@@ -262,9 +264,8 @@ def evaluate(cfg: SPPOConfig, model_a: Path, model_b: Path, *, ranker=None, samp
 def iterate(cfg: SPPOConfig, *, progress: bool = True, ranker=None) -> dict:
     """Run ``cfg.iterations`` iterations end to end, then the win rate of each iteration's policy
     against iteration 0 on held-out prompts; writes summary.json, winrate.png and loss.png."""
+    check_run_config(cfg)
     run = cfg.run_dir
-    run.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run / "config.yaml")
     device = _device(cfg)
     ranker = ranker or make_ranker(cfg, device)
     t0 = time.perf_counter()
