@@ -31,7 +31,7 @@ def _config(args):
         raise SystemExit(f"config error: {exc}")
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sppo-fast", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -44,14 +44,19 @@ def main(argv=None) -> int:
         s = sub.add_parser(name, help=help_)
         s.add_argument("--preset", default="tiny", help="tiny (default) or mistral-7b")
         s.add_argument("--config", type=Path, default=None, help="YAML file of config fields")
-        s.add_argument("--set", nargs="*", metavar="FIELD=VALUE", help="override config fields")
+        s.add_argument("--set", nargs="+", action="extend", metavar="FIELD=VALUE",
+                       help="override config fields (repeatable: --set a=1 --set b=2 sets both)")
         s.add_argument("--quiet", action="store_true", help="no progress bars")
         if name in ("generate", "rank", "train"):
             s.add_argument("--iteration", type=int, default=1)
         if name == "eval":
             s.add_argument("--a", required=True)
             s.add_argument("--b", required=True)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     cfg = _config(args)
     from transformers.utils import logging as hf_logging
 

@@ -65,3 +65,12 @@ def test_a_run_folder_refuses_other_settings(tmp_path):
     out = it.run_iteration(small(tmp_path, iterations="3", generation_batch_size="1", **tiny), 1, progress=False,
                            until="generate")
     assert out.exists() and yaml.safe_load(config.read_text())["iterations"] == 3
+
+
+def test_every_set_counts_and_an_empty_set_is_refused(capsys):
+    args = cli.build_parser().parse_args(["demo", "--set", "seed=51", "k=3", "--set", "train.beta=0.2"])
+    cfg = cli._config(args)
+    assert (cfg.seed, cfg.k, cfg.train.beta) == (51, 3, 0.2)
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["demo", "--set"])
+    assert "--set: expected at least one argument" in capsys.readouterr().err
