@@ -74,3 +74,42 @@ def test_every_set_counts_and_an_empty_set_is_refused(capsys):
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["demo", "--set"])
     assert "--set: expected at least one argument" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("yaml_text, match", [
+    ("train:\n  learning_rate: 0\n", r"train.learning_rate must be > 0, got 0"),
+    ("train: 3\n", r"config field 'train': is a group of fields"),
+    ("k: [1, 2]\n", r"config field 'k': expected an integer, got \[1, 2\]"),
+    ("k: 2.5\n", r"config field 'k': expected an integer, got 2.5"),
+    ("seed: true\n", r"config field 'seed': expected a number"),
+    ("train:\n  warmup_ratio: 1.5\n", r"train.warmup_ratio must lie in \[0, 1\], got 1.5"),
+    ("train:\n  log_every: 0\n", r"train.log_every must be >= 1, got 0"),
+    ("train:\n  save_every: -1\n", r"train.save_every must be >= 0"),
+    ("train:\n  max_grad_norm: -1\n", r"train.max_grad_norm must be > 0"),
+    ("train:\n  max_length: 48\n  max_prompt_length: 48\n", r"max_prompt_length=48, max_length=48"),
+    ("mode: offical\n", r"mode: expected one of \('official', 'direct'\), got 'offical'"),
+    ("device: gpu\n", r"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got 'gpu'"),
+    ("ranker: ./no/such/ranker\n", r"ranker: no such file or folder './no/such/ranker'"),
+    ("eval_prompts: 240\n", r"eval_prompts=240 holds out every one of the 240 shipped prompts"),
+])
+def test_config_values_are_checked_before_any_work(tmp_path, yaml_text, match):
+    y = tmp_path / "c.yaml"
+    y.write_text(yaml_text)
+    with pytest.raises(ValueError, match=match):
+        load_config("tiny", y)
+
+
+def test_yaml_values_are_coerced_like_set_values(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("train:\n  learning_rate: 1e-4\n  max_grad_norm: 2\nseed: '7'\nname: 2024\n")  # 1e-4: a str to PyYAML
+    cfg = load_config("tiny", y)
+    assert (cfg.train.learning_rate, cfg.train.max_grad_norm, cfg.seed, cfg.name) == (1e-4, 2.0, 7, "2024")
+    assert type(cfg.train.max_grad_norm) is float
+    with pytest.raises(ValueError, match="config field 'train': is a group of fields"):
+        load_config("tiny", overrides={"train": "3"})
+    with pytest.raises(ValueError, match="train.learning_rate must be > 0, got -1.0"):
+        load_config("tiny", overrides={"train.learning_rate": "-1"})
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device='cuda', but torch sees no CUDA GPU"):
+            it.run_iteration(load_config("tiny", overrides={"device": "cuda", "runs_dir": str(tmp_path)}), 1)
+        assert not (tmp_path / "demo" / "iter-1").exists()

@@ -10,11 +10,20 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from pathlib import Path
 from typing import Any, Optional
 
+from ..reference import PAIRWISE_MODES
+from .prompts import SHIPPED_PROMPTS
 from .train import _FREE_TO_CHANGE as TRAIN_FREE_TO_CHANGE
 from .train import TrainConfig
+
+
+def _looks_like_hub_name(value: str) -> bool:
+    """``name`` or ``org/name`` (Hugging Face's repo id form; ``{iteration}`` may be filled in later)."""
+    value = value.replace("{iteration}", "1")
+    return bool(re.fullmatch(r"[\w.-]+(/[\w.-]+)?", value)) and not value.startswith(".") and ".." not in value
 
 
 @dataclasses.dataclass
@@ -42,7 +51,22 @@ class SPPOConfig:
 
     def __post_init__(self):
         if isinstance(self.train, dict):
-            self.train = TrainConfig(**self.train)
+            try:
+                self.train = TrainConfig(**self.train)
+            except ValueError as exc:
+                raise ValueError(f"train.{exc}") from None
+        if self.mode not in PAIRWISE_MODES:
+            raise ValueError(f"mode: expected one of {PAIRWISE_MODES}, got {self.mode!r}")
+        if self.device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        for f, builtin in (("model", ("tiny",)), ("ranker", ("hash", "pairrm-tiny")), ("prompts", ("shipped",))):
+            value = getattr(self, f)
+            if value not in builtin and not Path(value).exists() and not _looks_like_hub_name(value):
+                raise ValueError(f"{f}: no such file or folder {value!r} (and not a hub name like 'org/name'); "
+                                 f"built in: {', '.join(builtin)}")
+        if self.prompts == "shipped" and self.eval_prompts >= len(SHIPPED_PROMPTS):
+            raise ValueError(f"eval_prompts={self.eval_prompts} holds out every one of the {len(SHIPPED_PROMPTS)} "
+                             f"shipped prompts: none would be left for training")
         for f in ("prompts_per_iteration", "iterations", "max_new_tokens", "generation_batch_size"):
             if getattr(self, f) < 1:
                 raise ValueError(f"{f} must be >= 1, got {getattr(self, f)}")
@@ -86,18 +110,36 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def _coerce(value: str, like: Any) -> Any:
+def _coerce(value: Any, like: Any) -> Any:
+    """``value`` (a --set string or a YAML value) as the type of the field's default ``like``."""
+    if isinstance(like, dict):
+        raise ValueError(f"is a group of fields ({', '.join(like)}), not a value: set its fields one by one")
+    if isinstance(value, (dict, list)) or value is None:
+        kind = {bool: "a boolean", int: "an integer", float: "a number"}.get(type(like), "a string")
+        raise ValueError(f"expected {kind}, got {value!r}")
     if isinstance(like, bool):
-        if value.lower() in ("1", "true", "yes"):
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("1", "true", "yes"):
             return True
-        if value.lower() in ("0", "false", "no"):
+        if str(value).lower() in ("0", "false", "no"):
             return False
         raise ValueError(f"expected a boolean, got {value!r}")
+    if isinstance(like, (int, float)) and isinstance(value, bool):
+        raise ValueError(f"expected a number, got {value!r}")
     if isinstance(like, int):
-        return int(value)
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError(f"expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ValueError(f"expected an integer, got {value!r}") from None
     if isinstance(like, float):
-        return float(value)
-    return value
+        try:
+            return float(value)  # also YAML's strings: PyYAML reads 1e-4 (no dot) as a str
+        except ValueError:
+            raise ValueError(f"expected a number, got {value!r}") from None
+    return str(value)
 
 
 def load_config(preset: str = "tiny", path: Optional[str | os.PathLike] = None,
@@ -116,30 +158,38 @@ def load_config(preset: str = "tiny", path: Optional[str | os.PathLike] = None,
         data = yaml.safe_load(Path(path).read_text()) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of config fields")
-        _check_keys(data, fields, str(path))
-        fields = _merge(fields, data)
+        _set_all(fields, data, f"{path}: ")
     for key, value in (overrides or {}).items():
-        parts = key.split(".")
-        node = fields
-        for p in parts[:-1]:
-            if not isinstance(node.get(p), dict):
-                raise ValueError(f"unknown config field {key!r}")
-            node = node[p]
-        if parts[-1] not in node:
-            raise ValueError(f"unknown config field {key!r}")
-        try:
-            node[parts[-1]] = _coerce(value, node[parts[-1]]) if isinstance(value, str) else value
-        except ValueError as exc:
-            raise ValueError(f"config field {key!r}: {exc}") from None
+        _set(fields, key, value)
     return SPPOConfig(**fields)
 
 
-def _check_keys(data: dict, fields: dict, where: str, prefix: str = "") -> None:
+def _set_all(fields: dict, data: dict, where: str, prefix: str = "") -> None:
     for k, v in data.items():
-        if k not in fields:
-            raise ValueError(f"{where}: unknown config field {prefix + k!r}")
-        if isinstance(v, dict) and isinstance(fields[k], dict):
-            _check_keys(v, fields[k], where, prefix + k + ".")
+        node = fields
+        for p in prefix.split(".")[:-1]:
+            node = node[p]
+        if isinstance(v, dict) and isinstance(node.get(k), dict):
+            _set_all(fields, v, where, prefix + k + ".")
+        else:
+            _set(fields, prefix + k, v, where)
+
+
+def _set(fields: dict, key: str, value: Any, where: str = "") -> None:
+    """``fields[a][b] = value`` for ``key = "a.b"``, coerced to the field's type, or a ValueError
+    naming the field and the value."""
+    parts = key.split(".")
+    node = fields
+    for p in parts[:-1]:
+        if not isinstance(node.get(p), dict):
+            raise ValueError(f"{where}unknown config field {key!r}")
+        node = node[p]
+    if parts[-1] not in node:
+        raise ValueError(f"{where}unknown config field {key!r}")
+    try:
+        node[parts[-1]] = _coerce(value, node[parts[-1]])
+    except ValueError as exc:
+        raise ValueError(f"{where}config field {key!r}: {exc}") from None
 
 
 # fields a run folder's later commands may change: they name or locate the folder, extend the run

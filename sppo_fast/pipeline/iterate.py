@@ -37,6 +37,8 @@ def _device(cfg: SPPOConfig) -> torch.device:
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         return torch.device("cpu")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={cfg.device!r}, but torch sees no CUDA GPU here (use device=cpu or auto)")
     return torch.device(cfg.device)
 
 

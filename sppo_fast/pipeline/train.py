@@ -82,8 +82,20 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.beta > 0:
-            raise ValueError(f"beta must be > 0, got {self.beta}")
+        for name in ("beta", "learning_rate", "max_grad_norm"):
+            if not getattr(self, name) > 0:  # NaN fails too
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.warmup_ratio <= 1:
+            raise ValueError(f"warmup_ratio must lie in [0, 1], got {self.warmup_ratio}")
+        if self.log_every < 1:
+            raise ValueError(f"log_every must be >= 1, got {self.log_every}")
+        if self.save_every < 0:
+            raise ValueError(f"save_every must be >= 0 (0: only at the end), got {self.save_every}")
+        if not 1 <= self.max_prompt_length < self.max_length:
+            raise ValueError(f"need 1 <= max_prompt_length < max_length (room for the response), got "
+                             f"max_prompt_length={self.max_prompt_length}, max_length={self.max_length}")
 
 
 def _body_and_head(model):
