@@ -113,3 +113,50 @@ def test_yaml_values_are_coerced_like_set_values(tmp_path):
         with pytest.raises(ValueError, match="device='cuda', but torch sees no CUDA GPU"):
             it.run_iteration(load_config("tiny", overrides={"device": "cuda", "runs_dir": str(tmp_path)}), 1)
         assert not (tmp_path / "demo" / "iter-1").exists()
+
+
+def test_a_metrics_line_cut_short_by_a_kill_is_dropped_on_resume(tmp_path, monkeypatch):
+    from test_train import killed_at_call, records
+
+    from sppo_fast.tiny import tiny_chat_tokenizer
+
+    tok = tiny_chat_tokenizer(seed=0)
+    cfg = tr.TrainConfig(learning_rate=1e-3, optimizer="adamw", batch_size=2, epochs=2, max_length=64,
+                         max_prompt_length=24, save_every=2)
+    real = tr._loss
+    monkeypatch.setattr(tr, "_loss", killed_at_call(4, real))
+    with pytest.raises(KeyboardInterrupt):
+        tr.train(it.tiny_policy(tok), tok, records(4), tmp_path, cfg, progress=False)
+    monkeypatch.setattr(tr, "_loss", real)
+    metrics = tmp_path / "metrics.jsonl"
+    with metrics.open("a") as f:
+        f.write('{"step": 3, "lo')  # the kill landed in the middle of an append
+    tr.train(it.tiny_policy(tok), tok, records(4), tmp_path, cfg, progress=False)
+    assert [m["step"] for m in tr.read_metrics(metrics)] == [1, 2, 3, 4]
+    assert all(json.loads(x) for x in metrics.read_text().splitlines())
+
+
+def test_a_kill_between_the_ranking_files_leaves_a_run_that_finishes(tmp_path, monkeypatch):
+    from sppo_fast import _io
+
+    cfg = small(tmp_path, prompts_per_iteration="2", k="2", max_new_tokens="4")
+    real = _io.write_json
+
+    def dies_on_ranking_json(obj, path, **kw):
+        if path.name == "ranking.json":
+            raise KeyboardInterrupt
+        return real(obj, path, **kw)
+
+    monkeypatch.setattr(_io, "write_json", dies_on_ranking_json)
+    with pytest.raises(KeyboardInterrupt):
+        it.run_iteration(cfg, 1, progress=False, until="rank")
+    monkeypatch.setattr(_io, "write_json", real)
+    out = it.run_iteration(cfg, 1, progress=False, until="rank")
+    info = json.loads((out.parent / "ranking.json").read_text())
+    assert info["prompts"] == 2 and info["records"] + info["tied"] == 2
+
+
+def test_the_mistral_preset_checkpoints_during_training():
+    m = load_config("mistral-7b")
+    steps = m.prompts_per_iteration // (m.train.batch_size * m.train.grad_accum)
+    assert 0 < m.train.save_every < steps

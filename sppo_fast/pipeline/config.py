@@ -99,7 +99,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         prompts="UCLA-AGI/data-mistral-7b-instruct-sppo-iter{iteration}", prompts_per_iteration=20000,
         eval_prompts=0, max_new_tokens=2048, generation_batch_size=16,
         train=dict(learning_rate=5e-7, optimizer="rmsprop", beta=0.001, batch_size=8, grad_accum=8, epochs=1,
-                   max_length=1024, max_prompt_length=512, warmup_ratio=0.1, gradient_checkpointing=True)),
+                   max_length=1024, max_prompt_length=512, warmup_ratio=0.1, gradient_checkpointing=True,
+                   save_every=50)),  # ~310 steps an iteration: a kill loses at most 50 (a checkpoint: ~2x fp32 weights)
 }
 
 

@@ -29,7 +29,7 @@ from .config import SPPOConfig, check_run_config
 from .generate import generate
 from .prompts import load_prompts
 from .rank import HashWordRanker, training_records, win_rate
-from .train import train
+from .train import read_metrics, train
 
 
 def _device(cfg: SPPOConfig) -> torch.device:
@@ -234,8 +234,9 @@ def run_iteration(cfg: SPPOConfig, t: int, *, ranker=None, progress: bool = True
         cmp = torch.tensor([r["cmp"] for r in ranked], dtype=torch.float32)
         records, tied = training_records([r["prompt"] for r in ranked], [r["candidates"] for r in ranked], cmp,
                                          mode=cfg.mode)
-        _atomic_parquet(records, train_path)
+        # train.parquet, the stage's completion mark, last: a kill in between redoes the (cheap) step
         _io.write_json({"prompts": len(ranked), "tied": tied, "records": len(records)}, it / "ranking.json")
+        _atomic_parquet(records, train_path)
         (it / "ranked.parquet").unlink(missing_ok=True)
     if until == "rank":
         return train_path
@@ -278,7 +279,7 @@ def iterate(cfg: SPPOConfig, *, progress: bool = True, ranker=None) -> dict:
         models.append(run_iteration(cfg, t, ranker=ranker, progress=progress))
     rows = []
     for t, m in enumerate(models):
-        info = json.loads((run / f"iter-{t}" / "ranking.json").read_text()) if t else {}
+        info = _ranking_info(run / f"iter-{t}") if t else {}
         last = json.loads((m / "trainer_state.json").read_text())["summary"]["last"] if t else {}
         wr = evaluate(cfg, m, models[0], ranker=ranker) if cfg.eval_prompts and t else 0.5
         rows.append({"iteration": t, "win_rate_vs_iter0": wr, "tied_prompts": info.get("tied", 0),
@@ -288,6 +289,16 @@ def iterate(cfg: SPPOConfig, *, progress: bool = True, ranker=None) -> dict:
     _io.write_json(summary, run / "summary.json", indent=2)
     plot_run(run, rows)
     return summary
+
+
+def _ranking_info(it: Path) -> dict:
+    """ranking.json; for a folder ranked before it was written ahead of train.parquet, the record
+    count from train.parquet (the tie count is then unknown)."""
+    if (it / "ranking.json").exists():
+        return json.loads((it / "ranking.json").read_text())
+    import pyarrow.parquet as pq
+
+    return {"records": pq.read_metadata(it / "train.parquet").num_rows, "tied": None}
 
 
 def plot_run(run: Path, rows: list[dict]) -> None:
@@ -314,7 +325,7 @@ def plot_run(run: Path, rows: list[dict]) -> None:
     for r in rows[1:]:
         path = run / f"iter-{r['iteration']}" / "metrics.jsonl"
         if path.exists():
-            m = [json.loads(x) for x in path.read_text().splitlines() if x]
+            m = read_metrics(path)
             ax.plot([offset + x["step"] for x in m], [x["loss"] for x in m], label=f"iteration {r['iteration']}")
             offset += len(m)
     ax.set_xlabel("training step")
@@ -331,6 +342,6 @@ def format_summary(summary: dict) -> str:
     for r in summary["iterations"]:
         loss = f"{r['final_loss']:.4g}" if r["final_loss"] is not None else "-"
         lines.append(f"{r['iteration']:>9}  {r['win_rate_vs_iter0']:>18.3f}  {r['train_records']:>11}  "
-                     f"{r['tied_prompts']:>4}  {loss:>10}")
+                     f"{'-' if r['tied_prompts'] is None else r['tied_prompts']:>4}  {loss:>10}")
     lines.append(f"({summary['seconds']:.0f} s)")
     return "\n".join(lines)

@@ -144,6 +144,20 @@ def _float32_master_weights(model) -> None:
         model.to(torch.float32)
 
 
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """The records of a ``metrics.jsonl``; a last line cut short (a kill while it was appended) is
+    dropped, since the resumed run logs that step again."""
+    lines = [x for x in Path(path).read_text().splitlines() if x.strip()]
+    out = []
+    for i, x in enumerate(lines):
+        try:
+            out.append(json.loads(x))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise ValueError(f"{path}: line {i + 1} is not JSON: {x[:80]!r}") from None
+    return out
+
+
 class _HiddenAndHead(torch.nn.Module):
     """``forward(ids, mask) -> (hidden, lm_head.weight, lm_head.bias)``: the module DDP wraps, so the
     lm_head weight, used by the fused loss rather than by the forward, is still one of its outputs."""
@@ -327,8 +341,8 @@ def train(model, tokenizer, records: Sequence[dict], out_dir: str | os.PathLike,
     if cfg.tensorboard and rank == 0:
         writer = SummaryWriter(str(out / "tensorboard"), purge_step=step + 1)
     if rank == 0 and metrics_path.exists():  # drop what was logged after the checkpoint we resume from
-        kept = [x for x in metrics_path.read_text().splitlines() if x and json.loads(x)["step"] <= step]
-        _io.write_text("".join(x + "\n" for x in kept), metrics_path)
+        kept = [m for m in read_metrics(metrics_path) if m["step"] <= step]
+        _io.write_text("".join(json.dumps(m) + "\n" for m in kept), metrics_path)
     last: dict = {}
     t0, tokens = time.perf_counter(), 0
     bar = tqdm(total=total, initial=step, desc="SPPO training", unit="step", disable=not progress, dynamic_ncols=True)
