@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 
@@ -60,3 +61,25 @@ def write_text(text: str, path: Path) -> None:
         _replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def looks_like_hub_name(value: str) -> bool:
+    """``name`` or ``org/name``: Hugging Face's repo id form (``{iteration}`` may be filled in later)."""
+    value = str(value).replace("{iteration}", "1")
+    return bool(re.fullmatch(r"[\w.-]+(/[\w.-]+)?", value)) and not value.startswith(".") and ".." not in value
+
+
+def local_or_hub(name: str | os.PathLike, what: str, load):
+    """``load(name)`` for a local path or a hub name; a path that is neither (``runs/x/model`` that is
+    not there) is a FileNotFoundError saying so, not the hub's "Repo id must be in the form ..."; a
+    hub name the hub cannot provide (offline, or no such repo) is an OSError naming it."""
+    if Path(name).exists():
+        return load(name)
+    if not looks_like_hub_name(str(name)):
+        raise FileNotFoundError(f"{what} {str(name)!r}: no such file or folder")
+    try:
+        return load(name)
+    except OSError as exc:
+        first = next((x for x in str(exc).splitlines() if x.strip()), type(exc).__name__)
+        raise OSError(f"{what} {str(name)!r}: no such local folder, and the Hugging Face hub could not provide "
+                      f"it ({first})") from exc

@@ -16,19 +16,28 @@ import sys
 from pathlib import Path
 
 
+class UsageError(SystemExit):
+    """A bad command line or config: exit status 2 (as argparse's), the message printed first."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.code = 2
+        print(f"sppo-fast: {message}", file=sys.stderr)
+
+
 def _config(args):
     from .pipeline.config import load_config
 
     overrides = {}
     for item in args.set or []:
         if "=" not in item:
-            raise SystemExit(f"--set expects field=value, got {item!r}")
+            raise UsageError(f"--set expects field=value, got {item!r}")
         k, v = item.split("=", 1)
         overrides[k] = v
     try:
         return load_config(args.preset, args.config, overrides)
-    except (ValueError, FileNotFoundError) as exc:
-        raise SystemExit(f"config error: {exc}")
+    except (ValueError, TypeError, OSError) as exc:
+        raise UsageError(f"config error: {exc}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--set", nargs="+", action="extend", metavar="FIELD=VALUE",
                        help="override config fields (repeatable: --set a=1 --set b=2 sets both)")
         s.add_argument("--quiet", action="store_true", help="no progress bars")
+        s.add_argument("--debug", action="store_true", help="show the full traceback of an error")
         if name in ("generate", "rank", "train"):
             s.add_argument("--iteration", type=int, default=1)
         if name == "eval":
@@ -56,7 +66,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Errors in what the user gave (ValueError, TypeError, OSError) print one line and exit 2; Ctrl-C
+    exits 130 (every stage resumes); ``--debug`` shows the traceback instead."""
     args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("\nsppo-fast: interrupted; rerun the same command to resume (finished work is kept)", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, OSError) as exc:
+        if args.debug:
+            raise
+        msg = str(exc).replace("\n", " ")
+        print(f"sppo-fast: error: {msg}  (--debug shows the traceback)", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
     cfg = _config(args)
     from transformers.utils import logging as hf_logging
 

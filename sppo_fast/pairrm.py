@@ -210,11 +210,13 @@ def load_pairrm(name_or_path: str = "llm-blender/PairRM-hf", *, backbone: Option
     from transformers import AutoConfig, AutoTokenizer
 
     def local(p, **kw):
-        if Path(p).exists():
-            return Path(p)
-        from huggingface_hub import snapshot_download
+        def fetch(name):
+            if Path(name).exists():
+                return Path(name)
+            from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(p, **kw, **hub_kwargs))
+            return Path(snapshot_download(name, **kw, **hub_kwargs))
+        return _io.local_or_hub(p, "PairRM", fetch)
 
     path = local(name_or_path)
     cfg = json.loads((path / "config.json").read_text())

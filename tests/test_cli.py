@@ -160,3 +160,40 @@ def test_the_mistral_preset_checkpoints_during_training():
     m = load_config("mistral-7b")
     steps = m.prompts_per_iteration // (m.train.batch_size * m.train.grad_accum)
     assert 0 < m.train.save_every < steps
+
+
+def test_errors_are_one_line_with_an_exit_status(tmp_path, capsys, monkeypatch):
+    base = ["--quiet", "--set", f"runs_dir={tmp_path}"]
+    missing = str(tmp_path / "runs" / "x" / "iter-3" / "model")
+    assert cli.main(["eval", "--a", missing, "--b", missing, *base]) == 2
+    err = capsys.readouterr().err
+    assert f"sppo-fast: error: model {missing!r}: no such file or folder" in err and "Traceback" not in err
+    assert "Repo id" not in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(FileNotFoundError):  # --debug: the traceback
+        cli.main(["eval", "--a", missing, "--b", missing, "--debug", *base])
+    (tmp_path / "empty.jsonl").write_text("")
+    assert cli.main(["generate", *base, f"prompts={tmp_path / 'empty.jsonl'}"]) == 2
+    assert f"no prompts in {tmp_path / 'empty.jsonl'}" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # a config error: before any work, like argparse's
+        cli.main(["generate", *base, "ranker=./no/ranker"])
+    assert exc.value.code == 2 and "ranker: no such file or folder './no/ranker'" in capsys.readouterr().err
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(it, "run_iteration", interrupted)
+    assert cli.main(["train", *base]) == 130
+    assert "rerun the same command to resume" in capsys.readouterr().err
+
+
+def test_local_paths_that_do_not_exist_are_not_sent_to_the_hub(tmp_path):
+    from sppo_fast.pairrm import load_pairrm
+    from sppo_fast.pipeline.prompts import load_prompts
+
+    with pytest.raises(FileNotFoundError, match="PairRM '.*/no/pairrm': no such file or folder"):
+        load_pairrm(str(tmp_path / "no" / "pairrm"))
+    with pytest.raises(FileNotFoundError, match="prompt set '.*/p.jsonl': no such file or folder"):
+        load_prompts(str(tmp_path / "p.jsonl"))
+    (tmp_path / "h.csv").write_text("prompt\n")
+    with pytest.raises(ValueError, match="no prompts in"):
+        load_prompts(str(tmp_path / "h.csv"))

@@ -14,16 +14,11 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
+from .. import _io
 from ..reference import PAIRWISE_MODES
 from .prompts import SHIPPED_PROMPTS
 from .train import _FREE_TO_CHANGE as TRAIN_FREE_TO_CHANGE
 from .train import TrainConfig
-
-
-def _looks_like_hub_name(value: str) -> bool:
-    """``name`` or ``org/name`` (Hugging Face's repo id form; ``{iteration}`` may be filled in later)."""
-    value = value.replace("{iteration}", "1")
-    return bool(re.fullmatch(r"[\w.-]+(/[\w.-]+)?", value)) and not value.startswith(".") and ".." not in value
 
 
 @dataclasses.dataclass
@@ -61,7 +56,7 @@ class SPPOConfig:
             raise ValueError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         for f, builtin in (("model", ("tiny",)), ("ranker", ("hash", "pairrm-tiny")), ("prompts", ("shipped",))):
             value = getattr(self, f)
-            if value not in builtin and not Path(value).exists() and not _looks_like_hub_name(value):
+            if value not in builtin and not Path(value).exists() and not _io.looks_like_hub_name(value):
                 raise ValueError(f"{f}: no such file or folder {value!r} (and not a hub name like 'org/name'); "
                                  f"built in: {', '.join(builtin)}")
         if self.prompts == "shipped" and self.eval_prompts >= len(SHIPPED_PROMPTS):
@@ -230,7 +225,5 @@ def check_run_config(cfg: SPPOConfig) -> None:
 
 def save_config(cfg: SPPOConfig, path: Path) -> None:
     import yaml
-
-    from .. import _io
 
     _io.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), path)

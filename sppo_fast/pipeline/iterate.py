@@ -77,8 +77,8 @@ def load_policy(path: str | Path, device: torch.device, dtype: torch.dtype | Non
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = dtype or policy_dtype(device)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
-    return model, AutoTokenizer.from_pretrained(path)
+    model = _io.local_or_hub(path, "model", lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=dtype))
+    return model.to(device), AutoTokenizer.from_pretrained(path)
 
 
 def make_ranker(cfg: SPPOConfig, device: torch.device):

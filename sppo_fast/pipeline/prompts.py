@@ -12,6 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+from .. import _io
+
 _FORMS = (
     "Explain {t} to a curious student in a few sentences.",
     "Give three practical tips about {t}.",
@@ -49,17 +51,24 @@ def load_prompts(source: str = "shipped", *, split: str = "train", field: str = 
         import datasets
 
         path = Path(source)
-        if path.exists():
+        if path.is_file():
             kind = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}.get(path.suffix)
             if kind is None:
                 raise ValueError(f"{source}: unsupported prompt file type {path.suffix!r} "
                                  "(use .json, .jsonl, .csv or .parquet)")
-            ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+            if not path.read_bytes().strip():
+                raise ValueError(f"no prompts in {source} (an empty file)")
+            try:
+                ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+            except ValueError as exc:  # a CSV with a header alone: 'Instruction "train" corresponds to no data'
+                raise ValueError(f"no prompts in {source}" if "no data" in str(exc) else f"{source}: {exc}") from exc
         else:  # a hub dataset, for users who are online
-            ds = datasets.load_dataset(source, split=split)
+            ds = _io.local_or_hub(source, "prompt set", lambda name: datasets.load_dataset(name, split=split))
         if field not in ds.column_names:
             raise ValueError(f"{source}: no column {field!r}; columns: {ds.column_names}")
         prompts = ds[field]
+        if not prompts:
+            raise ValueError(f"no prompts in {source}")
     end = len(prompts) if limit is None else offset + limit
     out = prompts[offset:end]
     for i, p in enumerate(out):
