@@ -95,7 +95,8 @@ def _run(args) -> int:
     if args.command in ("demo", "iterate"):
         summary = it.iterate(cfg, progress=progress)
         print(it.format_summary(summary))
-        print(f"run folder: {cfg.run_dir}  (summary.json, winrate.png, loss.png)")
+        plots = "winrate.png, loss.png" if cfg.eval_prompts else "loss.png; no win rates: eval_prompts=0"
+        print(f"run folder: {cfg.run_dir}  (summary.json, {plots})")
     elif args.command in it.STAGES:
         out = it.run_iteration(cfg, args.iteration, progress=progress, until=args.command)
         print(f"wrote {out}")

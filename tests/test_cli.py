@@ -197,3 +197,32 @@ def test_local_paths_that_do_not_exist_are_not_sent_to_the_hub(tmp_path):
     (tmp_path / "h.csv").write_text("prompt\n")
     with pytest.raises(ValueError, match="no prompts in"):
         load_prompts(str(tmp_path / "h.csv"))
+
+
+def test_iteration_numbers_are_checked(tmp_path, capsys):
+    base = ["--quiet", "--set", f"runs_dir={tmp_path}", "prompts_per_iteration=2", "k=2"]
+    assert cli.main(["generate", "--iteration", "2", *base]) == 2
+    assert "iteration 2 starts from iteration 1's policy" in capsys.readouterr().err
+    assert cli.main(["generate", "--iteration", "-1", *base]) == 2
+    assert "iteration must be >= 1" in capsys.readouterr().err
+    assert not list(tmp_path.glob("demo/iter-*"))
+
+
+def test_no_held_out_prompts_means_no_win_rate_not_a_tie(tmp_path):
+    summary = it.iterate(small(tmp_path, prompts_per_iteration="4", k="2", max_new_tokens="4", eval_prompts="0"),
+                         progress=False)
+    assert [r["win_rate_vs_iter0"] for r in summary["iterations"]] == [None, None]
+    table = it.format_summary(summary).splitlines()
+    assert table[1].split()[:2] == ["0", "-"] and table[2].split()[:2] == ["1", "-"]
+    assert not (tmp_path / "demo" / "winrate.png").exists()
+
+
+def test_a_small_prompt_source_warns_or_refuses(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text("\n".join(json.dumps({"prompt": f"question {i}"}) for i in range(6)))
+    with pytest.warns(UserWarning, match="has 2 prompts after the 4 held out.*repeats prompts"):
+        assert len(it.iteration_prompts(small(tmp_path, prompts=str(f), prompts_per_iteration="3"), 1)) == 3
+    with pytest.warns(UserWarning, match="iteration 2 reuses prompts of earlier iterations"):
+        it.iteration_prompts(small(tmp_path, prompts=str(f), prompts_per_iteration="2"), 2)
+    with pytest.raises(ValueError, match="every prompt is held out.*none left to train on"):
+        it.iteration_prompts(small(tmp_path, prompts=str(f), eval_prompts="6"), 1)

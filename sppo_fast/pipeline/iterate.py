@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -162,6 +163,16 @@ def iteration_prompts(cfg: SPPOConfig, t: int) -> list[str]:
     if len(prompts) < cfg.prompts_per_iteration:
         # a small source (the shipped set) is reused cyclically; each iteration still differs
         pool = load_prompts(cfg.prompts, field=cfg.prompt_field, offset=cfg.eval_prompts)
+        if not pool:
+            raise ValueError(f"{cfg.prompts}: every prompt is held out for evaluation (eval_prompts="
+                             f"{cfg.eval_prompts}): none left to train on; lower eval_prompts")
+        if len(pool) < cfg.prompts_per_iteration:
+            warnings.warn(f"{cfg.prompts} has {len(pool)} prompts after the {cfg.eval_prompts} held out, fewer than "
+                          f"prompts_per_iteration={cfg.prompts_per_iteration}: iteration {t} repeats prompts "
+                          f"(lower prompts_per_iteration to avoid duplicates)", stacklevel=2)
+        elif cfg.prompts != "shipped":  # the shipped set is small by design
+            warnings.warn(f"{cfg.prompts} has {len(pool)} prompts after the {cfg.eval_prompts} held out: iteration "
+                          f"{t} reuses prompts of earlier iterations", stacklevel=2)
         prompts = [pool[(start - cfg.eval_prompts + i) % len(pool)] for i in range(cfg.prompts_per_iteration)]
     return prompts
 
@@ -184,9 +195,15 @@ def run_iteration(cfg: SPPOConfig, t: int, *, ranker=None, progress: bool = True
     ``until``: stop after ``"generate"`` or ``"rank"`` (earlier stages run first when missing)."""
     if until not in STAGES:
         raise ValueError(f"until: expected one of {STAGES}, got {until!r}")
+    if not isinstance(t, int) or t < 1:
+        raise ValueError(f"iteration must be >= 1 (iteration 1 trains from the starting policy), got {t!r}")
     check_run_config(cfg)
     device = _device(cfg)
     run = cfg.run_dir
+    prev = run / f"iter-{t - 1}" / "model"
+    if t > 1 and not (prev / "trainer_state.json").exists():
+        raise ValueError(f"iteration {t} starts from iteration {t - 1}'s policy, which {run} does not have yet: "
+                         f"run `sppo-fast train --iteration {t - 1}` with the same settings first")
     it = run / f"iter-{t}"
     final = it / "model"
     if (final / "trainer_state.json").exists():
@@ -281,7 +298,8 @@ def iterate(cfg: SPPOConfig, *, progress: bool = True, ranker=None) -> dict:
     for t, m in enumerate(models):
         info = _ranking_info(run / f"iter-{t}") if t else {}
         last = json.loads((m / "trainer_state.json").read_text())["summary"]["last"] if t else {}
-        wr = evaluate(cfg, m, models[0], ranker=ranker) if cfg.eval_prompts and t else 0.5
+        # None: not evaluated (no held-out prompts), not a tie
+        wr = (evaluate(cfg, m, models[0], ranker=ranker) if t else 0.5) if cfg.eval_prompts else None
         rows.append({"iteration": t, "win_rate_vs_iter0": wr, "tied_prompts": info.get("tied", 0),
                      "train_records": info.get("records", 0), "final_loss": last.get("loss"),
                      "reward_margin": last.get("rewards/margins")})
@@ -310,16 +328,18 @@ def plot_run(run: Path, rows: list[dict]) -> None:
         import matplotlib.pyplot as plt
     except ImportError:  # plots are optional (pip install matplotlib)
         return
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot([r["iteration"] for r in rows], [r["win_rate_vs_iter0"] for r in rows], "o-")
-    ax.axhline(0.5, color="gray", lw=0.8, ls="--")
-    ax.set_xlabel("SPPO iteration")
-    ax.set_ylabel("win rate vs iteration 0")
-    ax.set_ylim(0, 1)
-    ax.set_title("held-out win rate under the ranker")
-    fig.tight_layout()
-    fig.savefig(run / "winrate.png", dpi=110)
-    plt.close(fig)
+    rated = [r for r in rows if r["win_rate_vs_iter0"] is not None]
+    if rated:  # none with eval_prompts=0: no win-rate plot rather than a flat line at 0.5
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.plot([r["iteration"] for r in rated], [r["win_rate_vs_iter0"] for r in rated], "o-")
+        ax.axhline(0.5, color="gray", lw=0.8, ls="--")
+        ax.set_xlabel("SPPO iteration")
+        ax.set_ylabel("win rate vs iteration 0")
+        ax.set_ylim(0, 1)
+        ax.set_title("held-out win rate under the ranker")
+        fig.tight_layout()
+        fig.savefig(run / "winrate.png", dpi=110)
+        plt.close(fig)
     fig, ax = plt.subplots(figsize=(6, 3.5))
     offset = 0
     for r in rows[1:]:
@@ -341,7 +361,8 @@ def format_summary(summary: dict) -> str:
     lines = [f"{'iteration':>9}  {'win rate vs iter 0':>18}  {'train pairs':>11}  {'tied':>4}  {'final loss':>10}"]
     for r in summary["iterations"]:
         loss = f"{r['final_loss']:.4g}" if r["final_loss"] is not None else "-"
-        lines.append(f"{r['iteration']:>9}  {r['win_rate_vs_iter0']:>18.3f}  {r['train_records']:>11}  "
+        wr = "-" if r["win_rate_vs_iter0"] is None else f"{r['win_rate_vs_iter0']:.3f}"
+        lines.append(f"{r['iteration']:>9}  {wr:>18}  {r['train_records']:>11}  "
                      f"{'-' if r['tied_prompts'] is None else r['tied_prompts']:>4}  {loss:>10}")
     lines.append(f"({summary['seconds']:.0f} s)")
     return "\n".join(lines)
