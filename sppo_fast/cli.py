@@ -7,6 +7,8 @@
 
 Every config field can be set from a YAML file (``--config``) and overridden with ``--set
 field=value`` (nested: ``train.learning_rate=1e-4``). Bad configs are rejected before any work.
+Outputs go to <runs_dir>/<name>/ (default runs/demo/); a rerun of the same command resumes there,
+and other settings on that folder are refused (choose another name, or delete the folder).
 """
 
 from __future__ import annotations
@@ -44,24 +46,41 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sppo-fast", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    for name, help_ in (("demo", "3 SPPO iterations of the embedded default on this machine"),
-                        ("iterate", "N iterations end to end, then win rates"),
-                        ("generate", "sample K responses per prompt (one iteration)"),
-                        ("rank", "rank the candidates and build the training set (one iteration)"),
-                        ("train", "train one iteration's policy"),
-                        ("eval", "win rate of policy A against policy B on the held-out prompts")):
-        s = sub.add_parser(name, help=help_)
-        s.add_argument("--preset", default="tiny", help="tiny (default) or mistral-7b")
+    from .pipeline.config import PRESETS
+
+    out = "Writes to <runs_dir>/<name>/ (default runs/demo/; --set runs_dir=... name=...)."
+    for name, help_, more in (
+            ("demo", "3 SPPO iterations of the embedded default on this machine",
+             "A tiny policy, the shipped prompts and a hash ranker: runs on a CPU in minutes. " + out),
+            ("iterate", "N iterations end to end, then win rates",
+             "Generate, rank and train for iterations 1..N (--set iterations=N), then the held-out win rate "
+             "of each iteration's policy against iteration 0; summary.json and plots. " + out),
+            ("generate", "sample K responses per prompt (one iteration)",
+             "Writes iter-<N>/generations.parquet. " + out),
+            ("rank", "rank the candidates and build the training set (one iteration)",
+             "Generates first if needed; writes iter-<N>/train.parquet and ranking.json. " + out),
+            ("train", "train one iteration's policy",
+             "Generates and ranks first if needed; writes iter-<N>/model/ and metrics.jsonl. " + out),
+            ("eval", "win rate of policy A against policy B on the held-out prompts",
+             "Both policies answer the first eval_prompts prompts of the source; the ranker judges. "
+             "Prints the win rate; writes nothing.")):
+        s = sub.add_parser(name, help=help_, description=f"{help_[0].upper()}{help_[1:]}. {more}")
+        s.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
+                       help="starting settings (default: tiny; mistral-7b: the released SPPO recipe)")
         s.add_argument("--config", type=Path, default=None, help="YAML file of config fields")
         s.add_argument("--set", nargs="+", action="extend", metavar="FIELD=VALUE",
                        help="override config fields (repeatable: --set a=1 --set b=2 sets both)")
         s.add_argument("--quiet", action="store_true", help="no progress bars")
         s.add_argument("--debug", action="store_true", help="show the full traceback of an error")
         if name in ("generate", "rank", "train"):
-            s.add_argument("--iteration", type=int, default=1)
+            s.add_argument("--iteration", type=int, default=1, metavar="N",
+                           help="which SPPO iteration, 1-based (default 1): iteration N trains from "
+                                "iteration N-1's policy, which must be trained already")
         if name == "eval":
-            s.add_argument("--a", required=True)
-            s.add_argument("--b", required=True)
+            s.add_argument("--a", required=True, metavar="MODEL",
+                           help="policy A: a model folder (e.g. runs/demo/iter-3/model) or a hub name")
+            s.add_argument("--b", required=True, metavar="MODEL",
+                           help="policy B, the baseline (e.g. runs/demo/iter-0/model)")
     return p
 
 

@@ -226,3 +226,19 @@ def test_a_small_prompt_source_warns_or_refuses(tmp_path):
         it.iteration_prompts(small(tmp_path, prompts=str(f), prompts_per_iteration="2"), 2)
     with pytest.raises(ValueError, match="every prompt is held out.*none left to train on"):
         it.iteration_prompts(small(tmp_path, prompts=str(f), eval_prompts="6"), 1)
+
+
+def test_help_explains_every_option_and_where_outputs_go(capsys):
+    for command in ("demo", "iterate", "generate", "rank", "train", "eval"):
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "--preset {mistral-7b,tiny}" in text
+        if command != "eval":
+            assert "<runs_dir>/<name>/" in text
+        if command in ("generate", "rank", "train"):
+            assert "--iteration N which SPPO iteration, 1-based" in text
+    assert "--a MODEL policy A: a model folder" in text and "--b MODEL policy B" in text
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--preset", "huge"])
+    assert "invalid choice: 'huge'" in capsys.readouterr().err
