@@ -120,7 +120,7 @@ def _run(args) -> int:
         out = it.run_iteration(cfg, args.iteration, progress=progress, until=args.command)
         print(f"wrote {out}")
     else:
-        print(f"win rate of {args.a} against {args.b}: {it.evaluate(cfg, Path(args.a), Path(args.b)):.3f}")
+        print(f"win rate of {args.a} against {args.b}: {it.evaluate(cfg, Path(args.a), Path(args.b), progress=progress):.3f}")
     return 0
 
 

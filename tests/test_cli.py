@@ -242,3 +242,17 @@ def test_help_explains_every_option_and_where_outputs_go(capsys):
     with pytest.raises(SystemExit):
         cli.main(["demo", "--preset", "huge"])
     assert "invalid choice: 'huge'" in capsys.readouterr().err
+
+
+def test_long_silent_steps_show_progress(tmp_path, capsys):
+    from test_train import records
+
+    from sppo_fast.tiny import tiny_chat_tokenizer
+
+    tok = tiny_chat_tokenizer(seed=0)
+    cfg = tr.TrainConfig(batch_size=2, epochs=1, max_length=64, max_prompt_length=24)
+    tr.train(it.tiny_policy(tok), tok, records(4), tmp_path / "t", cfg, progress=True)
+    assert "reference log-probs" in capsys.readouterr().err
+    model = tmp_path / "t" / "model"
+    it.evaluate(small(tmp_path, eval_prompts="2"), model, model, progress=True)
+    assert f"evaluating: A = {model}" in capsys.readouterr().err

@@ -96,7 +96,7 @@ class RowSampler:
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[str], *, k: int = 5, temperature: float = 0.7,
              top_p: float = 0.9, top_k: int = 0, max_new_tokens: int = 2048, seed: int = 50,
-             batch_size: int = 16, progress: bool = True) -> list[list[str]]:
+             batch_size: int = 16, progress: bool = True, desc: str = "generating") -> list[list[str]]:
     """``candidates[b][i]``: the i-th sampled response to ``prompts[b]`` (special tokens removed)."""
     from tqdm.auto import tqdm
     from transformers import LogitsProcessorList
@@ -115,7 +115,7 @@ def generate(model, tokenizer, prompts: Sequence[str], *, k: int = 5, temperatur
     model.eval()
     try:
         texts = [prompt_text(tokenizer, p) for p in prompts]
-        with tqdm(total=k * len(prompts), desc="generating", unit="sample", disable=not progress,
+        with tqdm(total=k * len(prompts), desc=desc, unit="sample", disable=not progress,
                   dynamic_ncols=True) as bar:
             for i in range(k):
                 for s in range(0, len(texts), batch_size):

@@ -262,7 +262,8 @@ def run_iteration(cfg: SPPOConfig, t: int, *, ranker=None, progress: bool = True
     return final
 
 
-def evaluate(cfg: SPPOConfig, model_a: Path, model_b: Path, *, ranker=None, samples: int = 2) -> float:
+def evaluate(cfg: SPPOConfig, model_a: Path, model_b: Path, *, ranker=None, samples: int = 2,
+             progress: bool = False) -> float:
     """Win rate of policy A against policy B on the held-out prompts under the ranker: each prompt
     answered ``samples`` times by each (same seeds), both orders compared, ties count one half."""
     device = _device(cfg)
@@ -272,10 +273,11 @@ def evaluate(cfg: SPPOConfig, model_a: Path, model_b: Path, *, ranker=None, samp
         raise ValueError("eval_prompts is 0: no held-out prompts to evaluate on")
     ranker = ranker or make_ranker(cfg, device)
     outs = []
-    for path in (model_a, model_b):
+    for which, path in (("A", model_a), ("B", model_b)):
         model, tok = load_policy(path, device)
         outs.append(generate(model, tok, prompts, k=samples, temperature=cfg.temperature, top_p=cfg.top_p,
-                             top_k=cfg.top_k, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 7, progress=False,
+                             top_k=cfg.top_k, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 7,
+                             progress=progress, desc=f"evaluating: {which} = {path}",
                              batch_size=cfg.generation_batch_size))
     rates = [win_rate(ranker, prompts, [a[s] for a in outs[0]], [b[s] for b in outs[1]]) for s in range(samples)]
     return sum(rates) / len(rates)
@@ -299,7 +301,7 @@ def iterate(cfg: SPPOConfig, *, progress: bool = True, ranker=None) -> dict:
         info = _ranking_info(run / f"iter-{t}") if t else {}
         last = json.loads((m / "trainer_state.json").read_text())["summary"]["last"] if t else {}
         # None: not evaluated (no held-out prompts), not a tie
-        wr = (evaluate(cfg, m, models[0], ranker=ranker) if t else 0.5) if cfg.eval_prompts else None
+        wr = (evaluate(cfg, m, models[0], ranker=ranker, progress=progress) if t else 0.5) if cfg.eval_prompts else None
         rows.append({"iteration": t, "win_rate_vs_iter0": wr, "tied_prompts": info.get("tied", 0),
                      "train_records": info.get("records", 0), "final_loss": last.get("loss"),
                      "reward_margin": last.get("rewards/margins")})

@@ -114,14 +114,16 @@ def hidden_states(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def reference_logps(model, batches: Sequence[dict], backend: str = "auto") -> list[Tensor]:
+def reference_logps(model, batches: Sequence[dict], backend: str = "auto", *, progress: bool = False) -> list[Tensor]:
     """Sequence log-probs of every batch under ``model`` (forward only, no [N, V] logits)."""
+    from tqdm.auto import tqdm
+
     _, head = _body_and_head(model)
     out = []
     was_training = model.training
     model.eval()
     dev = next(model.parameters()).device
-    for b in batches:
+    for b in tqdm(batches, desc="reference log-probs", unit="batch", disable=not progress, dynamic_ncols=True):
         # as in training: the same autocast for the body and the lm_head, so that the policy's
         # log-ratio to the reference is exactly 0 before the first step
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
@@ -312,7 +314,7 @@ def train(model, tokenizer, records: Sequence[dict], out_dir: str | os.PathLike,
         raise ValueError(f"{ref_path} is missing or was written for other settings, and the policy has already "
                          f"trained (checkpoint {ckpts[-1].name}): delete {out} to start over")
     else:
-        refs = reference_logps(model, batches, cfg.backend)
+        refs = reference_logps(model, batches, cfg.backend, progress=progress and rank == 0)
         tmp = ref_path.with_name(f".{ref_path.name}.tmp")  # one per rank: ranks write side by side
         torch.save({"settings": settings, "refs": refs}, tmp)
         os.replace(tmp, ref_path)
