@@ -438,8 +438,8 @@ def pairrm_aggregate(cmp: Tensor, mode: str = "official", *, backend: str = "aut
     Same result as :func:`sppo_fast.reference.pairrm_aggregate` (see there for the formulas):
     ``mode="official"`` (default) reproduces LLM-Blender's scores and SPPO's probabilities;
     ``mode="direct"`` uses each pair on its own, ``P[i, j] = sigmoid((cmp[i, j] - cmp[j, i]) / 2)``.
-    The diagonal of ``cmp`` is ignored. Raises on NaN in ``cmp`` (a NaN logit would silently pick
-    a winner).
+    The diagonal of ``cmp`` is ignored. Raises on NaN or +-inf in ``cmp`` (a NaN logit would silently
+    pick a winner; an infinite one gives NaN scores).
     """
     if not isinstance(cmp, Tensor):
         raise TypeError(f"cmp: expected a torch.Tensor, got {type(cmp).__name__}")
@@ -453,8 +453,8 @@ def pairrm_aggregate(cmp: Tensor, mode: str = "official", *, backend: str = "aut
         raise ValueError(f"mode: expected one of {PAIRWISE_MODES}, got {mode!r}")
     K = cmp.shape[1]
     off_diag = ~torch.eye(K, dtype=torch.bool, device=cmp.device)
-    if cmp.numel() and bool(cmp[:, off_diag].isnan().any()):
-        raise ValueError("cmp: contains NaN off the diagonal")
+    if cmp.numel() and not bool(cmp[:, off_diag].isfinite().all()):  # inf - inf would make NaN scores
+        raise ValueError("cmp: contains NaN or +-inf off the diagonal (an overflowed ranker logit?)")
     be = resolve_backend(backend, cmp.device)
     if be == "triton" and K > 64 and backend == "auto":
         be = "reference"  # the Triton kernel keeps a prompt's K x K block in one program

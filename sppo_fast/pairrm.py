@@ -629,6 +629,8 @@ class PairRMRanker:
 
 
 def _check_candidates(prompts: Sequence[str], candidates: Sequence[Sequence[str]]) -> int:
+    if isinstance(prompts, str):
+        raise TypeError("prompts is a str; expected a list of prompts (one per candidate list)")
     if len(prompts) != len(candidates):
         raise ValueError(f"got {len(prompts)} prompts but {len(candidates)} candidate lists")
     if not candidates:

@@ -256,3 +256,17 @@ def test_long_silent_steps_show_progress(tmp_path, capsys):
     model = tmp_path / "t" / "model"
     it.evaluate(small(tmp_path, eval_prompts="2"), model, model, progress=True)
     assert f"evaluating: A = {model}" in capsys.readouterr().err
+
+
+def test_ranking_rejects_infinite_logits_and_a_bare_prompt_string():
+    import sppo_fast
+    from sppo_fast.pairrm import PairRMRanker, tiny_pairrm
+
+    cmp = torch.randn(2, 3, 3)
+    cmp[1, 0, 2] = float("inf")
+    for backend in ("reference", "auto"):
+        with pytest.raises(ValueError, match=r"cmp: contains NaN or \+-inf"):
+            sppo_fast.pairrm_aggregate(cmp, backend=backend)
+    model, tok = tiny_pairrm(seed=0)
+    with pytest.raises(TypeError, match="prompts is a str"):
+        PairRMRanker(model, tok, progress=False).rank("hi", [["a", "b"], ["c", "d"]])
