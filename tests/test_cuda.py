@@ -28,10 +28,11 @@ def test_sequence_logps(dtype, V, gen):
 def test_views_inplace_huge(gen):
     logits, labels = make_batch(3, 17, 777, torch.bfloat16, gen, extra_time=1)
     logits, labels = logits.cuda(), labels.cuda()
+    assert not logits[:, :-1].is_contiguous()  # the kernels get the view's strides (check_sequence_logps)
     check_sequence_logps(logits[:, :-1], labels[:, 1:], gen, "cuda")
     check_sequence_logps(logits, labels, gen, "cuda", inplace=True)
     big, big_labels = make_batch(2, 9, 515, torch.float32, gen, huge=True)
-    check_sequence_logps(big.cuda(), big_labels.cuda(), gen, "cuda", fwd_scale=1e4)
+    check_sequence_logps(big.cuda(), big_labels.cuda(), gen, "cuda")
 
 
 @pytest.mark.parametrize("loss_type", sppo_fast.LOSS_TYPES)
