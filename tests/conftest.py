@@ -29,6 +29,7 @@ gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 def isa(request):
     """Run the test once per instruction set this CPU supports, then restore the best one."""
     sppo_fast.set_cpu_isa(request.param)
+    assert sppo_fast.cpu_isa() == request.param, (sppo_fast.cpu_isa(), request.param)
     yield request.param
     sppo_fast.set_cpu_isa(_native._C.cpu_best_isa())
 
