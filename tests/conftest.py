@@ -108,13 +108,13 @@ def check_sequence_logps(logits, labels, gen, backend, *, inplace=False):
 
 def check_fused_loss_backend(backend, device, loss_type, gen):
     """fused_sppo_loss through ``backend`` on ``device`` equals the reference backend's, loss and
-    logits gradient (upstream gradient 0.3), for ``loss_type``."""
+    logits gradient (upstream gradient 0.3), for ``loss_type``, with probabilities drawn fresh."""
     from _data import make_batch
 
     logits, labels = make_batch(4, 21, 1001, torch.float32, gen)
     logits, labels = logits.to(device), labels.to(device)
-    probs = {"chosen_probs_win": torch.tensor([0.7, 0.9]), "chosen_probs_lose": torch.tensor([0.2, 0.4]),
-             "chosen_probs": torch.tensor([0.6, 0.8])}
+    u = torch.rand(3, 2, generator=gen)
+    probs = {"chosen_probs_win": 0.5 + u[0] / 2, "chosen_probs_lose": u[1] / 2, "chosen_probs": u[2]}
     probs = {k: v.to(device) for k, v in probs.items()}
     ref = torch.randn(4, generator=gen).to(device)
     res = {}
