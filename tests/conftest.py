@@ -106,6 +106,40 @@ def check_sequence_logps(logits, labels, gen, backend, *, inplace=False):
     return out, leaf.grad
 
 
+# atol for single-token log-probs (of ~8 nats), per dtype; the same-dtype reference's error on top
+TOK_ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-5, torch.float16: 1e-5, torch.float64: 1e-12}
+
+
+def check_token_logprobs(logits, labels, gen, backend, *, ignore_index=-100):
+    """token_logprobs through ``backend`` against the float64 reference, forward and backward with a
+    random upstream gradient per token (so each token's coefficient differs, unlike a sequence
+    sum's). The kernel gets the logits in their own layout. Returns the output and the gradient."""
+    from sppo_fast import reference as R
+
+    dtype = logits.dtype
+    truth_in = logits.detach().double().requires_grad_()
+    truth = R.token_logprobs(truth_in, labels, ignore_index)
+    same_in = logits.detach().clone().requires_grad_()
+    same = R.token_logprobs(same_in, labels, ignore_index)
+    leaf = copy_keeping_layout(logits).requires_grad_()
+    out = sppo_fast.token_logprobs(leaf, labels, ignore_index, backend=backend)
+    assert out.device == logits.device and out.shape == labels.shape
+    assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert_as_accurate(out, same, truth, atol=TOK_ATOL[dtype], rtol=OUT_ULP[out.dtype],
+                       what=f"token_logprobs {backend} {dtype}")
+    ignored = labels == ignore_index
+    assert (out[ignored] == 0).all()
+    g = (torch.randn(out.shape, generator=gen, dtype=torch.float64) * 3).to(out.device)
+    (truth * g).sum().backward()
+    (same * g.to(same.dtype)).sum().backward()
+    (out * g.to(out.dtype)).sum().backward()
+    assert leaf.grad.dtype == dtype and leaf.grad.shape == logits.shape
+    assert_as_accurate(leaf.grad, same_in.grad, truth_in.grad, atol=GRAD_ATOL[dtype],
+                       rtol=0 if dtype == torch.float64 else 1e-6, what=f"grad {backend} {dtype}")
+    assert (leaf.grad[ignored] == 0).all()  # ignored tokens (and fully masked rows): no gradient
+    return out, leaf.grad
+
+
 def check_fused_loss_backend(backend, device, loss_type, gen):
     """fused_sppo_loss through ``backend`` on ``device`` equals the reference backend's, loss and
     logits gradient (upstream gradient 0.3), for ``loss_type``, with probabilities drawn fresh."""

@@ -11,7 +11,7 @@ import sppo_fast
 from sppo_fast import _native
 
 from _data import make_batch
-from conftest import DTYPES, HAS_CUDA, check_fused_loss_backend, check_sequence_logps
+from conftest import DTYPES, HAS_CUDA, check_fused_loss_backend, check_sequence_logps, check_token_logprobs
 
 pytestmark = pytest.mark.skipif(not HAS_CUDA or not _native.cuda_status()[0],
                                 reason="needs a CUDA device and a CUDA build")
@@ -23,6 +23,23 @@ def test_sequence_logps(dtype, V, gen):
     logits, labels = make_batch(3, 33, V, dtype, gen, fully_masked=(1,))
     out, grad = check_sequence_logps(logits.cuda(), labels.cuda(), gen, "cuda")
     assert out[1].item() == 0.0 and (grad[1] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+@pytest.mark.parametrize("V", [1271, 32000])
+def test_token_logprobs(dtype, V, gen):
+    """Per-token outputs and a per-token upstream gradient (the backward's coefficient varies along
+    T), on a logits[:, :-1] view with a fully masked row, and on [N, V] logits."""
+    logits, labels = make_batch(3, 33, V, dtype, gen, fully_masked=(1,), extra_time=1)
+    logits, labels = logits.cuda(), labels.cuda()
+    out, grad = check_token_logprobs(logits[:, :-1], labels[:, 1:], gen, "cuda")
+    assert (out[1] == 0).all() and (grad[1] == 0).all()
+    check_token_logprobs(logits[0], labels[0], gen, "cuda")
+
+
+def test_token_logprobs_huge(gen):
+    big, big_labels = make_batch(2, 9, 515, torch.float32, gen, huge=True)
+    check_token_logprobs(big.cuda(), big_labels.cuda(), gen, "cuda")
 
 
 def test_views_inplace_huge(gen):

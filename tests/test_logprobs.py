@@ -7,7 +7,7 @@ import sppo_fast
 from sppo_fast import reference as R
 
 from _data import make_batch
-from conftest import DTYPES, FWD_ATOL, assert_as_accurate, check_sequence_logps, gpu
+from conftest import DTYPES, FWD_ATOL, assert_as_accurate, check_sequence_logps, check_token_logprobs, gpu
 
 
 def _check_seq(logits, labels, gen, *, inplace=False):
@@ -55,22 +55,31 @@ def test_shifted_view_without_copy(dtype, gen):
     torch.testing.assert_close(x.grad.double(), ref_x.grad, rtol=0.02, atol=2e-2 if dtype != torch.float32 else 1e-6)
 
 
-@pytest.mark.parametrize("shape", [(7, 1271), (2, 3, 1)])
-def test_token_logprobs(isa, shape, gen):
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+@pytest.mark.parametrize("shape", [(7, 1271), (2, 3, 1), (4, 11, 1271)])
+def test_token_logprobs(isa, shape, dtype, gen):
+    """Forward and backward with a per-token upstream gradient; [B, T, V] as a logits[:, :-1] view
+    with a fully masked row."""
     V = shape[-1]
-    x = torch.randn(*shape, generator=gen).requires_grad_()
+    x = (torch.randn(*shape, generator=gen) * 3).to(dtype)
     labels = torch.randint(0, V, shape[:-1], generator=gen)
     labels.view(-1)[0] = -100
-    out = sppo_fast.token_logprobs(x, labels, backend="cpp")
-    xt = x.detach().double().requires_grad_()
-    truth = R.token_logprobs(xt, labels)
-    assert out.shape == labels.shape
+    if len(shape) == 3:
+        x = torch.cat([x, x[:, :1]], 1)[:, :-1]  # a strided view
+        labels[-1] = -100
+    out, grad = check_token_logprobs(x, labels, gen, "cpp")
     assert out.view(-1)[0].item() == 0.0
-    torch.testing.assert_close(out.double(), truth, rtol=0, atol=1e-5)
-    g = torch.randn(labels.shape, generator=gen, dtype=torch.float64)
-    (out * g.float()).sum().backward()
-    (truth * g).sum().backward()
-    torch.testing.assert_close(x.grad.double(), xt.grad, rtol=0, atol=1e-6)
+    if len(shape) == 3:
+        assert not x.is_contiguous()
+        assert (out[-1] == 0).all() and (grad[-1] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_token_logprobs_huge(isa, dtype, gen):
+    kw = dict(scale=2000.0) if dtype == torch.float16 else dict(huge=True)  # float16 ends at 65504
+    logits, labels = make_batch(3, 17, 515, dtype, gen, fully_masked=(0,), **kw)
+    out, grad = check_token_logprobs(logits, labels, gen, "cpp")
+    assert (out[0] == 0).all() and (grad[0] == 0).all()
 
 
 def test_token_and_sequence_gradients_combine(gen):

@@ -11,7 +11,8 @@ import sppo_fast
 from sppo_fast import reference as R
 
 from _data import make_batch
-from conftest import DTYPES, TRITON_DEVICE, assert_as_accurate, check_fused_loss_backend, check_sequence_logps, gpu
+from conftest import (DTYPES, TRITON_DEVICE, assert_as_accurate, check_fused_loss_backend, check_sequence_logps,
+                      check_token_logprobs, gpu)
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 DEV = TRITON_DEVICE
@@ -69,12 +70,27 @@ def test_autotuned_inplace_backward_keeps_its_input(gen, monkeypatch):
     torch.testing.assert_close(work, expect, rtol=0, atol=0)
 
 
-def test_token_logprobs_2d(gen):
-    x = torch.randn(9, 301, generator=gen).to(DEV)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_token_logprobs(dtype, gen):
+    """Per-token outputs and a per-token upstream gradient (the backward's coefficient varies along
+    T, unlike a sequence sum's), on a logits[:, :-1] view with a fully masked row."""
+    logits, labels = make_batch(3, 13, 1271, dtype, gen, fully_masked=(1,), extra_time=1)
+    logits, labels = logits.to(DEV), labels.to(DEV)
+    out, grad = check_token_logprobs(logits[:, :-1], labels[:, 1:], gen, "triton")
+    assert (out[1] == 0).all() and (grad[1] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_token_logprobs_2d(dtype, gen):
+    x = (torch.randn(9, 301, generator=gen) * 3).to(dtype).to(DEV)
     labels = torch.randint(0, 301, (9,), generator=gen).to(DEV)
     labels[2] = -100
-    out = sppo_fast.token_logprobs(x, labels, backend="triton")
-    torch.testing.assert_close(out.double(), R.token_logprobs(x.double(), labels), rtol=0, atol=1e-5)
+    check_token_logprobs(x, labels, gen, "triton")
+
+
+def test_token_logprobs_huge(gen):
+    logits, labels = make_batch(2, 7, 515, torch.float32, gen, huge=True)
+    check_token_logprobs(logits.to(DEV), labels.to(DEV), gen, "triton")
 
 
 @pytest.mark.parametrize("loss_type", sppo_fast.LOSS_TYPES)
