@@ -86,8 +86,11 @@ def check_sequence_logps(logits, labels, gen, backend, *, inplace=False):
     same = R.sequence_logps(same_in, labels)
     leaf = copy_keeping_layout(logits).requires_grad_()
     assert leaf.stride() == logits.stride() and leaf.is_contiguous() == logits.is_contiguous()
-    out = sppo_fast.sequence_logps(leaf * 1 if inplace else leaf, labels, backend=backend,
-                                   inplace_backward=inplace)
+    x = leaf * 1 if inplace else leaf  # in place: a non-leaf buffer the op may consume
+    seen = []
+    if inplace:
+        x.register_hook(seen.append)  # the gradient the op returns for x
+    out = sppo_fast.sequence_logps(x, labels, backend=backend, inplace_backward=inplace)
     assert out.device == logits.device
     assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     # rtol: one ulp of the largest sum in the output's dtype (its own rounding). Huge logits
@@ -100,6 +103,8 @@ def check_sequence_logps(logits, labels, gen, backend, *, inplace=False):
     (same * g.to(same.dtype)).sum().backward()
     (out * g.to(out.dtype)).sum().backward()
     assert leaf.grad.dtype == dtype
+    if inplace:  # the gradient was written into the logits' own memory
+        assert seen[0].data_ptr() == x.data_ptr(), "inplace_backward wrote a fresh buffer"
     # rtol: ~8 float32 ulps of the largest gradient entry (|g| reaches ~10 here)
     assert_as_accurate(leaf.grad, same_in.grad, truth_in.grad, atol=GRAD_ATOL[dtype],
                        rtol=0 if dtype == torch.float64 else 1e-6, what=f"grad {backend} {dtype}")

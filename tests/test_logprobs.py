@@ -107,7 +107,11 @@ def test_gradcheck_float64(isa, gen):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_inplace_backward(dtype, gen):
-    logits, labels = make_batch(4, 23, 1271, dtype, gen)
+    """inplace_backward: the gradient lands in the logits' memory, as accurate as the float64
+    reference's (random upstream gradient), and bit for bit the out-of-place gradient."""
+    logits, labels = make_batch(4, 23, 1271, dtype, gen, fully_masked=(2,))
+    _, grad = _check_seq(logits, labels, gen, inplace=True)  # asserts the data_ptr too
+    assert (grad[2] == 0).all()
     x = logits.clone().requires_grad_()
     out = sppo_fast.sequence_logps(x * 1, labels, backend="cpp", inplace_backward=True)
     ref_x = logits.clone().requires_grad_()
@@ -120,17 +124,25 @@ def test_inplace_backward(dtype, gen):
 
 
 def test_inplace_backward_overwrites_logits(gen):
+    """The logits buffer handed to the op holds its own gradient afterwards (same memory), and the
+    leaf's gradient through it matches the float64 reference (upstream gradient other than 1)."""
     logits, labels = make_batch(2, 9, 101, torch.float32, gen)
     leaf = logits.clone().requires_grad_()
     hidden = leaf * 2  # the logits buffer the op may consume
+    seen = []
+    hidden.register_hook(seen.append)
     out = sppo_fast.sequence_logps(hidden, labels, backend="cpp", inplace_backward=True)
-    out.sum().backward()
-    expect = R.sequence_logps((logits * 2).double().requires_grad_(), labels)
-    assert torch.isfinite(leaf.grad).all()
+    g = torch.randn(2, generator=gen, dtype=torch.float64) * 3
+    (out * g.float()).sum().backward()
+    assert seen[0].data_ptr() == hidden.data_ptr()
+    assert torch.equal(hidden.detach(), seen[0])  # overwritten by its gradient
+    assert not torch.equal(hidden.detach(), logits * 2)
     ref_leaf = logits.double().requires_grad_()
-    R.sequence_logps(ref_leaf * 2, labels).sum().backward()
-    torch.testing.assert_close(leaf.grad.double(), ref_leaf.grad, rtol=0, atol=1e-5)
-    assert expect.shape == out.shape
+    (R.sequence_logps(ref_leaf * 2, labels) * g).sum().backward()
+    same_leaf = logits.clone().requires_grad_()
+    (R.sequence_logps(same_leaf * 2, labels) * g.float()).sum().backward()
+    assert_as_accurate(leaf.grad, same_leaf.grad, ref_leaf.grad, atol=1e-6, rtol=1e-6, what="grad")
+    torch.testing.assert_close(seen[0] * 2, leaf.grad, rtol=0, atol=0)
 
 
 def test_large_vocab(gen):
