@@ -57,6 +57,29 @@ def assert_as_accurate(out, same_dtype_ref, truth, *, atol, rtol=0.0, what=""):
     assert e_out <= bound, f"{what}: error {e_out:.3g} > reference's own {e_ref:.3g} + tolerance ({bound:.3g})"
 
 
+UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11,
+                 torch.float64: 2.0**-53}
+
+
+def assert_elementwise_as_accurate(out, same_dtype_ref, truth, *, atol, rtol=0.0, what=""):
+    """Entry by entry: |out - truth| <= max(|same_dtype_ref - truth|, u * |truth|) + atol
+    + rtol * max|truth|, u the unit roundoff of out's dtype (its own rounding of the true value).
+    Catches wrong small entries that a max-error rule hides behind the largest entries' rounding
+    (in bf16 the largest gradient entries round by ~3e-2, so zeroing all entries below 1e-2
+    would pass assert_as_accurate)."""
+    assert out.shape == truth.shape, (what, out.shape, truth.shape)
+    t = truth.double()
+    err = (out.double() - t).abs()
+    scale = t.abs().max().item() if t.numel() else 0.0
+    bound = torch.maximum((same_dtype_ref.double() - t).abs(), UNIT_ROUNDOFF[out.dtype] * t.abs())
+    bound = bound + atol + rtol * scale
+    bad = err > bound
+    if bool(bad.any()):
+        i = tuple(bad.nonzero()[0].tolist())
+        raise AssertionError(f"{what}: {int(bad.sum())} entries beyond their bound; at {i}: "
+                             f"{out[i].item():.6g} vs truth {t[i].item():.6g} (bound {bound[i].item():.3g})")
+
+
 # atol for log-prob sums of ~100 tokens and for gradient entries, per dtype; the same-dtype
 # reference's own error is added on top (assert_as_accurate).
 FWD_ATOL = {torch.float32: 2e-4, torch.bfloat16: 2e-4, torch.float16: 2e-4, torch.float64: 1e-9}
@@ -108,6 +131,9 @@ def check_sequence_logps(logits, labels, gen, backend, *, inplace=False):
     # rtol: ~8 float32 ulps of the largest gradient entry (|g| reaches ~10 here)
     assert_as_accurate(leaf.grad, same_in.grad, truth_in.grad, atol=GRAD_ATOL[dtype],
                        rtol=0 if dtype == torch.float64 else 1e-6, what=f"grad {backend} {dtype}")
+    assert_elementwise_as_accurate(leaf.grad, same_in.grad, truth_in.grad, atol=GRAD_ATOL[dtype],
+                                   rtol=0 if dtype == torch.float64 else 1e-6,
+                                   what=f"grad {backend} {dtype} (entrywise)")
     return out, leaf.grad
 
 
@@ -141,6 +167,9 @@ def check_token_logprobs(logits, labels, gen, backend, *, ignore_index=-100):
     assert leaf.grad.dtype == dtype and leaf.grad.shape == logits.shape
     assert_as_accurate(leaf.grad, same_in.grad, truth_in.grad, atol=GRAD_ATOL[dtype],
                        rtol=0 if dtype == torch.float64 else 1e-6, what=f"grad {backend} {dtype}")
+    assert_elementwise_as_accurate(leaf.grad, same_in.grad, truth_in.grad, atol=GRAD_ATOL[dtype],
+                                   rtol=0 if dtype == torch.float64 else 1e-6,
+                                   what=f"grad {backend} {dtype} (entrywise)")
     assert (leaf.grad[ignored] == 0).all()  # ignored tokens (and fully masked rows): no gradient
     return out, leaf.grad
 
