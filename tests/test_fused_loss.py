@@ -7,7 +7,7 @@ import sppo_fast
 from sppo_fast import reference as R
 
 from _data import make_batch
-from conftest import DTYPES, assert_as_accurate
+from conftest import DTYPES, TRITON_DEVICE, assert_as_accurate
 
 
 def _probs(B, gen, dtype=torch.float64):
@@ -15,19 +15,31 @@ def _probs(B, gen, dtype=torch.float64):
     return {"chosen_probs_win": 0.5 + u[0] / 2, "chosen_probs_lose": u[1] / 2, "chosen_probs": u[2]}
 
 
-def _ref_loss(logits, labels, ref_logps, probs, beta, loss_type):
-    B = logits.shape[0] // 2
-    pol = R.sequence_logps(logits, labels)
+def _sppo_mean(pol, ref_logps, probs, beta, loss_type):
+    B = pol.shape[0] // 2
     p = {k: v.to(pol.dtype) for k, v in probs.items()}
     ref = ref_logps.to(pol.dtype)
-    return R.sppo_loss(pol[:B], pol[B:], ref[:B], ref[B:], beta=beta, loss_type=loss_type, **p).mean(), pol
+    return R.sppo_loss(pol[:B], pol[B:], ref[:B], ref[B:], beta=beta, loss_type=loss_type, **p).mean()
 
 
-@pytest.mark.parametrize("loss_type", sppo_fast.LOSS_TYPES)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_fused_matches_reference(loss_type, dtype, gen):
-    B, T, V = 3, 97, 1271  # 2B = 6 sequences
-    logits, labels = make_batch(2 * B, T, V, dtype, gen, fully_masked=(4,))
+def _ref_loss(logits, labels, ref_logps, probs, beta, loss_type):
+    pol = R.sequence_logps(logits, labels)
+    return _sppo_mean(pol, ref_logps, probs, beta, loss_type), pol
+
+
+def _check_fused(backend, dtype, loss_type, gen, *, B=3, T=97, V=1271, masked=4, token_rounding=False,
+                 **batch):
+    """fused_sppo_loss through ``backend`` against the float64 reference composite: policy log-probs,
+    loss, logits gradient (upstream gradient 0.37), the fully masked sequence ``masked`` (zero
+    gradient) and the metrics. ``batch``: extra make_batch arguments (huge logits).
+
+    ``token_rounding``: for |logits| ~ 1e4 each float32 token log-prob rounds by ~1e-3 (kernel and
+    reference alike, independently), so the kernel's loss may be off by more than the float32
+    reference's by chance. Then the loss and gradient also get the error that the kernel's own
+    token log-probs (float64-summed; held to float64 by the token_logprobs tests) carry into them:
+    sum_s |dloss/dlogp_s| * err_s, and up * (2 / B) * max_s err_s for the gradient."""
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    logits, labels = make_batch(2 * B, T, V, dtype, gen, fully_masked=(masked,), **batch)
     probs = _probs(B, gen)
     beta = 0.1  # targets of a few nats, comparable to the random log-ratios
     with torch.no_grad():
@@ -37,30 +49,70 @@ def test_fused_matches_reference(loss_type, dtype, gen):
     truth, truth_pol = _ref_loss(xt, labels, ref_logps, probs, beta, loss_type)
     xs = logits.clone().requires_grad_()
     same, same_pol = _ref_loss(xs, labels, ref_logps, probs, beta, loss_type)
-    x = logits.clone().requires_grad_()
-    loss, pol, metrics = sppo_fast.fused_sppo_loss(x, labels, ref_logps, beta=beta, loss_type=loss_type,
-                                                   backend="cpp", **probs)
+    x = logits.to(device).requires_grad_()
+    loss, pol, metrics = sppo_fast.fused_sppo_loss(
+        x, labels.to(device), ref_logps.to(device), beta=beta, loss_type=loss_type, backend=backend,
+        **{k: v.to(device) for k, v in probs.items()})
     assert loss.dim() == 0 and pol.shape == (2 * B,)
-    assert_as_accurate(pol, same_pol, truth_pol, atol=2e-4, what="policy logps")
-    assert_as_accurate(loss, same, truth, atol=2e-3, rtol=1e-5, what="loss")
-
+    loss, pol = loss.cpu(), pol.cpu()
+    # rtol: one float32 ulp of the sums (huge logits: sums ~5e5)
+    assert_as_accurate(pol, same_pol, truth_pol, atol=2e-4, rtol=2**-23, what="policy logps")
     up = 0.37  # upstream gradient other than 1
+    loss_tol, grad_tol = 2e-3, 1e-6
+    if token_rounding:
+        with torch.no_grad():
+            tok = sppo_fast.token_logprobs(logits.to(device), labels.to(device), backend=backend)
+            err = (tok.cpu().double().sum(-1) - truth_pol).abs()
+        p64 = truth_pol.detach().clone().requires_grad_()
+        g_pol, = torch.autograd.grad(_sppo_mean(p64, ref_logps, probs, beta, loss_type), p64)
+        loss_tol += (g_pol.abs() * err).sum().item()
+        grad_tol += up * (2 / B) * err.max().item()
+    assert_as_accurate(loss, same, truth, atol=loss_tol, rtol=1e-5, what="loss")
+
     (truth * up).backward()
     (same * up).backward()
     (loss * up).backward()
     # rtol: one output ulp (bf16, fp16) of the largest gradient entry; for fp32, the float32
     # rounding of the ~-700-nat sequence sums that set each sequence's coefficient (a - target)
     rtol = {torch.float32: 1e-5, torch.bfloat16: 2**-8, torch.float16: 2**-10}[dtype]
-    assert_as_accurate(x.grad, xs.grad, xt.grad, atol=1e-6, rtol=rtol, what="grad logits")
-    assert (x.grad[4] == 0).all()
+    grad = x.grad.cpu()
+    assert_as_accurate(grad, xs.grad, xt.grad, atol=grad_tol, rtol=rtol, what="grad logits")
+    assert (grad[masked] == 0).all()
 
     # metrics: TRL names, detached, consistent with the policy log-probs
     assert not any(v.requires_grad for v in metrics.values())
     a_w = (truth_pol[:B] - ref_logps[:B]).detach()
-    torch.testing.assert_close(metrics["rewards/chosen"].double(), (beta * a_w).mean(), rtol=1e-4, atol=1e-4)
+    # the metrics come from the float32 policy and ref_logps: one ulp of each sum rounds them
+    ulps = beta * 2 * 2**-23 * ref_logps.abs().max().item()
+    torch.testing.assert_close(metrics["rewards/chosen"].cpu().double(), (beta * a_w).mean(), rtol=1e-4,
+                               atol=1e-4 + ulps)
     t_w, _ = R.sppo_targets(beta=beta, loss_type=loss_type, **probs)
-    torch.testing.assert_close(metrics["targets/chosen"].double(),
+    torch.testing.assert_close(metrics["targets/chosen"].cpu().double(),
                                torch.as_tensor(beta * t_w, dtype=torch.float64).mean(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss_type", sppo_fast.LOSS_TYPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_matches_reference(loss_type, dtype, gen):
+    _check_fused("cpp", dtype, loss_type, gen)  # 2B = 6 sequences
+
+
+@pytest.mark.parametrize("loss_type", sppo_fast.LOSS_TYPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_triton(loss_type, dtype, gen):
+    """The Triton path (interpreter here) in every dtype, with a fully masked sequence."""
+    pytest.importorskip("triton")
+    _check_fused("triton", dtype, loss_type, gen, B=2, T=23, V=515, masked=1)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_huge_logits(backend, dtype, gen):
+    """|logits| ~ 1e4 (float16: ~6e3, its range ends at 65504), sums ~ -1e5 nats."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    huge = dict(scale=2000.0) if dtype == torch.float16 else dict(huge=True)
+    _check_fused(backend, dtype, "sppo", gen, B=2, T=17, V=515, masked=2, token_rounding=True, **huge)
 
 
 def test_fused_released_beta_float32(gen):
@@ -127,7 +179,8 @@ def test_sppo_loss_formulas_by_hand():
 
 
 def test_sppo_loss_gradient_is_per_sequence_scalar(gen):
-    """dloss/dlogp_w = (a_w - target_w) / n_pairs for loss_type sppo: what makes fusion exact."""
+    """dloss/dlogp_w = (a_w - target_w) / n_pairs and dloss/dlogp_l = (a_l - target_l) / n_pairs for
+    loss_type sppo: what makes fusion exact."""
     B = 5
     pol = torch.randn(2 * B, generator=gen, dtype=torch.float64).requires_grad_()
     ref = torch.randn(2 * B, generator=gen, dtype=torch.float64)
@@ -137,8 +190,11 @@ def test_sppo_loss_gradient_is_per_sequence_scalar(gen):
                                chosen_probs_lose=pr["chosen_probs_lose"]).mean()
     loss.backward()
     a_w = pol[:B].detach() - ref[:B]
-    expect = (a_w - 4 * (pr["chosen_probs_win"] - 0.5)) / B
-    torch.testing.assert_close(pol.grad[:B], expect)
+    a_l = pol[B:].detach() - ref[B:]
+    expect_w = (a_w - 4 * (pr["chosen_probs_win"] - 0.5)) / B
+    expect_l = (a_l - 4 * (pr["chosen_probs_lose"] - 0.5)) / B
+    torch.testing.assert_close(pol.grad[:B], expect_w)
+    torch.testing.assert_close(pol.grad[B:], expect_l)  # the rejected half too
 
 
 def test_convergence_tiny_model(gen):
