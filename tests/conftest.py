@@ -23,6 +23,9 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 HAS_CUDA = torch.cuda.is_available()
 TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"  # CPU tensors run in Triton's interpreter
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+# the cuda backend also needs the extension built with its CUDA kernels
+cuda_backend = pytest.mark.skipif(not HAS_CUDA or not _native.cuda_status()[0],
+                                  reason="needs a CUDA device and a CUDA build")
 
 
 @pytest.fixture(params=CPU_ISAS)
@@ -172,6 +175,36 @@ def check_token_logprobs(logits, labels, gen, backend, *, ignore_index=-100):
                                    what=f"grad {backend} {dtype} (entrywise)")
     assert (leaf.grad[ignored] == 0).all()  # ignored tokens (and fully masked rows): no gradient
     return out, leaf.grad
+
+
+def blockwise_token_logprobs(logits, labels, dtype, rows=256):
+    """``reference.token_logprobs(logits.to(dtype), labels)`` computed ``rows`` tokens at a time, so
+    float64 truth for full-size logits needs one [rows, V] block at a time, not a float64 copy of
+    all of them (the log-softmax of one row does not depend on the others)."""
+    from sppo_fast import reference as R
+
+    V = logits.shape[-1]
+    flat, flat_labels = logits.reshape(-1, V), labels.reshape(-1)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    out = torch.empty(flat_labels.shape, dtype=acc, device=logits.device)
+    for i in range(0, flat.shape[0], rows):
+        out[i:i + rows] = R.token_logprobs(flat[i:i + rows].to(dtype), flat_labels[i:i + rows])
+    return out.view(labels.shape)
+
+
+def check_full_size(logits, labels, backend, rows=256):
+    """Forward at full size through ``backend``, token and sequence log-probs, against float64 truth
+    computed block by block; the same-dtype reference (float32 log-softmax, float32 sums, as
+    reference.sequence_logps) sets the allowance."""
+    truth_tok = blockwise_token_logprobs(logits, labels, torch.float64, rows)
+    same_tok = blockwise_token_logprobs(logits, labels, logits.dtype, rows)
+    tok = sppo_fast.token_logprobs(logits, labels, backend=backend)
+    assert_as_accurate(tok, same_tok, truth_tok, atol=TOK_ATOL[logits.dtype], rtol=OUT_ULP[tok.dtype],
+                       what=f"token_logprobs {backend} full size")
+    del tok
+    seq = sppo_fast.sequence_logps(logits, labels, backend=backend)
+    assert_as_accurate(seq, same_tok.sum(-1), truth_tok.sum(-1), atol=FWD_ATOL[logits.dtype],
+                       rtol=OUT_ULP[seq.dtype], what=f"sequence_logps {backend} full size")
 
 
 def check_fused_loss_backend(backend, device, loss_type, gen):

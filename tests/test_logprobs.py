@@ -7,7 +7,7 @@ import sppo_fast
 from sppo_fast import reference as R
 
 from _data import make_batch
-from conftest import DTYPES, GRAD_ATOL, assert_as_accurate, check_sequence_logps, check_token_logprobs, gpu
+from conftest import DTYPES, GRAD_ATOL, assert_as_accurate, check_sequence_logps, check_token_logprobs, cuda_backend
 
 
 def _check_seq(logits, labels, gen, *, inplace=False):
@@ -247,7 +247,7 @@ def test_backward_on_a_vocabulary_slice_triton(dtype, gen):
     _slab_backward_matches_full_rows(_triton, TRITON_DEVICE, dtype, gen)
 
 
-@gpu
+@cuda_backend
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_backward_on_a_vocabulary_slice_cuda(dtype, gen):
     _slab_backward_matches_full_rows(sppo_fast._native, "cuda", dtype, gen)
