@@ -86,6 +86,35 @@ def test_fused_and_reference_paths_agree_for_20_steps(tok, tmp_path):
     for a, b in zip(fused, ref):
         assert a["loss"] == pytest.approx(b["loss"], rel=2e-4, abs=1e-5), (a["step"], a["loss"], b["loss"])
         assert a["rewards/margins"] == pytest.approx(b["rewards/margins"], rel=2e-3, abs=1e-5)
+    # both paths take ref_logps from the same helper, so the agreement above cannot see a wrong
+    # reference: at step 1 (metrics of the loss before the first update) the policy is the
+    # reference, so every reward is 0: exactly so on the fused path (the same lm_head kernels as
+    # reference_logps; 0.0 here), up to the float32 rounding of the ~-200-nat sums on the reference
+    # path (beta * a few 1e-5 nats; 8e-7 seen). A reference off by 0.3 nats gives 0.03.
+    for path, tol in ((fused, 1e-6), (ref, 1e-5)):
+        for k in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+            assert abs(path[0][k]) <= tol, (k, path[0][k])
+
+
+def test_reference_logps_are_the_models_sequence_logps(tok):
+    """train.reference_logps (hidden states and lm_head, no [N, V] logits) against the float64
+    reference sequence log-probs of the model's own logits, batch by batch."""
+    from sppo_fast import reference as R
+
+    model = tiny_policy(tok)
+    cfg = tr.TrainConfig(batch_size=3, max_length=64, max_prompt_length=24)
+    batches = tr._pair_batches(tok, records(7, seed=3), cfg, torch.device("cpu"))
+    got = tr.reference_logps(model, batches)
+    assert model.training  # restored
+    assert len(got) == len(batches) == 3
+    with torch.no_grad():
+        model.eval()
+        for b, r in zip(batches, got):
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            expect = R.sequence_logps(logits.double(), b["labels"])
+            assert r.shape == expect.shape and r.dtype == torch.float32
+            torch.testing.assert_close(r.double(), expect, rtol=1e-5, atol=1e-4)
+        model.train()
 
 
 def killed_at_call(n, real):
