@@ -14,6 +14,7 @@ import torch
 import sppo_fast
 from sppo_fast import deberta
 from sppo_fast import pairrm as prm
+from sppo_fast import reference as R
 from sppo_fast.tiny import synthetic_text
 
 from _data import ATTENTION_CONFIGS, deberta_case
@@ -317,6 +318,15 @@ def test_rank_dataset_resumes_and_writes_atomically(tiny, tmp_path, monkeypatch)
     for row, w, l, cs in zip(got, want.chosen.tolist(), want.rejected.tolist(), c):
         assert row["chosen"][1]["content"] == cs[row["chosen_index"]]
         assert row["rejected"][0] == {"role": "user", "content": row["prompt"]}
+        # each record's fields are the reference aggregation of its own (stored) matrix
+        agg = R.pairrm_aggregate(torch.tensor([row["cmp"]], dtype=torch.float32))
+        w, l = int(agg.chosen[0]), int(agg.rejected[0])
+        assert (row["chosen_index"], row["rejected_index"], row["tied"]) == (w, l, bool(agg.tied[0]))
+        assert row["rejected"][1]["content"] == cs[l]
+        assert row["chosen_probs"] == pytest.approx(agg.probs[0, w, l].item(), rel=0, abs=1e-9)
+        assert row["chosen_probs_win"] == pytest.approx(agg.win_rates[0, w].item(), rel=0, abs=1e-9)
+        assert row["chosen_probs_lose"] == pytest.approx(agg.win_rates[0, l].item(), rel=0, abs=1e-9)
+        np.testing.assert_allclose(row["win_rates"], agg.win_rates[0].numpy(), rtol=0, atol=1e-9)
     assert {"prompt", "chosen", "rejected", "chosen_probs", "chosen_probs_win", "chosen_probs_lose",
             "candidates", "scores", "cmp", "tied"} <= set(got.column_names)
     # a finished output is not recomputed; parts written for other inputs are refused

@@ -140,6 +140,18 @@ def test_ranking_records_and_ties():
     assert records[0]["rejected"][1]["content"] == cands[0][u.index(min(u))]
     assert 0.5 < records[0]["chosen_probs_win"] <= 1 and 0 <= records[0]["chosen_probs_lose"] < 0.5
     assert win_rate(r, prompts, ["a", "same"], ["a", "same"]) == 0.5
+    # the probabilities are those of the reference aggregation of this prompt's matrix
+    from sppo_fast import reference as R
+
+    agg = R.pairrm_aggregate(m.double())
+    w, l = int(agg.chosen[0]), int(agg.rejected[0])
+    assert (records[0]["chosen_index"], records[0]["rejected_index"]) == (w, l)
+    assert records[0]["chosen_probs"] == pytest.approx(agg.probs[0, w, l].item(), rel=0, abs=1e-6)
+    assert records[0]["chosen_probs_win"] == pytest.approx(agg.win_rates[0, w].item(), rel=0, abs=1e-6)
+    assert records[0]["chosen_probs_lose"] == pytest.approx(agg.win_rates[0, l].item(), rel=0, abs=1e-6)
+    # three candidates, each probability a different number: a field swapped for another shows
+    assert len({records[0]["chosen_probs"], records[0]["chosen_probs_win"], records[0]["chosen_probs_lose"],
+                agg.probs[0, l, w].item()}) == 4
 
 
 def test_iterations_raise_the_win_rate_and_resume(tmp_path, monkeypatch):
