@@ -33,9 +33,8 @@ GEMM), written once in the weight's dtype. Four GEMMs instead of three (at most 
 rate), and almost no memory beside the two gradients: ``d_weight`` is made in forward, and until
 the pass writes them its rows are the chunk pass's logits buffer (chunks of at most H tokens),
 then each slab's gradient (in the rows after the slab) and, with ignored tokens, the gathered
-hidden rows (in the last R rows). On a GPU the slabs shrink where that room runs out, and only
-the last few columns use a buffer, of N x 256 (``MIN_SLAB_CUDA``); on a CPU, where narrow slabs
-measured slow, the slabs keep their width and the columns left use a buffer of the budget's size.
+hidden rows (in the last R rows). The slabs shrink where that room runs out, and only the last few
+columns use a buffer, of N x 256 (``MIN_SLAB``).
 (Float32 GEMMs on copies of a 16-bit weight, outside the 16-bit mode, use blocks of rows and
 slabs in a buffer of their own, summed in float32.) Since
 the slab's gradient is formed at the true upstream scale, a 16-bit ``d_weight`` rounds exactly
@@ -83,11 +82,11 @@ DEFAULT_CHUNK_BYTES_CUDA = 256 << 20
 # all the tokens, so narrow slabs still make large GEMMs (16384 x 4096 x 2048 at 64 MiB).
 DEFAULT_VOCAB_PASS_BYTES_CUDA = 64 << 20
 # Its slabs shrink towards the end of the vocabulary, as the room for their gradient in d_weight
-# does, down to this many columns on a GPU; the last few use a buffer of N x this many (8 MiB for
-# 16384 bf16 tokens). Narrower slabs would make GEMMs that wait on memory (a 16384 x 4096 x 256
-# GEMM is about at an H100's balance point). On a CPU the slabs keep the budget's width (narrow
-# ones measured 1.4x-1.8x slower in all, bf16, N = 4096, H = 512): the buffer is the budget's.
-MIN_SLAB_CUDA = 256
+# does, down to this many columns; the last few use a buffer of N x this many (8 MiB for 16384 bf16
+# tokens). Narrower slabs would make GEMMs that wait on memory (a 16384 x 4096 x 256 GEMM is about
+# at an H100's balance point). On this 2-core CPU (bf16, N = 4096, H = 512) the whole call took
+# 0-5% longer than with slabs kept at the budget's width and a buffer of that size.
+MIN_SLAB = 256
 
 
 @dataclass(frozen=True)
@@ -100,7 +99,7 @@ class _Options:
     lowp: bool = False  # 16-bit GEMMs and logits (see _lowp_gemms)
     weight_grad: str = "accumulate"  # or "recompute": how d_weight is summed (module notes)
     vocab_elems: int = 0  # the vocabulary pass's widest slab (or block x slab) in elements (0: chunk_tokens x V)
-    min_slab: int = 0  # its narrowest slab in d_weight's own memory, in columns (0: the widest)
+    min_slab: int = MIN_SLAB  # its narrowest slab in d_weight's own memory, in columns
 
 
 WEIGHT_GRAD_MODES = ("auto", "accumulate", "recompute")
@@ -205,8 +204,7 @@ def _options(hidden: Tensor, weight: Tensor, ignore_index: int, chunk_tokens: Op
         # tokens fit in it (e.g. 4096 instead of 4194 bf16 tokens at V = 32000 on a GPU)
         chunk = min(chunk, max(16, weight.shape[1]))
     vocab = DEFAULT_VOCAB_PASS_BYTES_CUDA // elem if cuda and chunk_tokens is None else 0
-    return _Options(ignore_index, chunk, loss_scale, with_grads, backend, lowp, mode, vocab,
-                    MIN_SLAB_CUDA if cuda else 0)
+    return _Options(ignore_index, chunk, loss_scale, with_grads, backend, lowp, mode, vocab)
 
 
 @dataclass
@@ -464,18 +462,17 @@ class _Chunked:
         """Every slab in one GEMM over all its rows, ``d_weight[slab] = G.T @ h``, with little
         memory: until they are written, the rows of ``d_weight`` after the slab hold the slab's
         gradient ``G``. So slabs shrink towards the end of the vocabulary, down to ``min_slab``
-        columns (on a GPU; on a CPU, where narrow slabs measured slow, none), and the last few
-        use a buffer of their own, of rows x that many columns.
+        columns, and the last few use a buffer of their own, of rows x that many columns.
 
-        With ignored tokens on a GPU, the labelled rows' hidden states are first gathered into the
-        last R rows of ``d_weight`` (while that leaves room for slabs); the columns left when it
-        does not are done over all the tokens, in place, the ignored ones with a zero gradient (a
-        little more arithmetic instead of an [R, H] copy). On a CPU they are gathered once."""
+        With ignored tokens, the labelled rows' hidden states are first gathered into the last R
+        rows of ``d_weight`` (while that leaves room for slabs); the columns left when it does not
+        are done over all the tokens, in place, the ignored ones with a zero gradient (a little
+        more arithmetic instead of an [R, H] copy)."""
         R, (V, H) = len(labels), self.w.shape
         N = self.h.shape[0]
         budget = self.opts.vocab_elems or min(R, self.opts.chunk_tokens) * V
-        if self.every_row or not self.opts.min_slab:
-            self._slabs(dw, db, 0, V, self._rows(0, R), labels, lse, coef, budget, last=True)
+        if self.every_row:
+            self._slabs(dw, db, 0, V, self.h, labels, lse, coef, budget, last=True)
             return
         v0 = 0
         if V - R > self._slab_widths(R, budget)[1] * (1 + -(-R // H)):
@@ -512,8 +509,8 @@ class _Chunked:
 
     def _slab_widths(self, rows: int, budget: int) -> tuple[int, int]:
         """The widest slab (the budget's: the tuned GEMM shape) and the narrowest one in ``d_weight``."""
-        widest = _aligned(max(self.opts.min_slab, 1, budget // rows))
-        return widest, min(widest, self.opts.min_slab or widest)
+        widest = _aligned(max(self.opts.min_slab, budget // rows))
+        return widest, self.opts.min_slab
 
     def _vocab_pass_blocked(self, dw: Tensor, db: Optional[Tensor], lse: Tensor, coef: Tensor,
                             labels: Tensor) -> None:

@@ -519,9 +519,9 @@ def test_create_graph_backward_is_first_order(gen):
             gw.sum().backward()
 
 
-def _gpu_slabs(monkeypatch, min_slab: int = 64) -> None:
-    """The vocabulary pass's slabs as on a GPU: shrinking in d_weight's memory down to ``min_slab``
-    columns (a CPU keeps them at the budget's width)."""
+def _min_slab(monkeypatch, min_slab: int) -> None:
+    """The vocabulary pass's slabs shrink in d_weight's memory down to ``min_slab`` columns (instead
+    of MIN_SLAB: more of the narrow ones, a smaller buffer, at these small shapes)."""
     import dataclasses
 
     from sppo_fast import linear
@@ -537,11 +537,11 @@ def _gpu_slabs(monkeypatch, min_slab: int = 64) -> None:
 @pytest.mark.parametrize("every_row", [False, True])
 @pytest.mark.parametrize("min_slab", [16, 64])
 def test_vocabulary_pass_in_d_weight_memory(dtype, bias, chunk, every_row, min_slab, gen, monkeypatch):
-    """The GPU's vocabulary pass on a CPU: slabs whose gradient lives in d_weight's rows after them,
-    shrinking to min_slab columns, then a buffer for the last ones; with ignored tokens the
-    labelled rows first, gathered into d_weight, then every row. Exact whatever the layout."""
+    """The vocabulary pass: slabs whose gradient lives in d_weight's rows after them, shrinking to
+    min_slab columns, then a buffer for the last ones; with ignored tokens the labelled rows first,
+    gathered into d_weight, then every row. Exact whatever the layout."""
     monkeypatch.setenv("SPPO_FAST_CPU_BF16_GEMMS", "1")
-    _gpu_slabs(monkeypatch, min_slab)
+    _min_slab(monkeypatch, min_slab)
     h, w, b, labels, ref, probs = _inputs(gen, bias=bias, fully_masked=(4,))
     if every_row:
         labels = torch.randint(0, V, (S, T), generator=gen)
@@ -589,7 +589,7 @@ def test_recompute_holds_only_the_gradients(dtype, every_row, gen, monkeypatch):
     hidden rows): forward + backward hold the two gradients, a tail buffer of N x min_slab and O(N)
     more. (A chunk buffer and a vocabulary-pass buffer of their own made this 3.5x larger.)"""
     monkeypatch.setenv("SPPO_FAST_CPU_BF16_GEMMS", "1")  # bf16: the 16-bit mode, as on a GPU
-    _gpu_slabs(monkeypatch, min_slab=64)
+    _min_slab(monkeypatch, 64)
     h, w, labels, ref, probs = _sized_inputs(gen, dtype, 8000, 64, every_row)
 
     def step():
@@ -662,5 +662,5 @@ def test_recompute_holds_only_the_gradients_on_gpu(every_row, gen):
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
     grads = (w.numel() + h.numel()) * 2
-    tail = h.shape[0] * h.shape[1] * linear.MIN_SLAB_CUDA * 2
+    tail = h.shape[0] * h.shape[1] * linear.MIN_SLAB * 2
     assert grads <= peak <= grads + tail + (1 << 20), (peak, grads, tail)
