@@ -294,7 +294,11 @@ class PairInputBuilder:
         return neutralise_markers(text).replace(self.tokenizer.sep_token, " ")
 
     def _tokenize(self, texts: list[str]) -> list[list[int]]:
-        return self.tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"] if texts else []
+        # verbose=False: no "sequence length is longer than the specified maximum" warning; _cut
+        # truncates every text to its budget before the model sees it
+        if not texts:
+            return []
+        return self.tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
 
     def _cut(self, ids: list[int], n: int) -> np.ndarray:
         # = the tokenizer's own truncation to max_length n: keep [CLS] + n - 2 tokens, then [SEP]

@@ -427,3 +427,30 @@ def test_cuda_autocast_matches_cpu(tiny):
     for dtype, tol in ((None, 1e-4), (torch.float16, 3e-2), (torch.bfloat16, 1e-1)):
         got = prm.PairRMRanker(gpu_model.cuda(), tok, progress=False, autocast_dtype=dtype).pair_matrix(p, c)
         torch.testing.assert_close(got, cpu, atol=tol, rtol=0)
+
+
+def test_long_texts_raise_no_tokenizer_length_warning():
+    """Texts longer than the tokenizer's model_max_length are truncated by the builder itself, so
+    transformers' "Token indices sequence length is longer than ..." warning (which says they
+    would cause indexing errors) is not shown; the tokenizer itself would show it."""
+    import logging
+
+    said = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            said.append(record.getMessage())
+    _, tok = prm.tiny_pairrm(seed=0)
+    tok.model_max_length = 32
+    tok.deprecation_warnings.clear()  # the warning is shown once per tokenizer
+    long = texts(7, 3, 300, 400)
+    keep, log = Keep(), logging.getLogger("transformers")
+    log.addHandler(keep)
+    try:
+        enc = prm.PairInputBuilder(tok).encode([long[0]], [long])
+        assert len(enc[0].source) <= prm.SOURCE_MAX_LENGTH
+        assert not [m for m in said if "Token indices sequence length" in m], said
+        tok(long[:1])  # the control: the tokenizer on its own warns
+        assert [m for m in said if "Token indices sequence length" in m], said
+    finally:
+        log.removeHandler(keep)
