@@ -40,11 +40,13 @@ def _run(fn, h, w, b, dtype, up=0.7):
 def _tol(k: str, dtype: torch.dtype) -> tuple[float, float]:
     """(atol, rtol) for output ``k`` beyond the same-dtype reference's error. Gradients in 16 bits:
     two ulps of their largest entry. The loss and log-probs are float32 and much tighter (a 16-bit
-    tolerance there would allow whole nats): measured excess over the reference at most 3e-5 nats
-    for the log-probs and 3e-3 (16-bit GEMMs) or 2.8 (float32 GEMMs on bf16 inputs; the loss is
-    ~35000) for the loss."""
+    tolerance there would allow whole nats). Measured excess over the reference, 40 seeds x 2 loss
+    types x 2 modes x 2 chunk sizes: log-probs at most 3e-5 nats; loss (~35000, whose error is
+    mostly the reference's own log-prob error times 2|a|, which a more accurate log-prob need not
+    cancel the same way) 3e-7 relative with 16-bit GEMMs and 3.6e-4 with float32 GEMMs on bf16
+    inputs."""
     if dtype in (torch.bfloat16, torch.float16) and k in ("loss", "policy"):
-        return (1e-3, 1e-5) if k == "policy" else (1e-3, 3e-4)
+        return (1e-3, 1e-5) if k == "policy" else (1e-3, 1e-3)
     t = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
     return t, t
 
