@@ -279,3 +279,24 @@ def test_vllm_backend_is_chosen_only_where_it_can_run(tmp_path):
             it.run_iteration(small(tmp_path, generation_backend="vllm"), 1, progress=False, until="generate")
     with pytest.raises(ValueError, match="generation_backend"):
         small(tmp_path, generation_backend="tgi")
+
+
+def test_each_stage_loads_the_policy_only_when_it_needs_it(tmp_path, monkeypatch):
+    """Generation and training load the iteration's starting policy (once); ranking alone does not
+    (on a GPU that was a 7B model held beside PairRM for nothing)."""
+    loads = []
+    real = it.load_policy
+
+    def counting(*a, **k):
+        loads.append(a[0])
+        return real(*a, **k)
+    monkeypatch.setattr(it, "load_policy", counting)
+    cfg = small(tmp_path, prompts_per_iteration="8", iterations="1")
+    it.run_iteration(cfg, 1, progress=False, until="generate")
+    assert len(loads) == 1
+    it.run_iteration(cfg, 1, progress=False, until="rank")
+    assert len(loads) == 1  # ranking only
+    it.run_iteration(cfg, 1, progress=False)
+    assert len(loads) == 2  # training
+    it.run_iteration(cfg, 1, progress=False)
+    assert len(loads) == 2  # done already

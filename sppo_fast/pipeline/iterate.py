@@ -219,13 +219,20 @@ def run_iteration(cfg: SPPOConfig, t: int, *, ranker=None, progress: bool = True
 
         generate_vllm(str(start), iteration_prompts(cfg, t), gen_path, k=cfg.k, temperature=cfg.temperature,
                       top_p=cfg.top_p, top_k=cfg.top_k, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
-    model, tok = load_policy(start, device)
+    loaded: list = []
+
+    def policy():  # loaded once, and only by a stage that needs it (not by ranking alone)
+        if not loaded:
+            loaded.extend(load_policy(start, device))
+        return loaded
+
     if not gen_path.exists():
         prompts = iteration_prompts(cfg, t)
         opts = dict(k=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                     max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
 
         def sample(lo: int, hi: int) -> list[dict]:  # candidates do not depend on the chunking
+            model, tok = policy()
             cands = generate(model, tok, prompts[lo:hi], batch_size=cfg.generation_batch_size, progress=False,
                              **opts)
             return [{"prompt": p, "candidates": c} for p, c in zip(prompts[lo:hi], cands)]
@@ -257,8 +264,9 @@ def run_iteration(cfg: SPPOConfig, t: int, *, ranker=None, progress: bool = True
         (it / "ranked.parquet").unlink(missing_ok=True)
     if until == "rank":
         return train_path
+    ranker = None  # (one made here: its memory back before the policy trains)
     records = _read_parquet(train_path)
-    train(model, tok, records, it, cfg.train, progress=progress)
+    train(*policy(), records, it, cfg.train, progress=progress)
     return final
 
 
