@@ -679,8 +679,7 @@ def fused_linear_sppo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, ref_l
     Returns:
         ``(loss, policy_logps[2B], metrics)``; gradients reach ``hidden``, ``weight``, ``bias``
         (and ``ref_logps``). Peak extra memory with ``recompute`` (where the GEMMs' dtype is the
-        weight's): the two gradients, a buffer of N x 256 (on a CPU, of the vocabulary pass's
-        budget) and O(N). With ``accumulate``: one
+        weight's): the two gradients, a buffer of N x 256 and O(N). With ``accumulate``: one
         [chunk, V] buffer, ``d_hidden`` (in the input dtype in the 16-bit mode, else float32),
         ``d_weight`` in float32 and then a copy in the weight's dtype. Outside the 16-bit mode
         also a float32 copy of a 16-bit weight. A weight without ``requires_grad`` costs no
