@@ -300,3 +300,27 @@ def test_each_stage_loads_the_policy_only_when_it_needs_it(tmp_path, monkeypatch
     assert len(loads) == 2  # training
     it.run_iteration(cfg, 1, progress=False)
     assert len(loads) == 2  # done already
+
+
+def test_generation_progress_moves_with_every_batch(tmp_path, monkeypatch):
+    """The generation bar counts samples and moves after every batch of every chunk, not once
+    per chunk (a chunk of a 7B model is 4 batches x K samples of up to 2048 tokens)."""
+    import tqdm.auto
+
+    bars = []
+
+    class Recording(tqdm.auto.tqdm):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.steps = []
+            bars.append(self)
+
+        def update(self, n=1):
+            self.steps.append(n)
+            return super().update(n)
+    monkeypatch.setattr(tqdm.auto, "tqdm", Recording)
+    cfg = small(tmp_path, prompts_per_iteration="8", generation_batch_size="2", iterations="1")
+    it.run_iteration(cfg, 1, progress=True, until="generate")
+    gen = [b for b in bars if "generating" in (getattr(b, "desc", "") or "")][0]
+    assert gen.total == 8 * cfg.k and sum(gen.steps) == gen.total
+    assert [s for s in gen.steps if s] == [2] * (4 * cfg.k)  # one chunk of 8 prompts: 4 batches x k

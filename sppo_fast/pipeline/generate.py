@@ -16,7 +16,7 @@ its default ``top_k=50`` silently.
 from __future__ import annotations
 
 import hashlib
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -96,8 +96,10 @@ class RowSampler:
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[str], *, k: int = 5, temperature: float = 0.7,
              top_p: float = 0.9, top_k: int = 0, max_new_tokens: int = 2048, seed: int = 50,
-             batch_size: int = 16, progress: bool = True, desc: str = "generating") -> list[list[str]]:
-    """``candidates[b][i]``: the i-th sampled response to ``prompts[b]`` (special tokens removed)."""
+             batch_size: int = 16, progress: bool = True, desc: str = "generating",
+             on_samples: Optional[Callable[[int], None]] = None) -> list[list[str]]:
+    """``candidates[b][i]``: the i-th sampled response to ``prompts[b]`` (special tokens removed).
+    ``on_samples(n)`` is called after every batch with its number of samples (e.g. a caller's bar)."""
     from tqdm.auto import tqdm
     from transformers import LogitsProcessorList
 
@@ -130,6 +132,8 @@ def generate(model, tokenizer, prompts: Sequence[str], *, k: int = 5, temperatur
                     for j, text in enumerate(tokenizer.batch_decode(new, skip_special_tokens=True)):
                         out[s + j].append(text.strip())
                     bar.update(len(new))
+                    if on_samples is not None:
+                        on_samples(len(new))
     finally:
         tokenizer.padding_side = side
         model.train(was_training)

@@ -111,8 +111,11 @@ def _initial_policy(cfg: SPPOConfig, run: Path, device: torch.device) -> Path:
 
 
 def _sharded_stage(out: Path, n: int, chunk: int, settings: dict, compute, *, desc: str, unit: str,
-                   progress: bool) -> list[dict]:
-    """Rows for items ``[0, n)``, computed ``chunk`` at a time by ``compute(lo, hi) -> rows``.
+                   progress: bool, per_item: int = 1) -> list[dict]:
+    """Rows for items ``[0, n)``, computed ``chunk`` at a time by ``compute(lo, hi, advance) -> rows``.
+
+    The bar counts ``per_item`` units per item; ``compute`` may move it as it goes with
+    ``advance(units)`` (a chunk can take long), and whatever it did not is added when it returns.
 
     Each finished chunk is written atomically to ``<out stem>.shards/`` with the stage's settings;
     a rerun keeps what a killed run finished and refuses shards written with other settings. The
@@ -134,16 +137,21 @@ def _sharded_stage(out: Path, n: int, chunk: int, settings: dict, compute, *, de
                          f"settings, or delete that folder to start the stage over")
     _io.write_json(settings, spec)
     rows: list[dict] = []
-    with tqdm(total=n, desc=desc, unit=unit, disable=not progress, dynamic_ncols=True) as bar:
+    with tqdm(total=n * per_item, desc=desc, unit=unit, disable=not progress, dynamic_ncols=True) as bar:
         for lo in range(0, n, chunk):
             path = shards / f"{lo // chunk:06d}.parquet"
+            moved = [0]
+
+            def advance(units: int) -> None:
+                moved[0] += units
+                bar.update(units)
             if path.exists():
                 part = _read_parquet(path)
             else:
-                part = compute(lo, min(lo + chunk, n))
+                part = compute(lo, min(lo + chunk, n), advance)
                 _atomic_parquet(part, path)
             rows += part
-            bar.update(len(part))
+            bar.update(len(part) * per_item - moved[0])
     _atomic_parquet(rows, out)
     shutil.rmtree(shards, ignore_errors=True)
     return rows
@@ -231,15 +239,15 @@ def run_iteration(cfg: SPPOConfig, t: int, *, ranker=None, progress: bool = True
         opts = dict(k=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                     max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
 
-        def sample(lo: int, hi: int) -> list[dict]:  # candidates do not depend on the chunking
+        def sample(lo: int, hi: int, advance) -> list[dict]:  # candidates do not depend on the chunking
             model, tok = policy()
             cands = generate(model, tok, prompts[lo:hi], batch_size=cfg.generation_batch_size, progress=False,
-                             **opts)
+                             on_samples=advance, **opts)
             return [{"prompt": p, "candidates": c} for p, c in zip(prompts[lo:hi], cands)]
 
         settings = {"policy": str(start), "prompts": _io.digest(prompts), **opts}
         _sharded_stage(gen_path, len(prompts), 4 * cfg.generation_batch_size, settings, sample,
-                       desc=f"iteration {t}: generating", unit="prompt", progress=progress)
+                       desc=f"iteration {t}: generating", unit="sample", progress=progress, per_item=cfg.k)
     if until == "generate":
         return gen_path
     train_path = it / "train.parquet"
@@ -247,7 +255,7 @@ def run_iteration(cfg: SPPOConfig, t: int, *, ranker=None, progress: bool = True
         gens = _read_parquet(gen_path)
         ranker = ranker or make_ranker(cfg, device)
 
-        def judge(lo: int, hi: int) -> list[dict]:
+        def judge(lo: int, hi: int, advance) -> list[dict]:  # (one call per chunk: the bar moves after it)
             part = gens[lo:hi]
             m = ranker.pair_matrix([g["prompt"] for g in part], [g["candidates"] for g in part])
             return [{**g, "cmp": row.tolist()} for g, row in zip(part, m.float().cpu())]
