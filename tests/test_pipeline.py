@@ -324,3 +324,18 @@ def test_generation_progress_moves_with_every_batch(tmp_path, monkeypatch):
     gen = [b for b in bars if "generating" in (getattr(b, "desc", "") or "")][0]
     assert gen.total == 8 * cfg.k and sum(gen.steps) == gen.total
     assert [s for s in gen.steps if s] == [2] * (4 * cfg.k)  # one chunk of 8 prompts: 4 batches x k
+
+
+def test_per_iteration_prompt_sets_hold_out_the_head_of_set_1(tmp_path):
+    """Sets named with {iteration} (as UCLA-AGI's sppo-iter1..3, disjoint thirds): evaluation uses
+    the first eval_prompts of set 1 (there is no set 0), and iteration 1 trains after them."""
+    for t in (1, 2, 3):
+        (tmp_path / f"set{t}.jsonl").write_text(
+            "".join(json.dumps({"prompt": f"set {t} prompt {i}"}) + "\n" for i in range(10)))
+    cfg = small(tmp_path, prompts=str(tmp_path / "set{iteration}.jsonl"), eval_prompts="3",
+                prompts_per_iteration="5")
+    held = it.held_out_prompts(cfg)
+    assert held == [f"set 1 prompt {i}" for i in range(3)]
+    assert it.iteration_prompts(cfg, 1) == [f"set 1 prompt {i}" for i in range(3, 8)]
+    assert it.iteration_prompts(cfg, 2) == [f"set 2 prompt {i}" for i in range(5)]
+    assert not set(held) & set(sum((it.iteration_prompts(cfg, t) for t in (1, 2, 3)), []))

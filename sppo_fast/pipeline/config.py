@@ -55,7 +55,7 @@ class SPPOConfig:
         if self.device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         for f, builtin in (("model", ("tiny",)), ("ranker", ("hash", "pairrm-tiny")), ("prompts", ("shipped",))):
-            value = getattr(self, f)
+            value = getattr(self, f).replace("{iteration}", "1")  # per-iteration sets: set 1 stands for all
             if value not in builtin and not Path(value).exists() and not _io.looks_like_hub_name(value):
                 raise ValueError(f"{f}: no such file or folder {value!r} (and not a hub name like 'org/name'); "
                                  f"built in: {', '.join(builtin)}")

@@ -161,11 +161,20 @@ def _prompt_source(cfg: SPPOConfig, t: int) -> str:
     return cfg.prompts.replace("{iteration}", str(t))
 
 
+def held_out_prompts(cfg: SPPOConfig) -> list[str]:
+    """The evaluation prompts: the first ``eval_prompts`` of the source, or, for per-iteration sets
+    (``{iteration}`` in the name: disjoint thirds, as the official UCLA-AGI sets), of set 1, which
+    iteration 1 then trains after (there is no set 0)."""
+    return load_prompts(_prompt_source(cfg, 1), field=cfg.prompt_field, limit=cfg.eval_prompts)
+
+
 def iteration_prompts(cfg: SPPOConfig, t: int) -> list[str]:
     """Iteration t's training prompts: a fresh slice per iteration after the held-out ones (or,
-    for a per-iteration hub set, the first ``prompts_per_iteration`` of set t)."""
+    for per-iteration sets, the first ``prompts_per_iteration`` of set t, after the held-out ones
+    in set 1)."""
     if "{iteration}" in cfg.prompts:
-        return load_prompts(_prompt_source(cfg, t), field=cfg.prompt_field, limit=cfg.prompts_per_iteration)
+        return load_prompts(_prompt_source(cfg, t), field=cfg.prompt_field, limit=cfg.prompts_per_iteration,
+                            offset=cfg.eval_prompts if t == 1 else 0)
     start = cfg.eval_prompts + (t - 1) * cfg.prompts_per_iteration
     prompts = load_prompts(cfg.prompts, field=cfg.prompt_field, offset=start, limit=cfg.prompts_per_iteration)
     if len(prompts) < cfg.prompts_per_iteration:
@@ -283,10 +292,9 @@ def evaluate(cfg: SPPOConfig, model_a: Path, model_b: Path, *, ranker=None, samp
     """Win rate of policy A against policy B on the held-out prompts under the ranker: each prompt
     answered ``samples`` times by each (same seeds), both orders compared, ties count one half."""
     device = _device(cfg)
-    prompts = load_prompts(_prompt_source(cfg, 0) if "{iteration}" in cfg.prompts else cfg.prompts,
-                           field=cfg.prompt_field, limit=cfg.eval_prompts)
-    if not prompts:
+    if not cfg.eval_prompts:
         raise ValueError("eval_prompts is 0: no held-out prompts to evaluate on")
+    prompts = held_out_prompts(cfg)
     ranker = ranker or make_ranker(cfg, device)
     outs = []
     for which, path in (("A", model_a), ("B", model_b)):
