@@ -302,9 +302,8 @@ def test_each_stage_loads_the_policy_only_when_it_needs_it(tmp_path, monkeypatch
     assert len(loads) == 2  # done already
 
 
-def test_generation_progress_moves_with_every_batch(tmp_path, monkeypatch):
-    """The generation bar counts samples and moves after every batch of every chunk, not once
-    per chunk (a chunk of a 7B model is 4 batches x K samples of up to 2048 tokens)."""
+def _record_bars(monkeypatch) -> list:
+    """Every tqdm bar made from now on, each with the list of its updates (``.steps``)."""
     import tqdm.auto
 
     bars = []
@@ -319,11 +318,47 @@ def test_generation_progress_moves_with_every_batch(tmp_path, monkeypatch):
             self.steps.append(n)
             return super().update(n)
     monkeypatch.setattr(tqdm.auto, "tqdm", Recording)
+    return bars
+
+
+def _bar(bars, word):
+    return [b for b in bars if word in (getattr(b, "desc", "") or "")][0]
+
+
+def test_generation_progress_moves_with_every_batch(tmp_path, monkeypatch):
+    """The generation bar counts samples and moves after every batch of every chunk, not once
+    per chunk (a chunk of a 7B model is 4 batches x K samples of up to 2048 tokens)."""
+    bars = _record_bars(monkeypatch)
     cfg = small(tmp_path, prompts_per_iteration="8", generation_batch_size="2", iterations="1")
     it.run_iteration(cfg, 1, progress=True, until="generate")
-    gen = [b for b in bars if "generating" in (getattr(b, "desc", "") or "")][0]
+    gen = _bar(bars, "generating")
     assert gen.total == 8 * cfg.k and sum(gen.steps) == gen.total
     assert [s for s in gen.steps if s] == [2] * (4 * cfg.k)  # one chunk of 8 prompts: 4 batches x k
+
+
+def test_ranking_progress_moves_with_every_step_of_the_ranker(tmp_path, monkeypatch):
+    """The ranking bar moves after every ``prompts_per_step`` prompts the ranker takes at a time,
+    not once per 512-prompt shard, and the matrices do not depend on that split."""
+    from sppo_fast.pipeline.rank import HashWordRanker
+
+    class Stepped(HashWordRanker):
+        prompts_per_step = 3
+        sizes: list = []
+
+        def pair_matrix(self, prompts, candidates):
+            Stepped.sizes.append(len(prompts))
+            return super().pair_matrix(prompts, candidates)
+
+    cfg = small(tmp_path / "whole", prompts_per_iteration="8", iterations="1")
+    whole = it.run_iteration(cfg, 1, progress=False, until="rank", ranker=HashWordRanker())
+    bars = _record_bars(monkeypatch)
+    cfg = small(tmp_path / "stepped", prompts_per_iteration="8", iterations="1")
+    stepped = it.run_iteration(cfg, 1, progress=True, until="rank", ranker=Stepped())
+    rank = _bar(bars, "ranking")
+    assert Stepped.sizes == [3, 3, 2]
+    assert [s for s in rank.steps if s] == [3, 3, 2] and rank.total == 8
+    import pyarrow.parquet as pq
+    assert pq.read_table(stepped).to_pylist() == pq.read_table(whole).to_pylist()
 
 
 def test_per_iteration_prompt_sets_hold_out_the_head_of_set_1(tmp_path):

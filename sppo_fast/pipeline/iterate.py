@@ -264,10 +264,18 @@ def run_iteration(cfg: SPPOConfig, t: int, *, ranker=None, progress: bool = True
         gens = _read_parquet(gen_path)
         ranker = ranker or make_ranker(cfg, device)
 
-        def judge(lo: int, hi: int, advance) -> list[dict]:  # (one call per chunk: the bar moves after it)
-            part = gens[lo:hi]
-            m = ranker.pair_matrix([g["prompt"] for g in part], [g["candidates"] for g in part])
-            return [{**g, "cmp": row.tolist()} for g, row in zip(part, m.float().cpu())]
+        # PairRM sorts and buckets the pairs of `prompts_per_step` prompts at a time anyway (a multiple
+        # of its truncation group): calling it that many at a time changes nothing but moves the bar
+        step = max(1, int(getattr(ranker, "prompts_per_step", 64)))
+
+        def judge(lo: int, hi: int, advance) -> list[dict]:
+            rows = []
+            for a in range(lo, hi, step):
+                part = gens[a:min(a + step, hi)]
+                m = ranker.pair_matrix([g["prompt"] for g in part], [g["candidates"] for g in part])
+                rows += [{**g, "cmp": row.tolist()} for g, row in zip(part, m.float().cpu())]
+                advance(len(part))
+            return rows
 
         ranked = _sharded_stage(it / "ranked.parquet", len(gens), RANK_CHUNK,
                                 {"ranker": cfg.ranker, "generations": _io.digest(gens)}, judge,
