@@ -1,6 +1,7 @@
 """The SPPO pipeline: config, prompts, generation, ranking, whole iterations, resume and the CLI."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -279,6 +280,86 @@ def test_vllm_backend_is_chosen_only_where_it_can_run(tmp_path):
             it.run_iteration(small(tmp_path, generation_backend="vllm"), 1, progress=False, until="generate")
     with pytest.raises(ValueError, match="generation_backend"):
         small(tmp_path, generation_backend="tgi")
+
+
+_FAKE_VLLM = """
+import json, os
+
+
+class SamplingParams:
+    def __init__(self, **kw):
+        self.kw = kw
+
+
+class _Out:
+    def __init__(self, text):
+        self.outputs = [type("Completion", (), {"text": text})()]
+
+
+class LLM:
+    def __init__(self, model, dtype, seed):
+        self._log({"load": os.path.basename(model), "dtype": dtype})
+        self.calls = 0
+
+    @staticmethod
+    def _log(entry):
+        with open(os.environ["FAKE_VLLM_LOG"], "a") as f:
+            f.write(json.dumps(entry) + "\\n")
+
+    def generate(self, requests, params):
+        self.calls += 1
+        if self.calls == int(os.environ.get("FAKE_VLLM_DIE_AT", "0")):
+            raise SystemExit(3)
+        assert len(requests) == len(params)
+        self._log({"requests": len(requests), "top_k": params[0].kw["top_k"]})
+        # a sample's text: its seed and prompt length, so that a mix-up shows
+        return [_Out(f" seed {p.kw['seed']} len {len(r['prompt_token_ids'])} ") for r, p in zip(requests, params)]
+"""
+
+
+def test_vllm_generation_writes_chunks_as_it_goes_and_resumes(tmp_path, monkeypatch):
+    """The vLLM backend's plumbing, run here with a stand-in ``vllm`` module: one child process
+    loads the model once and writes one shard per chunk; killed in its second chunk, the rerun
+    keeps the first and ends with the rows of an uninterrupted run, each sample's seed the one
+    :func:`sample_seed` gives it, in prompt order."""
+    import pyarrow.parquet as pq
+
+    from sppo_fast.pipeline.generate import sample_seed
+
+    fake = tmp_path / "fake"
+    (fake / "vllm").mkdir(parents=True)
+    (fake / "vllm" / "__init__.py").write_text(_FAKE_VLLM)
+    log = tmp_path / "vllm.log"
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(fake), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("FAKE_VLLM_LOG", str(log))
+    monkeypatch.setattr(it, "_use_vllm", lambda cfg: True)
+    monkeypatch.setattr(it, "VLLM_CHUNK", 4)
+    over = dict(prompts_per_iteration="10", iterations="1")
+
+    def entries():
+        out = [json.loads(x) for x in log.read_text().splitlines()]
+        log.unlink()
+        return out
+
+    top_k = small(tmp_path, **over).top_k or -1  # (vLLM's "no top-k" is -1)
+    whole = it.run_iteration(small(tmp_path / "whole", **over), 1, progress=False, until="generate")
+    assert entries() == [{"load": "model", "dtype": "bfloat16"}] + [{"requests": n * 5, "top_k": top_k} for n in (4, 4, 2)]
+    cfg = small(tmp_path / "killed", **over)
+    rows = pq.read_table(whole).to_pylist()
+    prompts = it.iteration_prompts(cfg, 1)
+    assert [r["prompt"] for r in rows] == prompts
+    assert all(c.startswith(f"seed {sample_seed(cfg.seed, i, r['prompt'])} len ") for r in rows
+               for i, c in enumerate(r["candidates"]))
+    monkeypatch.setenv("FAKE_VLLM_DIE_AT", "2")
+    with pytest.raises(RuntimeError, match="1 of 3 chunks written|2 of 3 chunks not written"):
+        it.run_iteration(cfg, 1, progress=False, until="generate")
+    shards = tmp_path / "killed" / "demo" / "iter-1" / "generations.shards"
+    assert sorted(p.name for p in shards.glob("*.parquet")) == ["000000.parquet"]
+    entries()
+    monkeypatch.delenv("FAKE_VLLM_DIE_AT")
+    killed = it.run_iteration(cfg, 1, progress=False, until="generate")
+    assert entries() == [{"load": "model", "dtype": "bfloat16"}] + [{"requests": n * 5, "top_k": top_k} for n in (4, 2)]
+    assert pq.read_table(killed).to_pylist() == rows and not shards.exists()
 
 
 def test_each_stage_loads_the_policy_only_when_it_needs_it(tmp_path, monkeypatch):

@@ -139,7 +139,7 @@ def _sharded_stage(out: Path, n: int, chunk: int, settings: dict, compute, *, de
     rows: list[dict] = []
     with tqdm(total=n * per_item, desc=desc, unit=unit, disable=not progress, dynamic_ncols=True) as bar:
         for lo in range(0, n, chunk):
-            path = shards / f"{lo // chunk:06d}.parquet"
+            path = _shard_path(out, lo, chunk)
             moved = [0]
 
             def advance(units: int) -> None:
@@ -149,12 +149,18 @@ def _sharded_stage(out: Path, n: int, chunk: int, settings: dict, compute, *, de
                 part = _read_parquet(path)
             else:
                 part = compute(lo, min(lo + chunk, n), advance)
-                _atomic_parquet(part, path)
+                if not path.exists():  # (a compute may write its chunks itself: vLLM's child does)
+                    _atomic_parquet(part, path)
             rows += part
             bar.update(len(part) * per_item - moved[0])
     _atomic_parquet(rows, out)
     shutil.rmtree(shards, ignore_errors=True)
     return rows
+
+
+def _shard_path(out: Path, lo: int, chunk: int) -> Path:
+    """Where :func:`_sharded_stage` keeps the chunk of ``out`` that starts at item ``lo``."""
+    return out.with_name(f"{out.stem}.shards") / f"{lo // chunk:06d}.parquet"
 
 
 def _prompt_source(cfg: SPPOConfig, t: int) -> str:
@@ -196,6 +202,7 @@ def iteration_prompts(cfg: SPPOConfig, t: int) -> list[str]:
 
 STAGES = ("generate", "rank", "train")
 RANK_CHUNK = 512  # prompts per ranking shard
+VLLM_CHUNK = 512  # prompts per generation shard with vLLM (k samples each, one vLLM call)
 
 
 def _use_vllm(cfg: SPPOConfig) -> bool:
@@ -231,11 +238,6 @@ def run_iteration(cfg: SPPOConfig, t: int, *, ranker=None, progress: bool = True
     it.mkdir(parents=True, exist_ok=True)
     start = _initial_policy(cfg, run, device) if t == 1 else run / f"iter-{t - 1}" / "model"
     gen_path = it / "generations.parquet"
-    if not gen_path.exists() and _use_vllm(cfg):
-        from .vllm_generate import generate_vllm
-
-        generate_vllm(str(start), iteration_prompts(cfg, t), gen_path, k=cfg.k, temperature=cfg.temperature,
-                      top_p=cfg.top_p, top_k=cfg.top_k, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
     loaded: list = []
 
     def policy():  # loaded once, and only by a stage that needs it (not by ranking alone)
@@ -248,14 +250,30 @@ def run_iteration(cfg: SPPOConfig, t: int, *, ranker=None, progress: bool = True
         opts = dict(k=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                     max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
 
-        def sample(lo: int, hi: int, advance) -> list[dict]:  # candidates do not depend on the chunking
-            model, tok = policy()
-            cands = generate(model, tok, prompts[lo:hi], batch_size=cfg.generation_batch_size, progress=False,
-                             on_samples=advance, **opts)
-            return [{"prompt": p, "candidates": c} for p, c in zip(prompts[lo:hi], cands)]
-
         settings = {"policy": str(start), "prompts": _io.digest(prompts), **opts}
-        _sharded_stage(gen_path, len(prompts), 4 * cfg.generation_batch_size, settings, sample,
+        if _use_vllm(cfg):
+            from .vllm_generate import generate_vllm
+
+            chunk = VLLM_CHUNK
+            settings["backend"] = "vllm"
+
+            def sample(lo: int, hi: int, advance) -> list[dict]:
+                # one child process (vLLM loads the model once) writes every chunk not yet written,
+                # from this one on; the stage then finds the later ones done
+                jobs = [(a, min(a + chunk, len(prompts)), _shard_path(gen_path, a, chunk))
+                        for a in range(lo, len(prompts), chunk)]
+                generate_vllm(str(start), prompts, [j for j in jobs if not j[2].exists()], **opts)
+                return _read_parquet(jobs[0][2])
+        else:
+            chunk = 4 * cfg.generation_batch_size
+
+            def sample(lo: int, hi: int, advance) -> list[dict]:  # candidates do not depend on the chunking
+                model, tok = policy()
+                cands = generate(model, tok, prompts[lo:hi], batch_size=cfg.generation_batch_size, progress=False,
+                                 on_samples=advance, **opts)
+                return [{"prompt": p, "candidates": c} for p, c in zip(prompts[lo:hi], cands)]
+
+        _sharded_stage(gen_path, len(prompts), chunk, settings, sample,
                        desc=f"iteration {t}: generating", unit="sample", progress=progress, per_item=cfg.k)
     if until == "generate":
         return gen_path
