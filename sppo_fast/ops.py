@@ -232,6 +232,7 @@ class _KernelLogprobs(torch.autograd.Function):
         return tok, seq
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # a second derivative raises, not silently 0
     def backward(ctx, g_tok: Optional[Tensor], g_seq: Optional[Tensor]):
         logits, labels, lse = ctx.saved_tensors
         if g_tok is None and g_seq is None:
@@ -248,7 +249,14 @@ class _KernelLogprobs(torch.autograd.Function):
         impl = _IMPLS[ctx.opts.backend]
         out = logits if inplace else impl.empty_like_fresh(logits)
         impl.logprob_bwd(logits, labels, lse, coef, ctx.opts.ignore_index, out)
+        if inplace:  # written through a raw pointer: tell autograd, so that another node that saved
+            _increment_version(logits)  # these logits raises instead of reading the gradient
         return out, None, None
+
+
+def _increment_version(t: Tensor) -> None:
+    bump = getattr(torch.autograd.graph, "increment_version", None)  # (torch >= 2.2)
+    (bump or torch._C._autograd._increment_version)(t)
 
 
 def _rows_disjoint(x: Tensor) -> bool:

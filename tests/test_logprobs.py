@@ -125,6 +125,23 @@ def test_inplace_backward(dtype, gen):
     torch.testing.assert_close(x.grad, ref_x.grad, rtol=0, atol=0)
 
 
+def test_inplace_backward_is_seen_by_other_users_of_the_logits(gen):
+    """A node that saved the logits before the op overwrote them with their gradient raises
+    autograd's in-place error instead of reading the gradient as logits; a second derivative
+    through the op raises instead of silently dropping its part."""
+    logits, labels = make_batch(2, 5, 11, torch.float32, gen)
+    x = logits.clone().requires_grad_()
+    buf = x * 1
+    reg = (buf ** 2).sum()  # PowBackward saves buf
+    out = sppo_fast.sequence_logps(buf, labels, backend="cpp", inplace_backward=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (out.sum() + reg).backward()
+    x = logits.double().requires_grad_()
+    g, = torch.autograd.grad((sppo_fast.sequence_logps(x, labels, backend="cpp") ** 2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        g.sum().backward()
+
+
 def test_inplace_backward_overwrites_logits(gen):
     """The logits buffer handed to the op holds its own gradient afterwards (same memory), and the
     leaf's gradient through it matches the float64 reference (upstream gradient other than 1)."""
