@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import on_device
+
 # Triton's interpreter multiplies 16-bit tl.dot operands wrongly: upcast there.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -43,8 +45,8 @@ def _deberta_attention_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)  # (batch x heads on axis 0, whose limit is 2^31 - 1, not 65535)
+    pid_m = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -113,30 +115,72 @@ def deberta_attention(q, k, v, c2p=None, p2c=None, rel_index=None, qpos=None, ke
         key_mask: ``[B, LK]``, nonzero where a key is a real token (None: no padding).
     Returns ``[B, H, LQ, D]`` in q's dtype.
     """
+    _check(q, k, v, c2p, p2c, rel_index, qpos, key_mask)
     B, H, LQ, D = q.shape
     LK = k.shape[2]
-    for name, t in (("q", q), ("k", k), ("v", v), ("c2p", c2p), ("p2c", p2c)):
-        if t is not None and t.stride(-1) != 1:
-            raise ValueError(f"{name}: the last dimension must be contiguous")
     out = torch.empty(B, H, LQ, D, device=q.device, dtype=q.dtype)
-    if rel_index is None and (c2p is not None or p2c is not None):
-        raise ValueError("rel_index is needed with c2p or p2c")
     dummy = q
     c = c2p if c2p is not None else dummy
     p = p2c if p2c is not None else dummy
     x = qpos if qpos is not None else rel_index if rel_index is not None else dummy
     m = key_mask if key_mask is not None else dummy
-    grid = (triton.cdiv(LQ, BLOCK_M), B * H)
+    if out.numel() == 0:
+        return out
+    grid = (B * H, triton.cdiv(LQ, BLOCK_M))
+    with on_device(q):
+        _launch(grid, q, k, v, c, p, rel_index if rel_index is not None else dummy, x, m, out,
+                c2p is not None, p2c is not None, qpos is not None, key_mask is not None)
+    return out
+
+
+def _launch(grid, q, k, v, c, p, rel, x, m, out, has_c2p, has_p2c, has_qpos, has_mask):
+    H, LQ, D = q.shape[1], q.shape[2], q.shape[3]
+    LK = k.shape[2]
     _deberta_attention_fwd[grid](
-        q, k, v, c, p, rel_index if rel_index is not None else dummy, x, m, out,
+        q, k, v, c, p, rel, x, m, out,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         c.stride(0), c.stride(1), c.stride(2), p.stride(0), p.stride(1), p.stride(2),
         m.stride(0), out.stride(0), out.stride(1), out.stride(2), x.stride(0),
         H, LQ, LK, D, LK - 1,
-        HAS_C2P=c2p is not None, HAS_P2C=p2c is not None, HAS_QPOS=qpos is not None,
-        HAS_MASK=key_mask is not None, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-        BLOCK_D=max(16, triton.next_power_of_2(D)), DOT_F32=_INTERPRET,
+        HAS_C2P=has_c2p, HAS_P2C=has_p2c, HAS_QPOS=has_qpos, HAS_MASK=has_mask,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(D)), DOT_F32=_INTERPRET,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
-    return out
+
+
+def _check(q, k, v, c2p, p2c, rel_index, qpos, key_mask) -> None:
+    """Shapes, dtypes, devices and the unit strides the kernel assumes, named when wrong."""
+    if q.dim() != 4:
+        raise ValueError(f"q: expected [B, H, LQ, D], got shape {tuple(q.shape)}")
+    B, H, LQ, D = q.shape
+    LK = k.shape[2] if k.dim() == 4 else -1
+    want = {"k": (B, H, LK, D), "v": (B, H, LK, D), "qpos": (B, LQ), "key_mask": (B, LK),
+            "rel_index": (2 * LK - 1,)}
+    if c2p is not None:
+        want["c2p"] = (B, H, LQ, c2p.shape[-1])
+    if p2c is not None:
+        want["p2c"] = (B, H, LK, p2c.shape[-1])
+    given = {"k": k, "v": v, "c2p": c2p, "p2c": p2c, "rel_index": rel_index, "qpos": qpos, "key_mask": key_mask}
+    for name, t in given.items():
+        if t is None:
+            continue
+        if tuple(t.shape) != want[name]:
+            raise ValueError(f"{name}: expected shape {want[name]} for q of shape {tuple(q.shape)}, "
+                             f"got {tuple(t.shape)}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device}, q on {q.device}")
+        if t.numel() and t.stride(-1) != 1:
+            raise ValueError(f"{name}: the last dimension must be contiguous (stride 1), got strides {t.stride()}")
+    for name in ("k", "v", "c2p", "p2c"):
+        t = given[name]
+        if t is not None and t.dtype != q.dtype:
+            raise ValueError(f"{name}: expected q's dtype {q.dtype}, got {t.dtype}")
+    for name in ("rel_index", "qpos"):
+        t = given[name]
+        if t is not None and t.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"{name}: expected int32 or int64, got {t.dtype}")
+    if q.stride(-1) != 1:
+        raise ValueError(f"q: the last dimension must be contiguous (stride 1), got strides {q.stride()}")
+    if rel_index is None and (c2p is not None or p2c is not None):
+        raise ValueError("rel_index is needed with c2p or p2c")

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import on_device
+
 # A large negative *finite* start for running maxima: a block of -inf logits then never forms
 # (-inf) - (-inf) = NaN.
 NEG_BIG = tl.constexpr(-3.0e38)
@@ -144,7 +146,8 @@ def logprob_fwd(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
         return part, n_split
 
     if B * T:
-        part, n_split = launch(config or _config(V, logits.dtype, launch))
+        with on_device(logits):
+            part, n_split = launch(config or _config(V, logits.dtype, launch))
         if n_split > 1:  # combine the partial (max, sum) of each row's pieces: O(rows) work
             keep = labels != ignore_index
             m = part[..., 0].amax(1).view(B, T)
@@ -175,13 +178,14 @@ def logprob_bwd(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, c
             dst.stride(0), dst.stride(1), ignore_index, col0, BLOCK_V=blk, ACC=_tl_acc(lse.dtype),
             num_warps=cfg.num_warps)
 
-    if config is None and os.environ.get("SPPO_FAST_AUTOTUNE") == "1":
-        # timed on a scratch copy: the candidates' runs must not overwrite logits that out aliases
-        scratch = logits.clone()
+    with on_device(logits):
+        if config is None and os.environ.get("SPPO_FAST_AUTOTUNE") == "1":
+            # timed on a scratch copy: the candidates' runs must not overwrite logits that out aliases
+            scratch = logits.clone()
 
-        def trial(cfg: LogprobConfig):
-            launch(cfg, scratch, scratch)
-        trial.__name__ = "logprob_bwd"
-        config = _config(V, logits.dtype, trial)
-    launch(config or DEFAULT_CONFIG)
+            def trial(cfg: LogprobConfig):
+                launch(cfg, scratch, scratch)
+            trial.__name__ = "logprob_bwd"
+            config = _config(V, logits.dtype, trial)
+        launch(config or DEFAULT_CONFIG)
     return out

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import on_device
+
 MAX_K = 64
 # Output order (the fields of sppo_fast.PairwiseResult).
 FIELDS = ("scores", "probs", "win_rates", "chosen", "rejected", "chosen_probs", "chosen_probs_win",
@@ -118,6 +120,7 @@ def pairwise(cmp: torch.Tensor, mode: str) -> tuple[torch.Tensor, ...]:
            *(torch.empty((B,), dtype=f64, device=dev) for _ in range(3)),
            torch.empty((B,), dtype=torch.int8, device=dev))
     if B:
-        _pairwise_kernel[(B,)](cmp, *out, K, cmp.stride(0), cmp.stride(1), cmp.stride(2),
-                               DIRECT=mode == "direct", num_warps=1)
+        with on_device(cmp):
+            _pairwise_kernel[(B,)](cmp, *out, K, cmp.stride(0), cmp.stride(1), cmp.stride(2),
+                                   DIRECT=mode == "direct", num_warps=1)
     return (*out[:-1], out[-1].bool())

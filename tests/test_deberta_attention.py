@@ -95,6 +95,52 @@ def test_kernel_without_relative_terms_and_all_masked_keys():
     torch.testing.assert_close(out[0].double(), truth[0], atol=1e-5, rtol=0)
 
 
+def test_kernel_names_inputs_it_cannot_read():
+    """Strides, shapes and dtypes the kernel would misread raise, naming the input (a stride-2
+    key mask used to give a silently wrong output)."""
+    q, k, v, c2p, p2c, idx, _, _ = random_case(2, 2, 17, 17, 32, 8)
+    dev = TRITON_DEVICE
+    q, k, v, c2p, p2c = (t.to(dev, torch.float32) for t in (q, k, v, c2p, p2c))
+    idx = idx.to(dev)
+    mask = torch.ones(2, 34, dtype=torch.int8, device=dev)
+    with pytest.raises(ValueError, match="key_mask: the last dimension must be contiguous"):
+        deberta_attention(q, k, v, c2p, p2c, idx, key_mask=mask[:, ::2])
+    with pytest.raises(ValueError, match=r"key_mask: expected shape \(2, 17\)"):
+        deberta_attention(q, k, v, c2p, p2c, idx, key_mask=mask)
+    with pytest.raises(ValueError, match="rel_index: expected shape"):
+        deberta_attention(q, k, v, c2p, p2c, idx[:-1])
+    with pytest.raises(ValueError, match="rel_index: the last dimension must be contiguous"):
+        deberta_attention(q, k, v, c2p, p2c, torch.stack([idx, idx], 1).reshape(-1)[::2])
+    with pytest.raises(ValueError, match="qpos: expected int32 or int64"):
+        deberta_attention(q, k, v, c2p, p2c, idx, qpos=torch.zeros(2, 17, device=dev))
+    with pytest.raises(ValueError, match="v: expected q's dtype"):
+        deberta_attention(q, k, v.double(), c2p, p2c, idx)
+    with pytest.raises(ValueError, match="p2c: expected shape"):
+        deberta_attention(q, k, v, c2p, p2c[:, :1], idx)
+    with pytest.raises(ValueError, match="rel_index is needed"):
+        deberta_attention(q, k, v, c2p)
+    assert deberta_attention(q[:0], k[:0], v[:0], c2p[:0], p2c[:0], idx).shape == (0, 2, 17, 32)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_kernels_run_on_their_tensors_device_not_the_current_one():  # pragma: no cover - 2 GPUs
+    import sppo_fast
+
+    q, k, v, c2p, p2c, idx, qpos, mask = random_case(2, 2, 40, 40, 32, 16, padded=True)
+    truth = dense(q, k, v, c2p, p2c, idx, qpos, mask, torch.float64)
+    with torch.cuda.device(0):
+        out = deberta_attention(*(t.to("cuda:1", torch.float32) for t in (q, k, v, c2p, p2c)), idx.to("cuda:1"),
+                                None, mask.to("cuda:1"))
+        logits = torch.randn(3, 7, 1000, device="cuda:1", requires_grad=True)
+        labels = torch.randint(0, 1000, (3, 7), device="cuda:1")
+        seq = sppo_fast.sequence_logps(logits, labels, backend="triton")
+        seq.sum().backward()
+    keep = mask.bool()[:, None, :, None].expand_as(truth)
+    torch.testing.assert_close(out.cpu().double()[keep], truth[keep], atol=1e-4, rtol=0)
+    ref = torch.log_softmax(logits.detach().double(), -1).gather(-1, labels[..., None])[..., 0].sum(-1)
+    torch.testing.assert_close(seq.double(), ref, atol=1e-3, rtol=0)
+
+
 @pytest.mark.parametrize("config", list(ATTENTION_CONFIGS))
 def test_backbone_with_fused_attention(tiny, config):
     """Whole DeBERTa forwards with ``impl="triton"`` against Hugging Face's in float64: padded
