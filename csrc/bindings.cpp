@@ -1,5 +1,6 @@
 // pybind11 module sppo_fast._C: only argument marshalling lives here. Python has validated every
-// tensor (sppo_fast/ops.py); here we re-check what would write out of bounds and release the GIL.
+// tensor (sppo_fast/ops.py), labels included (they are not re-checked here: see ops.h); here we
+// re-check dtype codes and sizes, and release the GIL.
 #include <pybind11/pybind11.h>
 
 #include <cstdint>

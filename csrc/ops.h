@@ -1,6 +1,7 @@
 // sppo_fast native entry points. Tensors cross this boundary as raw pointers, sizes, strides (in
-// elements) and dtype codes; Python (sppo_fast/ops.py) has validated shapes, dtypes, devices and the
-// label range before any of these run, so the kernels only check what would corrupt memory.
+// elements) and dtype codes; Python (sppo_fast/ops.py, and linear.py for the labels it passes) has
+// validated shapes, dtypes, devices and the label range before any of these run. The kernels trust
+// that: a label outside [0, V) other than ignore_index reads outside its row.
 #pragma once
 #include <cstdint>
 #include <string>

@@ -227,3 +227,48 @@ def check_fused_loss_backend(backend, device, loss_type, gen):
     torch.testing.assert_close(res[backend][0], res["reference"][0], rtol=1e-5, atol=1e-4)
     scale = res["reference"][1].abs().max().item()  # both float32: a tolerance on the gradient's scale
     torch.testing.assert_close(res[backend][1], res["reference"][1], rtol=1e-4, atol=1e-6 * max(1.0, scale))
+
+
+def check_ignore_index_values(backend, device, dtype, gen):
+    """token_logprobs with ignore_index values other than -100, forward and backward: one inside
+    the vocabulary (7: a real column, still ignored) and one past its end (V + 5)."""
+    from _data import make_batch
+
+    V = 523
+    for ignore in (7, V + 5):
+        logits, labels = make_batch(3, 11, V, dtype, gen)
+        labels[labels == ignore] = 8  # only the rows set below are ignored
+        labels[labels == -100] = ignore
+        labels[1, 4:6] = ignore
+        _, grad = check_token_logprobs(logits.to(device), labels.to(device), gen, backend, ignore_index=ignore)
+        assert (grad[labels == ignore] == 0).all()
+        assert (grad[labels != ignore] != 0).any(-1).all()  # the labelled tokens do get a gradient
+
+
+def check_all_neg_inf_row(backend, device, dtype, gen):
+    """A labelled token whose logits are all -inf has no softmax: its log-prob and every entry of
+    its gradient are NaN, as in the float64 reference, and the other tokens are unaffected."""
+    from _data import make_batch
+    from sppo_fast import reference as R
+
+    logits, labels = make_batch(2, 5, 301, dtype, gen, ignore_frac=0)
+    logits[1, 2] = float("-inf")
+    truth_in = logits.double().clone().requires_grad_()
+    truth = R.token_logprobs(truth_in, labels)
+    same_in = logits.clone().requires_grad_()
+    same = R.token_logprobs(same_in, labels)
+    leaf = logits.clone().to(device).requires_grad_()
+    out = sppo_fast.token_logprobs(leaf, labels.to(device), backend=backend)
+    g = torch.randn(out.shape, generator=gen, dtype=torch.float64) * 3
+    for x, y in ((truth, truth_in), (same, same_in), (out, leaf)):
+        (x * g.to(x)).sum().backward()
+    assert torch.isnan(truth[1, 2]) and torch.isnan(truth_in.grad[1, 2]).all()  # what the truth says
+    out, grad = out.detach().cpu(), leaf.grad.cpu()
+    assert torch.isnan(out[1, 2]), f"{backend}: a token with all -inf logits gave {out[1, 2].item()}, not NaN"
+    assert torch.isnan(grad[1, 2]).all(), f"{backend}: its gradient has non-NaN entries"
+    other = torch.ones(2, 5, dtype=torch.bool)
+    other[1, 2] = False
+    assert_as_accurate(out[other], same.detach()[other], truth.detach()[other], atol=TOK_ATOL[dtype],
+                       rtol=OUT_ULP[out.dtype], what=f"other tokens {backend} {dtype}")
+    assert_as_accurate(grad[other], same_in.grad[other], truth_in.grad[other], atol=GRAD_ATOL[dtype],
+                       rtol=0 if dtype == torch.float64 else 1e-6, what=f"other grads {backend} {dtype}")

@@ -11,7 +11,7 @@ import sppo_fast
 from sppo_fast import _native
 
 from _data import make_batch
-from conftest import (DTYPES, HAS_CUDA, check_full_size, check_fused_loss_backend, check_sequence_logps,
+from conftest import (check_all_neg_inf_row, check_ignore_index_values, DTYPES, HAS_CUDA, check_full_size, check_fused_loss_backend, check_sequence_logps,
                       check_token_logprobs)
 
 pytestmark = pytest.mark.skipif(not HAS_CUDA or not _native.cuda_status()[0],
@@ -78,3 +78,11 @@ def test_full_size(V, gen):
     the logits would take 17 GB at V = 128256)."""
     logits, labels = make_batch(8, 2048, V, torch.bfloat16, gen)
     check_full_size(logits.cuda(), labels.cuda(), "cuda")
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+def test_ignore_index_values_and_all_neg_inf_rows(dtype, gen):
+    """ignore_index inside the vocabulary and past its end; a token whose logits are all -inf
+    gives NaN (log-prob and gradient), as the reference does, and leaves the others alone."""
+    check_ignore_index_values("cuda", "cuda", dtype, gen)
+    check_all_neg_inf_row("cuda", "cuda", dtype, gen)

@@ -7,7 +7,8 @@ import sppo_fast
 from sppo_fast import reference as R
 
 from _data import make_batch
-from conftest import DTYPES, GRAD_ATOL, assert_as_accurate, check_sequence_logps, check_token_logprobs, cuda_backend
+from conftest import (DTYPES, GRAD_ATOL, assert_as_accurate, check_all_neg_inf_row, check_ignore_index_values,
+                      check_sequence_logps, check_token_logprobs, cuda_backend)
 
 
 def _check_seq(logits, labels, gen, *, inplace=False):
@@ -268,3 +269,11 @@ def test_backward_on_a_vocabulary_slice_triton(dtype, gen):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_backward_on_a_vocabulary_slice_cuda(dtype, gen):
     _slab_backward_matches_full_rows(sppo_fast._native, "cuda", dtype, gen)
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+def test_ignore_index_values_and_all_neg_inf_rows(isa, dtype, gen):
+    """ignore_index inside the vocabulary and past its end; a token whose logits are all -inf
+    gives NaN (log-prob and gradient), as the reference does, and leaves the others alone."""
+    check_ignore_index_values("cpp", "cpu", dtype, gen)
+    check_all_neg_inf_row("cpp", "cpu", dtype, gen)

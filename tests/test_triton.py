@@ -10,7 +10,7 @@ import torch
 import sppo_fast
 
 from _data import make_batch
-from conftest import (DTYPES, TRITON_DEVICE, check_full_size, check_fused_loss_backend, check_sequence_logps,
+from conftest import (check_all_neg_inf_row, check_ignore_index_values, DTYPES, TRITON_DEVICE, check_full_size, check_fused_loss_backend, check_sequence_logps,
                       check_token_logprobs, gpu)
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
@@ -154,3 +154,12 @@ def test_kernels_compile_for_sm90():
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     assert "compiled 25 kernel variants for sm_90" in r.stdout  # 16 log-prob/pairwise + 9 attention
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's NumPy on log(0), -inf - -inf
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+def test_ignore_index_values_and_all_neg_inf_rows(dtype, gen):
+    """ignore_index inside the vocabulary and past its end; a token whose logits are all -inf
+    gives NaN (log-prob and gradient), as the reference does, and leaves the others alone."""
+    check_ignore_index_values("triton", DEV, dtype, gen)
+    check_all_neg_inf_row("triton", DEV, dtype, gen)

@@ -159,8 +159,10 @@ static inline void for_each_row(int64_t B, int64_t T, const int64_t* labels, int
 // ---- forward --------------------------------------------------------------------------------------
 // One pass over the row: per chunk, its max, a rescale of the running sum if the max grew, and the
 // chunk's sum of exponentials. The running max starts at -FLT_MAX (finite), so a chunk of -inf
-// logits never forms (-inf) - (-inf); a row whose logits are all -inf has no softmax (the
-// reference gives NaN): its log-prob comes out -inf.
+// logits never forms (-inf) - (-inf). A row whose logits are all -inf has no softmax: its
+// log-prob and (max, log-sum) are NaN, as the reference's, and so is its gradient (the CUDA and
+// Triton backends agree). Such a row is the one where the max never left the sentinel and the
+// sum stayed below 1 (the max's own term is exp(0) = 1).
 template <typename T>
 static void fwd_rows(const LogprobFwdArgs& a) {
   using A = typename Io<T>::A;
@@ -188,6 +190,10 @@ static void fwd_rows(const LogprobFwdArgs& a) {
       }
       // Keep the max and log(sum) apart: the backward forms (x - max) - log(sum), whose rounding
       // error is that of log(sum) (a few units), not that of max + log(sum) (up to |x|).
+      if (!(m > -std::numeric_limits<A>::max() || s >= A(1))) {
+        tok[r] = lse_out[2 * r] = lse_out[2 * r + 1] = std::numeric_limits<A>::quiet_NaN();
+        return;
+      }
       const A ls = std::log(s);
       lse_out[2 * r] = m;
       lse_out[2 * r + 1] = ls;

@@ -131,11 +131,15 @@ __global__ void __launch_bounds__(kThreads) logprob_fwd_kernel(LogprobFwdArgs a)
   for (int64_t i = head + nvec * VEC + threadIdx.x; i < a.V; i += blockDim.x) add(ms, A(to_acc(row[i])));
   ms = block_reduce(ms);
   if (threadIdx.x == 0) {
+    // a row of -inf logits (the max still the sentinel, the sum below the max's own exp(0) = 1)
+    // has no softmax: NaN log-prob and statistics, hence a NaN gradient, as the reference and the
+    // CPU backend give; a NaN logit propagates through the sum
+    const bool ok = ms.m > big || ms.s >= A(1);
+    const A nan = A(NAN);
     const A ls = log(ms.s);
-    lse[2 * r] = ms.m;
-    lse[2 * r + 1] = ls;
-    // a row of -inf logits (sum 0) has no softmax: -inf, as the CPU backend gives
-    tok[r] = ms.s > A(0) ? (A(to_acc(row[label])) - ms.m) - ls : -INFINITY;
+    lse[2 * r] = ok ? ms.m : nan;
+    lse[2 * r + 1] = ok ? ls : nan;
+    tok[r] = ok ? (A(to_acc(row[label])) - ms.m) - ls : nan;
   }
 }
 
