@@ -71,6 +71,9 @@ def _pairwise_kernel(
     # scores in cmp's dtype, stored as float32 (LLM-Blender keeps a float32 array)
     for i in range(0, K):
         tl.store(s_ptr + i, (_numpy_sum(m_ptr, i, K, si, sj, 0) / K).to(tl.float32))
+    # each phase reads back, in other threads' lanes, what the last one stored: a block barrier
+    # (which also orders global memory within the block) between them
+    tl.debug_barrier()
     cols = tl.arange(0, 64)
     for i in range(0, K):
         if DIRECT:
@@ -82,8 +85,10 @@ def _pairwise_kernel(
             s_j = tl.load(s_ptr + cols, mask=cols < K, other=0.0).to(tl.float64)
             p = 1.0 / (1.0 + tl.exp(s_j - s_i))
         tl.store(p_ptr + i * K + cols, p, mask=cols < K)
+    tl.debug_barrier()
     for i in range(0, K):
         tl.store(win_ptr + b * K + i, _numpy_sum(p_ptr, i, K, K, 1, 1) / K)
+    tl.debug_barrier()
     # selection: first index of the max / min score
     w = tl.zeros((), tl.int32)  # typed, not a Python 0: loop-carried values keep one type
     lo = tl.zeros((), tl.int32)

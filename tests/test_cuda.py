@@ -60,8 +60,12 @@ def test_fused_loss(loss_type, gen):
 
 @pytest.mark.parametrize("K", [2, 5, 9, 64, 130])
 @pytest.mark.parametrize("mode", sppo_fast.PAIRWISE_MODES)
-def test_pairwise(K, mode, gen):
-    cmp = torch.randn(33, K, K, generator=gen, dtype=torch.float64) * 4
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("strided", [False, True])
+def test_pairwise(K, mode, dtype, strided, gen):
+    cmp = torch.randn(33, K, K, generator=gen, dtype=dtype) * 4
+    if strided:
+        cmp = cmp.transpose(1, 2)
     a = sppo_fast.pairrm_aggregate(cmp.cuda(), mode, backend="cuda")
     b = sppo_fast.pairrm_aggregate(cmp, mode, backend="reference")
     for name, x, y in zip(a._fields, a, b):
