@@ -9,6 +9,7 @@ Providers (same module weights, same inputs, relative-position embeddings alread
 - ``torch``: :func:`sppo_fast.deberta.attention` (one cached bucket index, no [L, L] transpose,
   no mask pass without padding);
 - ``triton``: the fused kernel (CUDA only): no [L, L] tensor;
+- ``cpp``: the CPU kernel in ``sppo_fast._C`` (CPU only): no [L, L] tensor;
 - ``flashdeberta``: FlashDeBERTa's attention when the package is installed (``pip install flashdeberta``).
 Rows: median time (ms, 20/80% quantiles) and, on CUDA, peak memory beyond the inputs (MiB).
 """
@@ -31,7 +32,7 @@ def main() -> None:
     p.add_argument("--padded", action="store_true",
                    help="pad the last tenth of the last batch row (the engine's buckets are padded; "
                         "without padding the torch path skips its mask pass)")
-    p.add_argument("--providers", nargs="*", default=["hf", "torch", "triton", "flashdeberta"])
+    p.add_argument("--providers", nargs="*", default=["hf", "torch", "cpp", "triton", "flashdeberta"])
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--cuda", action="store_true")
     p.add_argument("--out", type=Path, default=None)
@@ -72,6 +73,7 @@ def main() -> None:
             "hf": lambda: attn(x, ext, relative_pos=rel_pos, rel_embeddings=rel_emb)[0],
             "torch": lambda: deberta.attention(attn, x, rel_emb, key_mask, None, "torch"),
             "triton": lambda: deberta.attention(attn, x, rel_emb, key_mask, None, "triton"),
+            "cpp": lambda: deberta.attention(attn, x, rel_emb, key_mask, None, "cpp"),
         }
         try:
             import flashdeberta  # noqa: F401
@@ -81,8 +83,9 @@ def main() -> None:
             calls["flashdeberta"] = _flashdeberta_call(config, attn, x, ext, rel_pos, rel_emb)
         base = None
         for provider in args.providers:
-            if provider not in calls or (provider == "triton" and not args.cuda):
-                print(f"  {provider:<13} skipped ({'not installed' if provider == 'flashdeberta' else 'CUDA only'})")
+            if provider not in calls or (provider == "triton") != args.cuda and provider in ("triton", "cpp"):
+                why = {"flashdeberta": "not installed", "triton": "CUDA only", "cpp": "CPU only"}[provider]
+                print(f"  {provider:<13} skipped ({why})")
                 continue
             with torch.inference_mode():
                 try:

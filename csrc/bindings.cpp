@@ -111,6 +111,35 @@ PYBIND11_MODULE(_C, m) {
       "PairRM aggregation of cmp[B, K, K] into scores, probabilities and the SPPO selection (CPU).");
 
   m.def(
+      "deberta_attention",
+      [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t c2p, uintptr_t p2c, uintptr_t rel,
+         uintptr_t qpos, uintptr_t key_mask, uintptr_t out, int dtype, int64_t B, int64_t H,
+         int64_t LQ, int64_t LK, int64_t D, py::tuple strides, int num_threads) {
+        if (dtype != kFloat32 && dtype != kFloat64)
+          throw std::invalid_argument("deberta_attention: the CPU kernel takes float32 or float64");
+        if (B < 0 || H < 0 || LQ < 0 || LK < 1 || D < 1)
+          throw std::invalid_argument("deberta_attention: need B, H, LQ >= 0 and LK, D >= 1");
+        if (strides.size() != 20) throw std::invalid_argument("deberta_attention: 20 strides");
+        int64_t st[20];
+        for (int i = 0; i < 20; ++i) st[i] = strides[i].cast<int64_t>();
+        DebertaAttnArgs a{ptr<const void>(q), ptr<const void>(k), ptr<const void>(v),
+                          ptr<const void>(c2p), ptr<const void>(p2c), ptr<const int32_t>(rel),
+                          ptr<const int64_t>(qpos), ptr<const uint8_t>(key_mask), ptr<void>(out),
+                          dtype, B, H, LQ, LK, D,
+                          st[0], st[1], st[2], st[3], st[4], st[5], st[6], st[7], st[8],
+                          st[9], st[10], st[11], st[12], st[13], st[14], st[15], st[16], st[17],
+                          st[18], st[19], num_threads < 1 ? 1 : num_threads};
+        py::gil_scoped_release nogil;
+        cpu::deberta_attention(a);
+      },
+      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("c2p"), py::arg("p2c"), py::arg("rel"),
+      py::arg("qpos"), py::arg("key_mask"), py::arg("out"), py::arg("dtype"), py::arg("B"),
+      py::arg("H"), py::arg("LQ"), py::arg("LK"), py::arg("D"), py::arg("strides"),
+      py::arg("num_threads"),
+      "DeBERTa disentangled attention forward without [LQ, LK] tensors (CPU). strides: q (b, h, m), "
+      "k (b, h, n), v (b, h, n), c2p (b, h, m), p2c (b, h, n), qpos (b), key_mask (b), out (b, h, m).");
+
+  m.def(
       "advise_hugepages",
       [](uintptr_t p, size_t nbytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)

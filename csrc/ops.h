@@ -52,7 +52,27 @@ struct PairwiseArgs {
   int num_threads;
 };
 
+// DeBERTa disentangled attention, forward (CPU; float32 or float64): out = softmax(q k^T + c2p
+// + p2c, masked) v per (b, h), with c2p[i, j] = c2p_table[b, h, i, rel[pos_i - j + LK - 1]] and
+// p2c[i, j] = p2c_table[b, h, j, rel[pos_i - j + LK - 1]]; no [LQ, LK] tensor. q is pre-scaled.
+// Every tensor has unit stride along its last dimension; rel, qpos and key_mask are contiguous.
+struct DebertaAttnArgs {
+  const void* q; const void* k; const void* v;
+  const void* c2p;            // [B, H, LQ, 2S] or nullptr
+  const void* p2c;            // [B, H, LK, 2S] or nullptr
+  const int32_t* rel;         // [2 LK - 1] bucket index (read only with c2p or p2c)
+  const int64_t* qpos;        // [B, LQ] absolute query positions, or nullptr for 0..LQ-1
+  const uint8_t* key_mask;    // [B, LK] nonzero = a real key, or nullptr
+  void* out;                  // [B, H, LQ, D]
+  int dtype;
+  int64_t B, H, LQ, LK, D;
+  int64_t q_sb, q_sh, q_sm, k_sb, k_sh, k_sn, v_sb, v_sh, v_sn;
+  int64_t c_sb, c_sh, c_sm, p_sb, p_sh, p_sn, x_sb, m_sb, o_sb, o_sh, o_sm;
+  int num_threads;
+};
+
 namespace cpu {
+void deberta_attention(const DebertaAttnArgs& a);
 void logprob_fwd(const LogprobFwdArgs& a);
 void logprob_bwd(const LogprobBwdArgs& a);
 void pairwise(const PairwiseArgs& a);

@@ -14,3 +14,41 @@ import torch
 def on_device(t: torch.Tensor):
     """Triton launches on the *current* device and its current stream: make that ``t``'s."""
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def check_attention_inputs(q, k, v, c2p, p2c, rel_index, qpos, key_mask) -> None:
+    """The inputs of the fused DeBERTa attention (Triton's, or the CPU kernel in ``sppo_fast._C``):
+    shapes, dtypes, devices and the unit strides the kernels assume, named when wrong."""
+    if q.dim() != 4:
+        raise ValueError(f"q: expected [B, H, LQ, D], got shape {tuple(q.shape)}")
+    B, H, LQ, D = q.shape
+    LK = k.shape[2] if k.dim() == 4 else -1
+    want = {"k": (B, H, LK, D), "v": (B, H, LK, D), "qpos": (B, LQ), "key_mask": (B, LK),
+            "rel_index": (2 * LK - 1,)}
+    if c2p is not None:
+        want["c2p"] = (B, H, LQ, c2p.shape[-1])
+    if p2c is not None:
+        want["p2c"] = (B, H, LK, p2c.shape[-1])
+    given = {"k": k, "v": v, "c2p": c2p, "p2c": p2c, "rel_index": rel_index, "qpos": qpos, "key_mask": key_mask}
+    for name, t in given.items():
+        if t is None:
+            continue
+        if tuple(t.shape) != want[name]:
+            raise ValueError(f"{name}: expected shape {want[name]} for q of shape {tuple(q.shape)}, "
+                             f"got {tuple(t.shape)}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device}, q on {q.device}")
+        if t.numel() and t.stride(-1) != 1:
+            raise ValueError(f"{name}: the last dimension must be contiguous (stride 1), got strides {t.stride()}")
+    for name in ("k", "v", "c2p", "p2c"):
+        t = given[name]
+        if t is not None and t.dtype != q.dtype:
+            raise ValueError(f"{name}: expected q's dtype {q.dtype}, got {t.dtype}")
+    for name in ("rel_index", "qpos"):
+        t = given[name]
+        if t is not None and t.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"{name}: expected int32 or int64, got {t.dtype}")
+    if q.stride(-1) != 1:
+        raise ValueError(f"q: the last dimension must be contiguous (stride 1), got strides {q.stride()}")
+    if rel_index is None and (c2p is not None or p2c is not None):
+        raise ValueError("rel_index is needed with c2p or p2c")

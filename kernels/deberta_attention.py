@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import on_device
+from . import check_attention_inputs, on_device
 
 # Triton's interpreter multiplies 16-bit tl.dot operands wrongly: upcast there.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -115,7 +115,7 @@ def deberta_attention(q, k, v, c2p=None, p2c=None, rel_index=None, qpos=None, ke
         key_mask: ``[B, LK]``, nonzero where a key is a real token (None: no padding).
     Returns ``[B, H, LQ, D]`` in q's dtype.
     """
-    _check(q, k, v, c2p, p2c, rel_index, qpos, key_mask)
+    check_attention_inputs(q, k, v, c2p, p2c, rel_index, qpos, key_mask)
     B, H, LQ, D = q.shape
     LK = k.shape[2]
     out = torch.empty(B, H, LQ, D, device=q.device, dtype=q.dtype)
@@ -147,40 +147,3 @@ def _launch(grid, q, k, v, c, p, rel, x, m, out, has_c2p, has_p2c, has_qpos, has
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(D)), DOT_F32=_INTERPRET,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
-
-
-def _check(q, k, v, c2p, p2c, rel_index, qpos, key_mask) -> None:
-    """Shapes, dtypes, devices and the unit strides the kernel assumes, named when wrong."""
-    if q.dim() != 4:
-        raise ValueError(f"q: expected [B, H, LQ, D], got shape {tuple(q.shape)}")
-    B, H, LQ, D = q.shape
-    LK = k.shape[2] if k.dim() == 4 else -1
-    want = {"k": (B, H, LK, D), "v": (B, H, LK, D), "qpos": (B, LQ), "key_mask": (B, LK),
-            "rel_index": (2 * LK - 1,)}
-    if c2p is not None:
-        want["c2p"] = (B, H, LQ, c2p.shape[-1])
-    if p2c is not None:
-        want["p2c"] = (B, H, LK, p2c.shape[-1])
-    given = {"k": k, "v": v, "c2p": c2p, "p2c": p2c, "rel_index": rel_index, "qpos": qpos, "key_mask": key_mask}
-    for name, t in given.items():
-        if t is None:
-            continue
-        if tuple(t.shape) != want[name]:
-            raise ValueError(f"{name}: expected shape {want[name]} for q of shape {tuple(q.shape)}, "
-                             f"got {tuple(t.shape)}")
-        if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device}, q on {q.device}")
-        if t.numel() and t.stride(-1) != 1:
-            raise ValueError(f"{name}: the last dimension must be contiguous (stride 1), got strides {t.stride()}")
-    for name in ("k", "v", "c2p", "p2c"):
-        t = given[name]
-        if t is not None and t.dtype != q.dtype:
-            raise ValueError(f"{name}: expected q's dtype {q.dtype}, got {t.dtype}")
-    for name in ("rel_index", "qpos"):
-        t = given[name]
-        if t is not None and t.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"{name}: expected int32 or int64, got {t.dtype}")
-    if q.stride(-1) != 1:
-        raise ValueError(f"q: the last dimension must be contiguous (stride 1), got strides {q.stride()}")
-    if rel_index is None and (c2p is not None or p2c is not None):
-        raise ValueError("rel_index is needed with c2p or p2c")

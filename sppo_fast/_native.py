@@ -157,3 +157,39 @@ def pairwise(cmp: Tensor, mode: str) -> PairwiseResult:
             *(t.data_ptr() for t in res), _threads(), *_where(cmp),
         )
     return res
+
+
+def deberta_attention(q: Tensor, k: Tensor, v: Tensor, c2p: Optional[Tensor] = None,
+                      p2c: Optional[Tensor] = None, rel_index: Optional[Tensor] = None,
+                      qpos: Optional[Tensor] = None, key_mask: Optional[Tensor] = None) -> Tensor:
+    """DeBERTa's disentangled attention on the CPU without any ``[LQ, LK]`` tensor: the arguments
+    and result of :func:`sppo_fast.kernels.deberta_attention.deberta_attention` (the Triton
+    kernel), for float32 or float64 CPU tensors."""
+    from .kernels import check_attention_inputs
+
+    check_attention_inputs(q, k, v, c2p, p2c, rel_index, qpos, key_mask)
+    if q.device.type != "cpu":
+        raise ValueError(f"deberta_attention (cpp): expects CPU tensors, got {q.device}")
+    if q.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"deberta_attention (cpp): expects float32 or float64, got {q.dtype}")
+    B, H, LQ, D = q.shape
+    LK = k.shape[2]
+    out = torch.empty(B, H, LQ, D, dtype=q.dtype)
+    if out.numel() == 0:
+        return out
+    if LK == 0:
+        return out.zero_()
+    rel = rel_index.to(torch.int32).contiguous() if rel_index is not None else None
+    pos = qpos.to(torch.int64).contiguous() if qpos is not None else None
+    mask = key_mask.ne(0).to(torch.uint8).contiguous() if key_mask is not None else None
+
+    def p(t):
+        return 0 if t is None else t.data_ptr()
+
+    def s3(t):
+        return (0, 0, 0) if t is None else tuple(t.stride()[:3])
+    strides = (*s3(q), *s3(k), *s3(v), *s3(c2p), *s3(p2c),
+               0 if pos is None else pos.stride(0), 0 if mask is None else mask.stride(0), *s3(out))
+    _C.deberta_attention(p(q), p(k), p(v), p(c2p), p(p2c), p(rel), p(pos), p(mask), p(out),
+                         DTYPE_CODES[q.dtype], B, H, LQ, LK, D, strides, _threads())
+    return out

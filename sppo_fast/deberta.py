@@ -83,8 +83,9 @@ def attention(attn, hidden: Tensor, rel_embeddings: Tensor, key_mask: Optional[T
     """One ``DisentangledSelfAttention`` (``attn``) forward: ``[B, L, D] -> [B, Lq, D]``.
 
     ``key_mask [B, L]`` bool (``None``: no padding); ``rows [B, Lq]`` the query positions to compute
-    (``None``: all). ``impl``: ``"torch"`` (gathers on ``[B, H, Lq, L]`` tensors) or ``"triton"``
-    (the fused kernel of :mod:`sppo_fast.kernels.deberta_attention`: no ``[Lq, L]`` tensor).
+    (``None``: all). ``impl``: ``"torch"`` (gathers on ``[B, H, Lq, L]`` tensors), or a fused kernel
+    with no ``[Lq, L]`` tensor: ``"triton"`` (:mod:`sppo_fast.kernels.deberta_attention`, CUDA) or
+    ``"cpp"`` (the CPU kernel in ``sppo_fast._C``, float32/float64).
     """
     B, L, _ = hidden.shape
     H = attn.num_attention_heads
@@ -94,8 +95,8 @@ def attention(attn, hidden: Tensor, rel_embeddings: Tensor, key_mask: Optional[T
     q = _heads(attn.query_proj(hq), H) * (1.0 / scale)
     k = _heads(attn.key_proj(hidden), H)
     v = _heads(attn.value_proj(hidden), H)
-    if impl == "triton":
-        return _fused_attention(attn, q, k, v, rel_embeddings, key_mask, rows, scale)
+    if impl in ("triton", "cpp"):
+        return _fused_attention(attn, q, k, v, rel_embeddings, key_mask, rows, scale, impl)
     scores = q @ k.transpose(-1, -2)  # [B, H, Lq, L]
     if attn.relative_attention and types:
         span = attn.pos_ebd_size
@@ -121,8 +122,12 @@ def attention(attn, hidden: Tensor, rel_embeddings: Tensor, key_mask: Optional[T
 
 
 def _fused_attention(attn, q: Tensor, k: Tensor, v: Tensor, rel_embeddings: Tensor,
-                     key_mask: Optional[Tensor], rows: Optional[Tensor], scale: float) -> Tensor:
-    from .kernels.deberta_attention import deberta_attention
+                     key_mask: Optional[Tensor], rows: Optional[Tensor], scale: float,
+                     impl: str = "triton") -> Tensor:
+    if impl == "cpp":
+        from ._native import deberta_attention
+    else:
+        from .kernels.deberta_attention import deberta_attention
 
     B, H, Lq, _ = q.shape
     L = k.shape[2]
@@ -147,7 +152,7 @@ def _fused_attention(attn, q: Tensor, k: Tensor, v: Tensor, rel_embeddings: Tens
     return ctx.transpose(1, 2).reshape(B, Lq, -1)
 
 
-ENCODE_IMPLS = ("torch", "triton")
+ENCODE_IMPLS = ("torch", "triton", "cpp")
 
 
 def encode(backbone, input_ids: Tensor, attention_mask: Tensor,
@@ -157,7 +162,7 @@ def encode(backbone, input_ids: Tensor, attention_mask: Tensor,
 
     Returns ``[B, L, D]``, or ``[B, Q, D]`` at ``query_positions [B, Q]`` (the last layer is then
     computed only there). Equals ``backbone(input_ids, attention_mask).last_hidden_state`` (gathered).
-    ``impl``: the attention, ``"torch"`` or ``"triton"`` (see :func:`attention`). ``padded``:
+    ``impl``: the attention, ``"torch"``, ``"triton"`` or ``"cpp"`` (see :func:`attention`). ``padded``:
     whether any key is masked out, if the caller knows (else found out here, one host sync).
     """
     if impl not in ENCODE_IMPLS:

@@ -49,7 +49,7 @@ CANDIDATE_MARKER = "<|candidate|>"
 # Order matters: LLM-Blender adds them in this order, so they get consecutive ids (128001..128004).
 MARKERS = (SOURCE_MARKER, CANDIDATE1_MARKER, CANDIDATE2_MARKER, CANDIDATE_MARKER)
 
-ATTN_IMPLS = ("torch", "triton", "hf")
+ATTN_IMPLS = ("torch", "triton", "cpp", "hf")
 SOURCE_MAX_LENGTH = 1224
 CANDIDATE_MAX_LENGTH = 412
 
@@ -146,7 +146,8 @@ class PairRM(DebertaV2PreTrainedModel):
 
         ``attn_impl``: ``"torch"`` (default, :func:`sppo_fast.deberta.encode`: the last layer only
         at the three pooled rows, leaner attention), ``"triton"`` (the same with the fused attention
-        kernel, no ``[L, L]`` tensor; CUDA, or CPU under ``TRITON_INTERPRET=1``) or ``"hf"``
+        kernel, no ``[L, L]`` tensor; CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"cpp"`` (the same
+        with the CPU attention kernel of ``sppo_fast._C``, float32/float64) or ``"hf"``
         (Hugging Face's eager forward, as LLM-Blender runs it). Same weights, same result up to float rounding. Default: ``"torch"``
         in eval mode, ``"hf"`` in training mode (the inference path has no dropout). ``padded``: whether
         the mask has any 0, if the caller knows (saves a host sync; see :func:`sppo_fast.deberta.encode`).
@@ -157,7 +158,7 @@ class PairRM(DebertaV2PreTrainedModel):
             h = self.pretrained_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
             rows = torch.arange(h.shape[0], device=h.device)
             src, c1, c2 = (h[rows, positions[:, k]] for k in range(3))
-        elif attn_impl in ("torch", "triton"):
+        elif attn_impl in deberta.ENCODE_IMPLS:
             src, c1, c2 = deberta.encode(self.pretrained_model, input_ids, attention_mask, positions,
                                          impl=attn_impl, padded=padded).unbind(1)
         else:
@@ -396,7 +397,8 @@ class PairRMRanker:
         autocast_dtype: ``torch.float16`` (default on CUDA, as the official fp16 runs) or
             ``torch.bfloat16`` autocast; ``None`` runs in the model's dtype (default on CPU: fp32).
         attn_impl: the backbone's attention, see :meth:`PairRM.pair_logits`. ``"auto"`` (default):
-            the fused Triton kernel on CUDA when Triton is installed, else ``"torch"``.
+            the fused Triton kernel on CUDA when Triton is installed, the CPU kernel (``"cpp"``) for a
+            float32/float64 model on the CPU without autocast, else ``"torch"``.
         mode, backend: passed to :func:`sppo_fast.pairrm_aggregate`.
         progress: show a progress bar over prompts.
         Remaining keyword arguments go to :class:`PairInputBuilder` (truncation).
@@ -419,12 +421,17 @@ class PairRMRanker:
         on_cuda = self.device.type == "cuda"
         from . import _triton
 
+        self.autocast_dtype = (torch.float16 if on_cuda else None) if autocast_dtype == "auto" else autocast_dtype
+        cpp_problem = _cpp_attention_problem(self.device, next(model.parameters()).dtype, self.autocast_dtype)
         if attn_impl == "auto":
-            attn_impl = "triton" if on_cuda and _triton.problem(self.device) is None else "torch"
+            attn_impl = ("triton" if on_cuda and _triton.problem(self.device) is None else
+                         "cpp" if cpp_problem is None else "torch")
         elif attn_impl == "triton":
             why = _triton.problem(self.device)
             if why:
                 raise ops.BackendUnavailableError(f"attn_impl='triton': {why}")
+        elif attn_impl == "cpp" and cpp_problem:
+            raise ops.BackendUnavailableError(f"attn_impl='cpp' {cpp_problem}")
         self.attn_impl = attn_impl
         self.budget = int(budget if budget is not None else (2 ** 26 if on_cuda else 2 ** 20))
         if self.budget < 1:
@@ -432,7 +439,6 @@ class PairRMRanker:
         self.max_rows = max_rows
         group = self.builder.truncation_group
         self.prompts_per_step = -(-prompts_per_step // group) * group
-        self.autocast_dtype = (torch.float16 if on_cuda else None) if autocast_dtype == "auto" else autocast_dtype
         self.mode = mode
         self.backend = backend
         self.progress = progress
@@ -630,6 +636,19 @@ class PairRMRanker:
                 x = p.detach().float()
                 h.update(f"{name}:{x.sum().item():.9e}:{x.flatten()[:4].tolist()}".encode())
         return h.hexdigest()
+
+
+def _cpp_attention_problem(device: torch.device, dtype: torch.dtype, autocast_dtype) -> Optional[str]:
+    """Why the CPU attention kernel (``attn_impl="cpp"``) cannot run this model, or None."""
+    from . import _native
+
+    if device.type != "cpu":
+        return f"runs on the CPU, the model is on {device}"
+    if dtype not in (torch.float32, torch.float64):
+        return f"runs float32 or float64 models, this one is {dtype}"
+    if autocast_dtype is not None:
+        return f"runs float32 or float64, not under {autocast_dtype} autocast"
+    return None if _native.available() else _native.unavailable_reason()
 
 
 def _check_candidates(prompts: Sequence[str], candidates: Sequence[Sequence[str]]) -> int:

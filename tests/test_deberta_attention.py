@@ -84,6 +84,50 @@ def test_kernel_against_dense_truth(dtype, case):
     assert_as_accurate(out.cpu(), ref, truth, atol=atol, what=f"{case} {dtype}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", ["square", "subset", "padded", "huge", "uneven", "odd-head", "long"])
+def test_cpu_kernel_against_dense_truth(isa, dtype, case):
+    """The CPU kernel (``sppo_fast._C``, every instruction set): the same cases as the Triton
+    kernel's, plus a head size that is not a whole number of vector lines and a longer sequence."""
+    from sppo_fast import _native
+
+    shapes = {"square": (2, 2, 70, 70, 32, 16), "subset": (3, 2, 3, 97, 32, 16),
+              "padded": (3, 2, 81, 81, 32, 8), "huge": (1, 2, 40, 40, 32, 16),
+              "uneven": (1, 3, 131, 131, 48, 64), "odd-head": (2, 2, 37, 37, 20, 8),
+              "long": (1, 2, 333, 333, 64, 256)}[case]
+    q, k, v, c2p, p2c, idx, qpos, mask = random_case(
+        *shapes, subset=case == "subset", padded=case == "padded", scale=300.0 if case == "huge" else 1.0)
+    truth = dense(q, k, v, c2p, p2c, idx, qpos, mask, torch.float64)
+    ref = dense(q, k, v, c2p, p2c, idx, qpos, mask, dtype)
+    # q and k as the model makes them: [B, L, H, D] views (strided heads)
+    q, k = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k))
+    out = _native.deberta_attention(*(t.to(dtype) for t in (q, k, v, c2p, p2c)), idx, qpos, mask)
+    if mask is not None:
+        keep = mask.bool()[:, None, :, None].expand_as(truth)
+        out, ref, truth = out[keep], ref[keep], truth[keep]
+    atol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert_as_accurate(out, ref, truth, atol=atol, what=f"{case} {dtype}")
+    assert truth.abs().max() > 0.1  # not vacuous
+
+
+def test_cpu_kernel_masked_rows_and_relative_terms_alone(isa):
+    """A batch row with every key masked gives zeros (never NaN); each relative term alone, and
+    neither, match the truth."""
+    from sppo_fast import _native
+
+    q, k, v, c2p, p2c, idx, _, _ = random_case(2, 2, 33, 33, 32, 16)
+    mask = torch.ones(2, 33, dtype=torch.int8)
+    mask[1] = 0
+    out = _native.deberta_attention(q.float(), k.float(), v.float(), key_mask=mask)
+    assert torch.isfinite(out).all() and (out[1] == 0).all()
+    for terms in ((c2p, None), (None, p2c), (None, None)):
+        truth = dense(q, k, v, *terms, idx, None, None, torch.float64)
+        out = _native.deberta_attention(q, k, v, *terms, idx if any(t is not None for t in terms) else None)
+        torch.testing.assert_close(out, truth, atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="float32 or float64"):
+        _native.deberta_attention(q.half(), k.half(), v.half())
+
+
 def test_kernel_without_relative_terms_and_all_masked_keys():
     q, k, v, _, _, idx, _, _ = random_case(2, 2, 33, 33, 32, 16)
     mask = torch.ones(2, 33, dtype=torch.int8)
@@ -141,23 +185,25 @@ def test_kernels_run_on_their_tensors_device_not_the_current_one():  # pragma: n
     torch.testing.assert_close(seq.double(), ref, atol=1e-3, rtol=0)
 
 
+@pytest.mark.parametrize("impl", ["triton", "cpp"])
 @pytest.mark.parametrize("config", list(ATTENTION_CONFIGS))
-def test_backbone_with_fused_attention(tiny, config):
-    """Whole DeBERTa forwards with ``impl="triton"`` against Hugging Face's in float64: padded
-    batches, distances across the log-bucket boundary and past max_relative_positions."""
+def test_backbone_with_fused_attention(tiny, config, impl):
+    """Whole DeBERTa forwards with a fused attention (Triton's, or the CPU kernel) against Hugging
+    Face's in float64: padded batches, distances across the log-bucket boundary and past
+    max_relative_positions."""
     lengths = (300, 150, 5) if config in ("pairrm", "16-buckets") else (90, 41)
     model, m64, ids, mask, pos = deberta_case(tiny, config, lengths)
     valid = mask.bool()
-    dev = TRITON_DEVICE
+    dev = TRITON_DEVICE if impl == "triton" else "cpu"
     model_dev = prm.PairRM(model.config).eval()
     model_dev.load_state_dict(model.state_dict())
     model_dev.to(dev)
     with torch.no_grad():
         truth = m64.pretrained_model(input_ids=ids, attention_mask=mask).last_hidden_state
         hf32 = model.pretrained_model(input_ids=ids, attention_mask=mask).last_hidden_state.double()
-        fused = deberta.encode(model_dev.pretrained_model, ids.to(dev), mask.to(dev), impl="triton").cpu().double()
+        fused = deberta.encode(model_dev.pretrained_model, ids.to(dev), mask.to(dev), impl=impl).cpu().double()
         pooled = deberta.encode(model_dev.pretrained_model, ids.to(dev), mask.to(dev), pos.to(dev),
-                                impl="triton").cpu().double()
+                                impl=impl).cpu().double()
     assert truth.std() > 0.5
     rows = torch.arange(len(lengths))[:, None]
     assert_as_accurate(fused[valid], hf32[valid], truth[valid], atol=2e-5, what=config)
@@ -173,8 +219,24 @@ def test_ranker_with_fused_attention_matches(tiny):
     m.load_state_dict(model.state_dict())
     m.to(dev)
     fused = prm.PairRMRanker(m, tok, progress=False, attn_impl="triton", autocast_dtype=None).pair_matrix(p, c)
-    ref = prm.PairRMRanker(model, tok, progress=False).pair_matrix(p, c)
+    ref = prm.PairRMRanker(model, tok, progress=False, attn_impl="torch").pair_matrix(p, c)
+    cpu = prm.PairRMRanker(model, tok, progress=False)
+    assert cpu.attn_impl == "cpp"  # the default on a CPU for a float32 model
+    assert ref.abs().max() > 0.05  # O(1) weights: not vacuous
     torch.testing.assert_close(fused, ref, atol=2e-5, rtol=0)
+    torch.testing.assert_close(cpu.pair_matrix(p, c), ref, atol=2e-5, rtol=0)
+
+
+def test_cpu_attention_refuses_what_it_cannot_run(tiny):
+    import sppo_fast
+
+    model, tok = tiny
+    m = prm.PairRM(model.config).eval().to(torch.bfloat16)
+    assert prm.PairRMRanker(m, tok, progress=False).attn_impl == "torch"  # auto falls back
+    with pytest.raises(sppo_fast.BackendUnavailableError, match="attn_impl='cpp' runs float32 or float64"):
+        prm.PairRMRanker(m, tok, attn_impl="cpp")
+    with pytest.raises(sppo_fast.BackendUnavailableError, match="not under torch.bfloat16 autocast"):
+        prm.PairRMRanker(model, tok, attn_impl="cpp", autocast_dtype=torch.bfloat16)
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the error raised without CUDA or the interpreter")

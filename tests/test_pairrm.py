@@ -221,13 +221,14 @@ def test_attention_against_float64(tiny, config, lengths):
         ours32 = deberta.encode(model.pretrained_model, ids, mask)[valid].double()
         pooled = deberta.encode(model.pretrained_model, ids, mask, pos)
         full = deberta.encode(model.pretrained_model, ids, mask)
-        logits = {impl: m64.pair_logits(ids, mask, pos, attn_impl=impl) for impl in ("torch", "hf")}
+        logits = {impl: m64.pair_logits(ids, mask, pos, attn_impl=impl) for impl in ("torch", "cpp", "hf")}
     assert truth.std() > 0.5  # O(1) hidden states: the tolerances below are not vacuous
     # HF computes the 1/sqrt(3d) scale and the log buckets in float32 even in float64 models
     torch.testing.assert_close(got64, truth, atol=1e-6, rtol=0)
     assert (ours32 - truth).abs().max() <= 2 * (hf32 - truth).abs().max() + 1e-6
     torch.testing.assert_close(pooled, full[torch.arange(len(lengths))[:, None], pos], atol=1e-5, rtol=0)
     torch.testing.assert_close(logits["torch"], logits["hf"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(logits["cpp"], logits["hf"], atol=1e-6, rtol=0)
 
 
 def test_training_mode_uses_hugging_face_attention(tiny):

@@ -11,6 +11,7 @@ namespace cpu {
   namespace ns {                               \
   void run_fwd(const LogprobFwdArgs& a);       \
   void run_bwd(const LogprobBwdArgs& a);       \
+  void run_attention(const DebertaAttnArgs& a); \
   }
 SPPO_DECLARE_ISA(isa_base)
 #if defined(SPPO_HAVE_X86_ISAS)
@@ -80,6 +81,16 @@ void logprob_bwd(const LogprobBwdArgs& a) {
     case kAvx2: isa_avx2::run_bwd(a); return;
 #endif
     default: isa_base::run_bwd(a); return;
+  }
+}
+
+void deberta_attention(const DebertaAttnArgs& a) {
+  switch (current().load()) {
+#if defined(SPPO_HAVE_X86_ISAS)
+    case kAvx512: isa_avx512::run_attention(a); return;
+    case kAvx2: isa_avx2::run_attention(a); return;
+#endif
+    default: isa_base::run_attention(a); return;
   }
 }
 
