@@ -258,6 +258,11 @@ class EncodedPrompt:
     source: np.ndarray
     candidates: tuple[np.ndarray, ...]
 
+    def canonical(self) -> tuple[int, ...]:
+        """``c[k]``: the first candidate whose token ids (after truncation) equal candidate ``k``'s."""
+        first: dict[bytes, int] = {}
+        return tuple(first.setdefault(c.tobytes(), k) for k, c in enumerate(self.candidates))
+
 
 class PairInputBuilder:
     """Tokenize prompts and candidates for PairRM exactly as LLM-Blender's collator does.
@@ -466,6 +471,23 @@ class PairRMRanker:
             start += n
         return out
 
+    def _run_pairs(self, enc: list[EncodedPrompt], pairs: list[tuple[int, int, int]]) -> np.ndarray:
+        """PairRM logits of ``(b, i, j)``: prompt ``enc[b]``, candidate ``i`` in the first slot and
+        ``j`` in the second; float32 ``[len(pairs)]``.
+
+        Candidates with identical token ids are one candidate (:meth:`EncodedPrompt.canonical`):
+        each distinct ``(b, canonical i, canonical j)`` runs once, and every pair mapping to it
+        gets that value, so duplicates get bit-identical logits (as LLM-Blender's batch-size-1
+        forwards compute an identical input identically), identical candidates tie exactly, and
+        a prompt with K copies of one text costs one row instead of K(K-1). A pair of two copies
+        runs as the row ``(c, c)``: the text against itself.
+        """
+        canon = [e.canonical() for e in enc]
+        keys = [(b, canon[b][i], canon[b][j]) for b, i, j in pairs]
+        slot = {k: n for n, k in enumerate(dict.fromkeys(keys))}
+        vals = self._run_rows([(enc[b], i, j) for b, i, j in slot])
+        return vals[np.fromiter((slot[k] for k in keys), dtype=np.int64, count=len(keys))]
+
     def _run_rows(self, rows: list[tuple[EncodedPrompt, int, int]]) -> np.ndarray:
         """PairRM logits of ``(prompt, i, j)`` rows, bucketed; returns float32 ``[len(rows)]``."""
         ids1, ids2 = self.builder.ids[CANDIDATE1_MARKER], self.builder.ids[CANDIDATE2_MARKER]
@@ -511,15 +533,17 @@ class PairRMRanker:
     # -- public API -----------------------------------------------------------------------------
     def pair_matrix(self, prompts: Sequence[str], candidates: Sequence[Sequence[str]]) -> Tensor:
         """``cmp[B, K, K]`` float32: PairRM's logit that candidate ``i`` (first slot) beats ``j``,
-        for every ordered pair ``i != j``; the diagonal is 0 (never computed, as in LLM-Blender)."""
+        for every ordered pair ``i != j``; the diagonal is 0 (never computed, as in LLM-Blender).
+        Candidates with identical token ids get bit-identical logits (each distinct pair runs
+        once), so a prompt whose K candidates are all the same is exactly tied."""
         K = _check_candidates(prompts, candidates)
         cmp = torch.zeros(len(prompts), K, K, dtype=torch.float32)
         with self._progress(len(prompts), "PairRM") as bar:
             for g in range(0, len(prompts), self.prompts_per_step):
                 enc = self.builder.encode(prompts[g: g + self.prompts_per_step],
                                           candidates[g: g + self.prompts_per_step])
-                rows = [(e, i, j) for e in enc for i in range(K) for j in range(K) if i != j]
-                vals = torch.from_numpy(self._run_rows(rows)).view(len(enc), K * (K - 1))
+                pairs = [(b, i, j) for b in range(len(enc)) for i in range(K) for j in range(K) if i != j]
+                vals = torch.from_numpy(self._run_pairs(enc, pairs)).view(len(enc), K * (K - 1))
                 off = ~torch.eye(K, dtype=torch.bool)
                 cmp[g: g + len(enc)][:, off] = vals
                 bar.update(len(enc))
@@ -541,20 +565,21 @@ class PairRMRanker:
         ``M[A, B] - M[B, A]``; ``"[A,B]"`` gives ``M[A, B]``; ``"[B,A]"`` gives ``-M[B, A]``, so that
         a positive logit means "A is better" in every mode, as LLM-Blender's docstring says (its
         code returns ``M[B, A]`` unnegated in that mode). Returns a float32 tensor of logits with
-        ``return_logits``, else a bool tensor ``logit > 0``.
+        ``return_logits``, else a bool tensor ``logit > 0``. A and B with identical token ids run
+        as one row, so the default mode gives exactly 0 (not better) for them.
         """
         if mode not in COMPARE_MODES:
             raise ValueError(f"mode: expected one of {COMPARE_MODES}, got {mode!r}")
         if not len(prompts) == len(candidates_a) == len(candidates_b):
             raise ValueError(f"got {len(prompts)} prompts, {len(candidates_a)} A and {len(candidates_b)} B")
         enc = self.builder.encode(prompts, [[a, b] for a, b in zip(candidates_a, candidates_b)])
-        rows = []
-        if mode != "[B,A]":
-            rows += [(e, 0, 1) for e in enc]
-        if mode != "[A,B]":
-            rows += [(e, 1, 0) for e in enc]
-        vals = torch.from_numpy(self._run_rows(rows))
         n = len(enc)
+        pairs = []
+        if mode != "[B,A]":
+            pairs += [(b, 0, 1) for b in range(n)]
+        if mode != "[A,B]":
+            pairs += [(b, 1, 0) for b in range(n)]
+        vals = torch.from_numpy(self._run_pairs(enc, pairs))
         if mode == "[A,B]+[B,A]":
             logits = vals[:n] - vals[n:]
         else:

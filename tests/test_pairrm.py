@@ -206,6 +206,43 @@ def test_result_independent_of_buckets_and_order(tiny):
     torch.testing.assert_close(shuffled, base[perm], atol=ATOL, rtol=0)
 
 
+def test_duplicate_candidates_tie_exactly_and_run_once(tiny, blender, monkeypatch):
+    """Copies of a candidate (same token ids) get bit-identical logits whatever the bucketing, so a
+    prompt with K copies of one text is tied and copies score exactly alike; each distinct pair runs
+    once; everything else is LLM-Blender's matrix."""
+    p, c = prompts_and_candidates(91, 6, 5, lo=5, hi=120)
+    c[1] = [c[1][0]] * 5  # all identical (greedy-like sampling)
+    c[3] = [c[3][0], c[3][1], c[3][0], c[3][2], c[3][0]]  # three copies among others
+    c[4] = [c[4][0], c[4][1], c[4][0], c[4][1], c[4][2]]  # two texts with a copy each
+    ref = blender_matrix(blender, p, c)
+    off = ~torch.eye(5, dtype=torch.bool)
+    groups = {3: [[0, 2, 4]], 4: [[0, 2], [1, 3]]}
+    for kw in (dict(), dict(budget=1), dict(budget=300_000), dict(max_rows=7), dict(max_rows=3, prompts_per_step=2),
+               dict(budget=10 ** 9, max_rows=1000)):
+        ranker = prm.PairRMRanker(*tiny, progress=False, **kw)
+        rows = []
+        real = ranker._run_rows
+        monkeypatch.setattr(ranker, "_run_rows", lambda r: rows.append(len(r)) or real(r))
+        res = ranker.rank(p, c)
+        torch.testing.assert_close(res.cmp, ref, atol=ATOL, rtol=0)
+        assert res.tied.tolist() == [False, True, False, False, False, False], kw
+        assert (res.cmp[1][off] == res.cmp[1, 0, 1]).all() and (res.scores[1] == 0).all()
+        for b, gs in groups.items():
+            for g in gs:
+                assert len(set(res.scores[b, g].tolist())) == 1, (kw, b, g)
+                others = [k for k in range(5) if k not in g]
+                for i in g[1:]:  # rows and columns of copies are bit-identical (outside the copies)
+                    assert torch.equal(res.cmp[b, i, others], res.cmp[b, g[0], others])
+                    assert torch.equal(res.cmp[b, others, i], res.cmp[b, others, g[0]])
+        assert all(c[b][int(res.chosen[b])] != c[b][int(res.rejected[b])] for b in range(6) if b != 1)
+        # distinct pairs only: 4 prompts x 20, 1 (all copies), 3*2 + 1 (c[3]), 3*2 + 2 (c[4])
+        assert sum(rows) == 3 * 20 + 1 + 7 + 8
+    a = [x[0] for x in c]
+    for kw in (dict(), dict(max_rows=1), dict(max_rows=3)):
+        logits = prm.PairRMRanker(*tiny, progress=False, **kw).compare(p, a, a, return_logits=True)
+        assert (logits == 0).all()
+
+
 @pytest.mark.parametrize("config", list(ATTENTION_CONFIGS))
 @pytest.mark.parametrize("lengths", [(700,), (300, 130, 129, 5)])
 def test_attention_against_float64(tiny, config, lengths):

@@ -128,6 +128,16 @@ def test_fingerprints_see_every_element():
     assert _io.digest([{"p": "q", "n": 1}]) == _io.digest([{"n": 1, "p": "q"}])
 
 
+def test_records_with_chosen_text_equal_to_rejected_count_as_tied():
+    """A ranker that scores copies of one text unequally would pick the same text as chosen and
+    rejected: no preference to train on, so the record is left out and counted as tied."""
+    cands = [["same", "same", "same"], ["same", "other", "same"]]
+    cmp = torch.tensor([[[0, 1e-7, 0], [0, 0, 0], [0, 0, 0]], [[0, 1e-7, 0], [0, 0, 0], [0, 0, 0]]])
+    records, tied = training_records(["p", "q"], cands, cmp)
+    assert tied == 1 and [r["prompt"] for r in records] == ["q"]
+    assert records[0]["chosen"][1]["content"] != records[0]["rejected"][1]["content"]
+
+
 def test_ranking_records_and_ties():
     r = HashWordRanker()
     prompts = ["p1", "p2"]

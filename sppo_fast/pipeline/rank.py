@@ -50,13 +50,15 @@ def training_records(prompts: Sequence[str], candidates: Sequence[Sequence[str]]
     Each record has the official fields (``prompt``, ``chosen``, ``rejected`` as [user, assistant]
     messages, ``chosen_probs``, ``chosen_probs_win``, ``chosen_probs_lose``) plus all candidates,
     scores and the matrix. A prompt whose K scores are all equal has no chosen/rejected pair
-    (the official code would train on ``chosen == rejected``): it is counted and left out.
+    (the official code would train on ``chosen == rejected``): it is counted and left out, and so
+    is a record whose chosen text equals its rejected text (no preference to learn from; a ranker
+    that scores duplicates unequally would otherwise produce one).
     """
     from ..pairrm import RankResult
 
     agg = ops.pairrm_aggregate(cmp, mode, backend=backend)
     rows = RankResult(cmp, *agg).records(prompts, candidates)
-    kept = [r for r in rows if not r["tied"]]
+    kept = [r for r in rows if not r["tied"] and r["chosen"][1]["content"] != r["rejected"][1]["content"]]
     return kept, len(rows) - len(kept)
 
 
