@@ -596,6 +596,11 @@ class PairRMRanker:
         ``<output>.parts/``, so a rerun after an interruption skips finished shards (after checking
         that they hold the same prompts). The output is written to a temporary name and renamed
         when complete; the parts are then removed. Returns the output path.
+
+        An existing ``output`` is returned as it is only if it was written with the same settings
+        and model and for the same inputs (row count, column names and a SHA-256 over every row's
+        prompt and candidates, kept in its metadata); otherwise this raises. Checking it reads the
+        whole dataset once (no ranking).
         """
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -612,20 +617,38 @@ class PairRMRanker:
                     raise ValueError(f"dataset has no column {c!r}; columns: {columns}")
         settings = self._fingerprint(mode or self.mode)
         n = len(dataset)
+
+        def shards():
+            for start in range(0, n, shard_size):
+                batch = _rows(dataset, start, min(n, start + shard_size))
+                yield [r[prompt_column] for r in batch], [list(r[candidates_column]) for r in batch]
+
+        def inputs_record(data_hash) -> dict:
+            return {"rows": n, "prompt_column": prompt_column, "candidates_column": candidates_column,
+                    "sha256": data_hash.hexdigest()}
+
         if output.exists():
             meta = pq.read_schema(output).metadata or {}
             if meta.get(b"sppo_fast.settings") != settings.encode():
                 raise ValueError(f"{output} exists but was written with other settings or another model; "
                                  "remove it to rank again")
+            data_hash = hashlib.sha256()
+            for prompts, cands in shards():
+                _hash_rows(data_hash, prompts, cands)
+            want = inputs_record(data_hash)
+            have = json.loads(meta.get(b"sppo_fast.dataset", b"{}"))
+            if have != want:
+                what = ", ".join(k for k in want if have.get(k) != want[k])
+                raise ValueError(f"{output} exists but holds the ranking of another dataset (differs in: {what}); "
+                                 f"remove it or choose another output path to rank this one")
             return output
         parts = output.with_name(output.name + ".parts")
         parts.mkdir(parents=True, exist_ok=True)
         tables = []
+        data_hash = hashlib.sha256()
         with self._progress(n, "PairRM ranking") as bar:
-            for s, start in enumerate(range(0, n, shard_size)):
-                batch = _rows(dataset, start, min(n, start + shard_size))
-                prompts = [r[prompt_column] for r in batch]
-                cands = [list(r[candidates_column]) for r in batch]
+            for s, (prompts, cands) in enumerate(shards()):
+                _hash_rows(data_hash, prompts, cands)
                 digest = hashlib.sha256(json.dumps([settings, shard_size, prompts, cands]).encode()).hexdigest()
                 path = parts / f"shard-{s:06d}.parquet"
                 if path.exists():
@@ -644,9 +667,10 @@ class PairRMRanker:
                     table = table.replace_schema_metadata({"sppo_fast.inputs": digest})
                     _io.write_parquet(table, path)
                 tables.append(table.replace_schema_metadata(None))
-                bar.update(len(batch))
+                bar.update(len(prompts))
         table = pa.concat_tables(tables) if tables else record_schema().empty_table()
-        _io.write_parquet(table.replace_schema_metadata({"sppo_fast.settings": settings}), output)
+        meta = {"sppo_fast.settings": settings, "sppo_fast.dataset": json.dumps(inputs_record(data_hash))}
+        _io.write_parquet(table.replace_schema_metadata(meta), output)
         shutil.rmtree(parts, ignore_errors=True)
         return output
 
@@ -693,6 +717,13 @@ def _check_candidates(prompts: Sequence[str], candidates: Sequence[Sequence[str]
     if K < 2:
         raise ValueError(f"PairRM ranking needs K >= 2 candidates per prompt, got {K}")
     return K
+
+
+def _hash_rows(h, prompts: Sequence[str], candidates: Sequence[Sequence[str]]) -> None:
+    """Add each row's prompt and candidates to the hash ``h`` (one JSON line per row, so the result
+    does not depend on how the rows were split into shards)."""
+    for p, cs in zip(prompts, candidates):
+        h.update(json.dumps([p, cs]).encode() + b"\n")
 
 
 def _rows(dataset, start: int, stop: int) -> list[dict[str, Any]]:

@@ -391,6 +391,34 @@ def test_rank_dataset_resumes_and_writes_atomically(tiny, tmp_path, monkeypatch)
     assert not list(tmp_path.glob(".*tmp*"))  # no temporary files left behind
 
 
+def test_rank_dataset_refuses_an_output_of_other_inputs(tiny, tmp_path):
+    """A finished output is reused only for the same rows (however they are sharded); another dataset
+    ranked into the same path is refused, naming the path, not answered with the old rows."""
+    import datasets
+    import pyarrow.parquet as pq
+
+    ranker = prm.PairRMRanker(*tiny, progress=False)
+    p, c = prompts_and_candidates(52, 3, 2)
+    ds = datasets.Dataset.from_dict({"prompt": p, "candidates": c})
+    out = tmp_path / "ranked.parquet"
+    ranker.rank_dataset(ds, out, shard_size=2)
+    want = pq.read_table(out).to_pylist()
+    assert ranker.rank_dataset(ds, out, shard_size=1) == out  # same rows, other sharding: reused
+    assert pq.read_table(out).to_pylist() == want
+    edited = [list(x) for x in c]
+    edited[1][0] += " !"
+    others = {"another dataset": datasets.Dataset.from_dict({"prompt": ["other", "prompts"], "candidates": c[:2]}),
+              "one candidate edited": datasets.Dataset.from_dict({"prompt": p, "candidates": edited}),
+              "a row more": datasets.Dataset.from_dict({"prompt": p + p[:1], "candidates": c + c[:1]})}
+    for why, other in others.items():
+        with pytest.raises(ValueError, match=f"{out}.*another dataset"):
+            ranker.rank_dataset(other, out)
+    renamed = datasets.Dataset.from_dict({"question": p, "candidates": c})
+    with pytest.raises(ValueError, match="prompt_column"):
+        ranker.rank_dataset(renamed, out, prompt_column="question")
+    assert pq.read_table(out).to_pylist() == want
+
+
 def test_save_and_load_both_checkpoint_layouts(tiny, tmp_path):
     model, tok = tiny
     p, c = prompts_and_candidates(61, 2, 3)
