@@ -269,7 +269,8 @@ class PairInputBuilder:
 
     - Literal ``"[SEP]"`` (the tokenizer's separator) in any text becomes a space (official).
     - Marker strings in user text are neutralised (:func:`neutralise_markers`; the official code
-      crashes on them).
+      crashes on them), and so are other forms the tokenizer's normaliser maps onto a marker
+      (full-width ``"＜｜source｜＞"`` under NFKC): the same space after the first character.
     - Truncation (official): the source to ``source_max_length`` tokens (1224, ``[CLS]``/``[SEP]``
       included), each candidate to ``candidate_max_length + (source_max_length - S) // 2`` (412 + ...)
       where ``S`` is the longest source among ``truncation_group`` consecutive prompts.
@@ -300,11 +301,38 @@ class PairInputBuilder:
         return neutralise_markers(text).replace(self.tokenizer.sep_token, " ")
 
     def _tokenize(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of ``[CLS] <marker> text [SEP]`` strings, with exactly one marker token each."""
         # verbose=False: no "sequence length is longer than the specified maximum" warning; _cut
         # truncates every text to its budget before the model sees it
         if not texts:
             return []
-        return self.tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
+        ids = self.tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
+        markers = set(self.ids.values())
+        for k, row in enumerate(ids):
+            # row[1] is the text's own marker; any other is user text that the tokenizer's normaliser
+            # (NFKC: "＜｜source｜＞" is "<|source|>") turned into one, which neutralise_markers,
+            # working on the raw text, could not see
+            if not markers.isdisjoint(row[2:]):
+                ids[k] = self._break_normalised_markers(texts[k], markers)
+        return ids
+
+    def _break_normalised_markers(self, text: str, markers: set[int]) -> list[int]:
+        """Token ids of ``text`` after each span that the tokenizer reads as a marker token (past
+        the text's own marker) got a space after its first character, as :func:`neutralise_markers`
+        does to the ASCII form: ``"＜ ｜source｜＞"`` normalises to ``"< |source|>"``, ordinary text."""
+        if not getattr(self.tokenizer, "is_fast", False):
+            raise ValueError(f"the tokenizer reads a PairRM marker token in user text {text[:80]!r} that "
+                             "neutralise_markers could not break (a slow tokenizer has no character offsets "
+                             "to find it): use the fast tokenizer")
+        for _ in range(8):  # one pass breaks every span; more only if breaking one made another
+            enc = self.tokenizer(text, add_special_tokens=True, truncation=False, verbose=False,
+                                 return_offsets_mapping=True)
+            spans = [o for t, o in zip(enc["input_ids"][2:], enc["offset_mapping"][2:]) if t in markers]
+            if not spans:
+                return enc["input_ids"]
+            for a, _ in sorted(spans, reverse=True):
+                text = text[:a + 1] + " " + text[a + 1:]
+        raise ValueError(f"could not neutralise the PairRM marker forms in user text {text[:80]!r}")
 
     def _cut(self, ids: list[int], n: int) -> np.ndarray:
         # = the tokenizer's own truncation to max_length n: keep [CLS] + n - 2 tokens, then [SEP]
