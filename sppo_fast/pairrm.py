@@ -475,6 +475,7 @@ class PairRMRanker:
         self.mode = mode
         self.backend = backend
         self.progress = progress
+        self._weights_cache = None  # (tensor versions, digest): see fingerprint()
         for marker, attr in ((SOURCE_MARKER, "source_prefix_id"), (CANDIDATE1_MARKER, "cand1_prefix_id"),
                              (CANDIDATE2_MARKER, "cand2_prefix_id"), (CANDIDATE_MARKER, "cand_prefix_id")):
             if self.builder.ids[marker] != getattr(model, attr):
@@ -702,17 +703,52 @@ class PairRMRanker:
         shutil.rmtree(parts, ignore_errors=True)
         return output
 
-    def _fingerprint(self, mode: str) -> str:
-        """What a ranking's numbers depend on besides its inputs: settings and the model's weights."""
+    def fingerprint(self) -> str:
+        """SHA-256 of what :meth:`pair_matrix`'s numbers depend on besides its inputs: truncation,
+        autocast dtype, the model's config and every byte of its parameters and buffers, and the
+        tokenizer (vocabulary, added tokens, normaliser). The weights are hashed once (~1 s per GB;
+        ranking takes far longer) and the digest is cached until a tensor is replaced or changed in
+        place (its storage and version counter are checked on every call)."""
         b = self.builder
         h = hashlib.sha256()
-        h.update(json.dumps([mode, b.source_max_length, b.candidate_max_length, b.truncation_group,
+        h.update(json.dumps([b.source_max_length, b.candidate_max_length, b.truncation_group,
                              str(self.autocast_dtype), self.model.config.to_json_string()]).encode())
-        with torch.no_grad():  # a cheap weight fingerprint: every parameter's sum and first values
-            for name, p in self.model.named_parameters():
-                x = p.detach().float()
-                h.update(f"{name}:{x.sum().item():.9e}:{x.flatten()[:4].tolist()}".encode())
+        h.update(self._weights_digest().encode())
+        h.update(_tokenizer_digest(b.tokenizer).encode())
         return h.hexdigest()
+
+    def _weights_digest(self) -> str:
+        tensors = [*self.model.named_parameters(), *self.model.named_buffers()]
+        key = tuple((name, t.data_ptr(), t._version, t.dtype, tuple(t.shape), str(t.device)) for name, t in tensors)
+        cached = self._weights_cache
+        if cached is None or cached[0] != key:
+            h = hashlib.sha256()
+            with torch.no_grad():
+                for name, t in tensors:
+                    h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+                    # raw bytes (a bfloat16 tensor has no numpy dtype): one host copy per tensor
+                    h.update(t.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy())
+            self._weights_cache = cached = (key, h.hexdigest())
+        return cached[1]
+
+    def _fingerprint(self, mode: str) -> str:
+        """:meth:`fingerprint` plus the aggregation mode: what a ``rank_dataset`` output depends on
+        besides its inputs."""
+        return hashlib.sha256(json.dumps([mode, self.fingerprint()]).encode()).hexdigest()
+
+
+def _tokenizer_digest(tokenizer) -> str:
+    """SHA-256 of a tokenizer's vocabulary, added tokens and (fast tokenizers) normaliser and
+    pre/post-processing, as its serialised form holds them."""
+    h = hashlib.sha256(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+        h.update(json.dumps(sorted((str(k), str(v)) for k, v in tokenizer.added_tokens_decoder.items())).encode())
+    h.update(json.dumps({k: str(v) for k, v in tokenizer.special_tokens_map.items()}, sort_keys=True).encode())
+    return h.hexdigest()
 
 
 def _cpp_attention_problem(device: torch.device, dtype: torch.dtype, autocast_dtype) -> Optional[str]:

@@ -445,6 +445,40 @@ def test_rank_dataset_refuses_an_output_of_other_inputs(tiny, tmp_path):
     assert pq.read_table(out).to_pylist() == want
 
 
+def test_rank_dataset_refuses_an_output_of_other_weights_or_tokenizer(tiny, tmp_path):
+    """One weight in the middle of a tensor moved by one float32 ulp (the parameter's sum does not
+    see it), or one token added to the tokenizer: the finished output is refused, not reused."""
+    import copy
+
+    import datasets
+
+    model, tok = tiny
+    mine = prm.PairRM(model.config).eval()
+    mine.load_state_dict(model.state_dict())
+    ranker = prm.PairRMRanker(mine, tok, progress=False)
+    p, c = prompts_and_candidates(53, 2, 2)
+    ds = datasets.Dataset.from_dict({"prompt": p, "candidates": c})
+    out = tmp_path / "ranked.parquet"
+    ranker.rank_dataset(ds, out)
+    w = mine.pretrained_model.embeddings.word_embeddings.weight.view(-1)
+    mid = len(w) // 2 + int(w[len(w) // 2:].abs().argmin())  # a small weight: its ulp is below the sum's
+    old = w[mid].clone()
+    with torch.no_grad():
+        w[mid] = torch.nextafter(old, torch.tensor(1.0))
+    assert w[mid] != old
+    with pytest.raises(ValueError, match="other settings or another model"):
+        ranker.rank_dataset(ds, out)  # the same ranker: its cached weight digest sees the change
+    with pytest.raises(ValueError, match="other settings or another model"):
+        prm.PairRMRanker(mine, tok, progress=False).rank_dataset(ds, out)
+    with torch.no_grad():
+        w[mid] = old
+    assert ranker.rank_dataset(ds, out) == out
+    more = copy.deepcopy(tok)
+    more.add_tokens(["zebra-crossing"])
+    with pytest.raises(ValueError, match="other settings or another model"):
+        prm.PairRMRanker(mine, more, progress=False).rank_dataset(ds, out)
+
+
 def test_save_and_load_both_checkpoint_layouts(tiny, tmp_path):
     model, tok = tiny
     p, c = prompts_and_candidates(61, 2, 3)
