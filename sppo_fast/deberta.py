@@ -21,6 +21,7 @@ truth). The fused kernels of :mod:`sppo_fast.kernels` remove the ``[L, L]`` tens
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -29,6 +30,15 @@ from torch import Tensor
 
 
 _INDEX_CACHE: dict[tuple, Tensor] = {}
+
+
+@contextlib.contextmanager
+def _plain_tensors():
+    """Build cached tensors as ordinary tensors even when called under ``torch.inference_mode``
+    (the ranker runs there): an inference tensor in a cache would make every later autograd use
+    raise "Inference tensors cannot be saved for backward"."""
+    with torch.inference_mode(False), torch.no_grad():
+        yield
 
 
 def _bucket_index(L: int, buckets: int, max_position: int, device: torch.device) -> Tensor:
@@ -44,9 +54,10 @@ def _bucket_index(L: int, buckets: int, max_position: int, device: torch.device)
     if table is None or table.shape[0] < L:
         n = 1 << max(L - 1, 1).bit_length()
         span = buckets if buckets > 0 else max_position
-        x = torch.empty(1, n, 1, device=device)
-        rel = build_relative_position(x, x, bucket_size=buckets, max_position=max_position)[0]
-        table = _INDEX_CACHE[key] = torch.clamp(rel + span, 0, 2 * span - 1)
+        with _plain_tensors():
+            x = torch.empty(1, n, 1, device=device)
+            rel = build_relative_position(x, x, bucket_size=buckets, max_position=max_position)[0]
+            table = _INDEX_CACHE[key] = torch.clamp(rel + span, 0, 2 * span - 1)
     return table[:L, :L]
 
 
@@ -65,10 +76,11 @@ def _bucket_index_1d(L: int, buckets: int, max_position: int, device: torch.devi
     if n < L:
         n = 1 << max(L - 1, 1).bit_length()
         span = buckets if buckets > 0 else max_position
-        rel = torch.arange(-(n - 1), n, device=device)
-        if buckets > 0 and max_position > 0:
-            rel = make_log_bucket_position(rel, buckets, max_position).to(torch.long)
-        table = _INDEX_1D_CACHE[key] = torch.clamp(rel + span, 0, 2 * span - 1).to(torch.int32)
+        with _plain_tensors():
+            rel = torch.arange(-(n - 1), n, device=device)
+            if buckets > 0 and max_position > 0:
+                rel = make_log_bucket_position(rel, buckets, max_position).to(torch.long)
+            table = _INDEX_1D_CACHE[key] = torch.clamp(rel + span, 0, 2 * span - 1).to(torch.int32)
     return table[n - L: n + L - 1]
 
 

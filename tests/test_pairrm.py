@@ -282,6 +282,31 @@ def test_training_mode_uses_hugging_face_attention(tiny):
     torch.testing.assert_close(a, b, atol=0, rtol=0)  # same dropout draws: the same (HF) path
 
 
+def test_backward_through_the_lean_path_after_ranking(tiny, monkeypatch):
+    """Ranking runs under inference_mode and fills deberta's index caches; the cached tensors must
+    still serve a later autograd use of pair_logits(attn_impl="torch") (an inference tensor there
+    raised "Inference tensors cannot be saved for backward")."""
+    monkeypatch.setattr(deberta, "_INDEX_CACHE", {})
+    monkeypatch.setattr(deberta, "_INDEX_1D_CACHE", {})
+    model, tok = tiny
+    mine = prm.PairRM(model.config).eval()
+    mine.load_state_dict(model.state_dict())
+    prm.PairRMRanker(mine, tok, progress=False).rank(["hello there"], [["a b", "c d e"]])
+    with torch.inference_mode():
+        deberta._bucket_index_1d(12, 256, 512, torch.device("cpu"))
+    assert deberta._INDEX_CACHE and deberta._INDEX_1D_CACHE
+    assert not any(t.is_inference() for t in (*deberta._INDEX_CACHE.values(), *deberta._INDEX_1D_CACHE.values()))
+    ids = torch.tensor([[1, mine.source_prefix_id, 7, 2, 1, mine.cand1_prefix_id, 8, 2, 1, mine.cand2_prefix_id, 9, 2]])
+    pos = mine.marker_positions(ids)
+    grads = {}
+    for impl in ("torch", "hf"):
+        mine.zero_grad()
+        (0.7 * mine.pair_logits(ids, torch.ones_like(ids), pos, attn_impl=impl)).sum().backward()
+        grads[impl] = mine.head_layer[1].weight.grad.clone()
+    assert grads["torch"].abs().max() > 0
+    torch.testing.assert_close(grads["torch"], grads["hf"], atol=1e-5, rtol=1e-4)
+
+
 def test_marker_strings_in_text(tiny):
     model, tok = tiny
     ranker = prm.PairRMRanker(model, tok, progress=False)
