@@ -250,6 +250,53 @@ def test_generation_and_ranking_resume_from_finished_chunks(tmp_path, monkeypatc
     assert not list(it_dir.glob("*.shards")) and not (it_dir / "ranked.parquet").exists()
 
 
+def test_ranking_resume_checks_the_ranker_itself(tmp_path, monkeypatch):
+    """The ranking stage's partial (shards) and merged (ranked.parquet) results carry the ranker's
+    fingerprint, not only cfg.ranker's name: another ranker passed in with the same config is
+    refused, the same one (a new instance) resumes."""
+    from sppo_fast.pipeline import rank as rank_mod
+
+    monkeypatch.setattr(it, "RANK_CHUNK", 4)
+    cfg = small(tmp_path, prompts_per_iteration="8", iterations="1")
+    it_dir = tmp_path / "demo" / "iter-1"
+    dying = HashWordRanker()
+    real = dying.pair_matrix
+    calls = []
+
+    def dies_in_chunk_2(prompts, candidates):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(prompts, candidates)
+    dying.pair_matrix = dies_in_chunk_2
+    with pytest.raises(KeyboardInterrupt):
+        it.run_iteration(cfg, 1, progress=False, until="rank", ranker=dying)
+    assert (it_dir / "ranked.shards" / "000000.parquet").exists()
+    with pytest.raises(ValueError, match="ranked.shards holds partial results for other settings \\(ranker\\)"):
+        it.run_iteration(cfg, 1, progress=False, until="rank", ranker=HashWordRanker(scale=5.0))
+    # killed after merging, before train.parquet: ranked.parquet is all that is left of the stage
+    real_records = it.training_records
+    monkeypatch.setattr(it, "training_records", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        it.run_iteration(cfg, 1, progress=False, until="rank", ranker=HashWordRanker())
+    assert (it_dir / "ranked.parquet").exists() and not (it_dir / "ranked.shards").exists()
+    monkeypatch.setattr(it, "training_records", real_records)
+    with pytest.raises(ValueError, match="ranked.parquet was written with other settings \\(ranker\\)"):
+        it.run_iteration(cfg, 1, progress=False, until="rank", ranker=HashWordRanker(scale=5.0))
+    out = it.run_iteration(cfg, 1, progress=False, until="rank", ranker=HashWordRanker())
+    assert out.exists() and not (it_dir / "ranked.parquet").exists()
+    # fingerprints: stable across instances, and they see what the name does not
+    fp = rank_mod.ranker_fingerprint
+    assert fp(HashWordRanker()) == fp(HashWordRanker()) != fp(HashWordRanker(scale=5.0))
+    tiny = [fp(it.make_ranker(small(tmp_path, ranker="pairrm-tiny", **{"train.seed": str(s)}), torch.device("cpu")))
+            for s in (0, 0, 1)]
+    assert tiny[0] == tiny[1] != tiny[2]
+
+    class Plain:
+        pass
+    assert fp(Plain()) == fp(Plain()) and "0x" not in fp(Plain())
+
+
 def test_cli_runs_stages_and_rejects_bad_config(tmp_path, capsys):
     args = ["--quiet", "--set", f"runs_dir={tmp_path}", "prompts_per_iteration=8", "eval_prompts=4"]
     assert cli.main(["generate", *args]) == 0

@@ -29,7 +29,7 @@ from .. import _io
 from .config import SPPOConfig, check_run_config
 from .generate import generate
 from .prompts import load_prompts
-from .rank import HashWordRanker, training_records, win_rate
+from .rank import HashWordRanker, ranker_fingerprint, training_records, win_rate
 from .train import read_metrics, train
 
 
@@ -56,10 +56,13 @@ def tiny_policy(tokenizer, seed: int = 0):
         return MistralForCausalLM(cfg)
 
 
-def _atomic_parquet(rows: list[dict], path: Path) -> None:
+def _atomic_parquet(rows: list[dict], path: Path, metadata: dict[str, str] | None = None) -> None:
     import pyarrow as pa
 
-    _io.write_parquet(pa.Table.from_pylist(rows), path)
+    table = pa.Table.from_pylist(rows)
+    if metadata:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
+    _io.write_parquet(table, path)
 
 
 def _read_parquet(path: Path) -> list[dict]:
@@ -119,21 +122,27 @@ def _sharded_stage(out: Path, n: int, chunk: int, settings: dict, compute, *, de
 
     Each finished chunk is written atomically to ``<out stem>.shards/`` with the stage's settings;
     a rerun keeps what a killed run finished and refuses shards written with other settings. The
-    merged rows go to ``out`` (atomic), then the shards are removed."""
+    merged rows go to ``out`` (atomic, the settings in its Parquet metadata), then the shards are
+    removed; an existing ``out`` is returned only if it was written with the same settings."""
     import shutil
 
+    import pyarrow.parquet as pq
     from tqdm.auto import tqdm
 
+    settings = json.loads(json.dumps({**settings, "items": n, "chunk": chunk}))  # as JSON reads it back
     if out.exists():  # merged by a run killed before the next stage consumed it
+        old = (pq.read_schema(out).metadata or {}).get(b"sppo_fast.settings")
+        if old is None or json.loads(old) != settings:
+            why = "no record of its settings" if old is None else f"other settings ({_diff(json.loads(old), settings)})"
+            raise ValueError(f"{out} was written with {why}; rerun with the same settings, or delete it "
+                             f"to redo the stage")
         return _read_parquet(out)
     shards = out.with_name(f"{out.stem}.shards")
     shards.mkdir(exist_ok=True)
     spec = shards / "settings.json"
-    settings = {**settings, "items": n, "chunk": chunk}
     if spec.exists() and json.loads(spec.read_text()) != settings:
-        old = json.loads(spec.read_text())
-        diff = ", ".join(k for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k))
-        raise ValueError(f"{shards} holds partial results for other settings ({diff}); rerun with the same "
+        raise ValueError(f"{shards} holds partial results for other settings "
+                         f"({_diff(json.loads(spec.read_text()), settings)}); rerun with the same "
                          f"settings, or delete that folder to start the stage over")
     _io.write_json(settings, spec)
     rows: list[dict] = []
@@ -153,9 +162,14 @@ def _sharded_stage(out: Path, n: int, chunk: int, settings: dict, compute, *, de
                     _atomic_parquet(part, path)
             rows += part
             bar.update(len(part) * per_item - moved[0])
-    _atomic_parquet(rows, out)
+    _atomic_parquet(rows, out, {"sppo_fast.settings": json.dumps(settings)})
     shutil.rmtree(shards, ignore_errors=True)
     return rows
+
+
+def _diff(old: dict, new: dict) -> str:
+    """The names of the settings that differ, comma-separated."""
+    return ", ".join(k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
 
 
 def _shard_path(out: Path, lo: int, chunk: int) -> Path:
@@ -295,8 +309,10 @@ def run_iteration(cfg: SPPOConfig, t: int, *, ranker=None, progress: bool = True
                 advance(len(part))
             return rows
 
+        # the ranker's identity, not only cfg.ranker's name: pairrm-tiny's weights follow train.seed,
+        # a ranker object may be passed in, a hub name may point at another revision
         ranked = _sharded_stage(it / "ranked.parquet", len(gens), RANK_CHUNK,
-                                {"ranker": cfg.ranker, "generations": _io.digest(gens)}, judge,
+                                {"ranker": ranker_fingerprint(ranker), "generations": _io.digest(gens)}, judge,
                                 desc=f"iteration {t}: ranking", unit="prompt", progress=progress)
         cmp = torch.tensor([r["cmp"] for r in ranked], dtype=torch.float32)
         records, tied = training_records([r["prompt"] for r in ranked], [r["candidates"] for r in ranked], cmp,

@@ -29,6 +29,10 @@ class HashWordRanker:
     def __init__(self, scale: float = 20.0):
         self.scale = scale
 
+    def fingerprint(self) -> str:
+        """What the matrices depend on: the scale (the word scores are fixed by the hash)."""
+        return f"blake2b-4 word scores, scale={self.scale!r}"
+
     @staticmethod
     def word_score(word: str) -> float:
         return int.from_bytes(hashlib.blake2b(word.lower().encode(), digest_size=4).digest(), "big") / 2 ** 32
@@ -41,6 +45,19 @@ class HashWordRanker:
         u = torch.tensor([[self.utility(c) for c in cs] for cs in candidates], dtype=torch.float32)
         m = self.scale * (u[:, :, None] - u[:, None, :])
         return m * (1 - torch.eye(u.shape[1]))
+
+
+def ranker_fingerprint(ranker) -> str:
+    """The ranker's identity, for the ranking stage's resume checks: its class and its
+    ``fingerprint()`` (:class:`~sppo_fast.pairrm.PairRMRanker`: truncation, weights, tokenizer;
+    :class:`HashWordRanker`: its scale), else its ``repr``. A class with neither gets its name only:
+    object's default repr holds a memory address, which would refuse every resume."""
+    cls = type(ranker)
+    name = f"{cls.__module__}.{cls.__qualname__}"
+    fingerprint = getattr(ranker, "fingerprint", None)
+    if callable(fingerprint):
+        return f"{name}: {fingerprint()}"
+    return name if cls.__repr__ is object.__repr__ else f"{name}: {ranker!r}"
 
 
 def training_records(prompts: Sequence[str], candidates: Sequence[Sequence[str]], cmp: Tensor, *,
