@@ -599,6 +599,8 @@ class PairRMRanker:
         """
         if mode not in COMPARE_MODES:
             raise ValueError(f"mode: expected one of {COMPARE_MODES}, got {mode!r}")
+        for texts, name in ((prompts, "prompts"), (candidates_a, "candidates_a"), (candidates_b, "candidates_b")):
+            _check_texts(texts, name)
         if not len(prompts) == len(candidates_a) == len(candidates_b):
             raise ValueError(f"got {len(prompts)} prompts, {len(candidates_a)} A and {len(candidates_b)} B")
         enc = self.builder.encode(prompts, [[a, b] for a, b in zip(candidates_a, candidates_b)])
@@ -762,6 +764,17 @@ def _cpp_attention_problem(device: torch.device, dtype: torch.dtype, autocast_dt
     if autocast_dtype is not None:
         return f"runs float32 or float64, not under {autocast_dtype} autocast"
     return None if _native.available() else _native.unavailable_reason()
+
+
+def _check_texts(texts: Sequence[str], name: str) -> None:
+    """``texts`` must be a list (any sequence) of str: a str itself would be read as its characters."""
+    if isinstance(texts, str):
+        raise TypeError(f"{name} is a str; expected a list of str")
+    if isinstance(texts, dict) or not hasattr(texts, "__len__") or not hasattr(texts, "__getitem__"):
+        raise TypeError(f"{name} must be a list of str, got {type(texts).__name__}")
+    for k, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise TypeError(f"{name}[{k}] is {type(t).__name__}; PairRM texts must be str")
 
 
 def _check_candidates(prompts: Sequence[str], candidates: Sequence[Sequence[str]]) -> int:

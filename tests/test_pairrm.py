@@ -548,6 +548,15 @@ def test_bad_inputs_have_clear_errors(tiny, tmp_path):
         prm.PairRMRanker(model, tok, attn_impl="flash")
     with pytest.raises(ValueError, match="mode"):
         ranker.compare(["a"], ["x"], ["y"], mode="A>B")
+    # compare: a str is not a list of prompts (it would be read as one prompt per character)
+    with pytest.raises(TypeError, match="prompts is a str"):
+        ranker.compare("ab", ["x", "y"], ["z", "w"])
+    with pytest.raises(TypeError, match="candidates_b is a str"):
+        ranker.compare(["a", "b"], ["x", "y"], "zw")
+    with pytest.raises(TypeError, match="candidates_a\\[1\\] is NoneType; PairRM texts must be str"):
+        ranker.compare(["a", "b"], ["x", None], ["z", "w"])
+    with pytest.raises(TypeError, match="prompts must be a list of str, got dict"):
+        ranker.compare({"a": 1}, ["x"], ["z"])
     from sppo_fast.tiny import tiny_tokenizer
 
     with pytest.raises(ValueError, match="marker tokens"):
