@@ -26,7 +26,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -295,18 +295,27 @@ class PairInputBuilder:
         self.truncation_group = truncation_group
         self.sep_id = tokenizer.sep_token_id
 
-    def _clean(self, text: str) -> str:
-        if not isinstance(text, str):
-            raise TypeError(f"PairRM texts must be str, got {type(text).__name__}")
-        return neutralise_markers(text).replace(self.tokenizer.sep_token, " ")
+    def _prepare(self, texts: Sequence[str], marker: str, name: Callable[[int], str]) -> list[str]:
+        """``marker + text`` with the text's markers neutralised and ``[SEP]`` replaced by a space."""
+        out = []
+        for k, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"{name(k)} is {type(text).__name__}; PairRM texts must be str")
+            out.append(marker + neutralise_markers(text).replace(self.tokenizer.sep_token, " "))
+        return out
 
-    def _tokenize(self, texts: list[str]) -> list[list[int]]:
-        """Token ids of ``[CLS] <marker> text [SEP]`` strings, with exactly one marker token each."""
+    def _tokenize(self, texts: list[str], name: Callable[[int], str]) -> list[list[int]]:
+        """Token ids of ``[CLS] <marker> text [SEP]`` strings, with exactly one marker token each;
+        ``name(k)`` names text ``k`` in errors."""
         # verbose=False: no "sequence length is longer than the specified maximum" warning; _cut
         # truncates every text to its budget before the model sees it
         if not texts:
             return []
-        ids = self.tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
+        try:
+            ids = self.tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
+        except Exception as err:  # say which text, not only what the tokenizer disliked
+            self._raise_for_bad_text(texts, name, err)
+            raise
         markers = set(self.ids.values())
         for k, row in enumerate(ids):
             # row[1] is the text's own marker; any other is user text that the tokenizer's normaliser
@@ -315,6 +324,20 @@ class PairInputBuilder:
             if not markers.isdisjoint(row[2:]):
                 ids[k] = self._break_normalised_markers(texts[k], markers)
         return ids
+
+    def _raise_for_bad_text(self, texts: list[str], name: Callable[[int], str], err: Exception) -> None:
+        """Raise a ValueError naming the first of ``texts`` the tokenizer cannot encode (if any)."""
+        for k, text in enumerate(texts):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as bad:  # e.g. a lone surrogate "\ud800": not valid text
+                where = bad.start - text.index(">") - 1  # the position in the user's text, past our marker
+                raise ValueError(f"{name(k)} cannot be tokenized: {bad.reason} ({text[bad.start]!r}) at "
+                                 f"character {where}") from err
+            try:
+                self.tokenizer(text, add_special_tokens=True, truncation=False, verbose=False)
+            except Exception as bad:
+                raise ValueError(f"{name(k)} cannot be tokenized: {type(bad).__name__}: {bad}") from bad
 
     def _break_normalised_markers(self, text: str, markers: set[int]) -> list[int]:
         """Token ids of ``text`` after each span that the tokenizer reads as a marker token (past
@@ -340,13 +363,21 @@ class PairInputBuilder:
             ids = ids[: n - 1] + [self.sep_id]
         return np.asarray(ids, dtype=np.int64)
 
-    def encode(self, prompts: Sequence[str], candidates: Sequence[Sequence[str]]) -> list[EncodedPrompt]:
-        """Token ids of each prompt and its candidates (see the class docstring for truncation)."""
+    def encode(self, prompts: Sequence[str], candidates: Sequence[Sequence[str]], *,
+               names: Optional[tuple[Callable[[int], str], Callable[[int, int], str]]] = None) -> list[EncodedPrompt]:
+        """Token ids of each prompt and its candidates (see the class docstring for truncation).
+        ``names``: how errors name prompt ``b`` and candidate ``i`` of prompt ``b`` (default
+        ``prompts[b]``, ``candidates[b][i]``)."""
         if len(prompts) != len(candidates):
             raise ValueError(f"got {len(prompts)} prompts but {len(candidates)} candidate lists")
-        src = self._tokenize([SOURCE_MARKER + self._clean(p) for p in prompts])
-        flat = [CANDIDATE_MARKER + self._clean(c) for cs in candidates for c in cs]
-        cand = iter(self._tokenize(flat))
+        prompt_name, cand_name = names or (lambda b: f"prompts[{b}]", lambda b, i: f"candidates[{b}][{i}]")
+        owner = [(b, i) for b, cs in enumerate(candidates) for i in range(len(cs))]
+
+        def flat_name(k: int) -> str:
+            return cand_name(*owner[k])
+        src = self._tokenize(self._prepare(prompts, SOURCE_MARKER, prompt_name), prompt_name)
+        flat = self._prepare([c for cs in candidates for c in cs], CANDIDATE_MARKER, flat_name)
+        cand = iter(self._tokenize(flat, flat_name))
         out = []
         src = [self._cut(s, self.source_max_length) for s in src]
         for g in range(0, len(prompts), self.truncation_group):
@@ -570,7 +601,9 @@ class PairRMRanker:
         with self._progress(len(prompts), "PairRM") as bar:
             for g in range(0, len(prompts), self.prompts_per_step):
                 enc = self.builder.encode(prompts[g: g + self.prompts_per_step],
-                                          candidates[g: g + self.prompts_per_step])
+                                          candidates[g: g + self.prompts_per_step],
+                                          names=(lambda b: f"prompts[{g + b}]",
+                                                 lambda b, i: f"candidates[{g + b}][{i}]"))
                 pairs = [(b, i, j) for b in range(len(enc)) for i in range(K) for j in range(K) if i != j]
                 vals = torch.from_numpy(self._run_pairs(enc, pairs)).view(len(enc), K * (K - 1))
                 off = ~torch.eye(K, dtype=torch.bool)
@@ -603,7 +636,8 @@ class PairRMRanker:
             _check_texts(texts, name)
         if not len(prompts) == len(candidates_a) == len(candidates_b):
             raise ValueError(f"got {len(prompts)} prompts, {len(candidates_a)} A and {len(candidates_b)} B")
-        enc = self.builder.encode(prompts, [[a, b] for a, b in zip(candidates_a, candidates_b)])
+        enc = self.builder.encode(prompts, [[a, b] for a, b in zip(candidates_a, candidates_b)],
+                                  names=(lambda b: f"prompts[{b}]", lambda b, i: f"candidates_{'ab'[i]}[{b}]"))
         n = len(enc)
         pairs = []
         if mode != "[B,A]":
@@ -652,7 +686,10 @@ class PairRMRanker:
         def shards():
             for start in range(0, n, shard_size):
                 batch = _rows(dataset, start, min(n, start + shard_size))
-                yield [r[prompt_column] for r in batch], [list(r[candidates_column]) for r in batch]
+                # list() only of sequences: a str or None stays what it is and is refused by rank()
+                yield start, [r[prompt_column] for r in batch], [
+                    c if isinstance(c, (str, dict)) or not hasattr(c, "__iter__") else list(c)
+                    for c in (r[candidates_column] for r in batch)]
 
         def inputs_record(data_hash) -> dict:
             return {"rows": n, "prompt_column": prompt_column, "candidates_column": candidates_column,
@@ -664,7 +701,7 @@ class PairRMRanker:
                 raise ValueError(f"{output} exists but was written with other settings or another model; "
                                  "remove it to rank again")
             data_hash = hashlib.sha256()
-            for prompts, cands in shards():
+            for _, prompts, cands in shards():
                 _hash_rows(data_hash, prompts, cands)
             want = inputs_record(data_hash)
             have = json.loads(meta.get(b"sppo_fast.dataset", b"{}"))
@@ -678,7 +715,7 @@ class PairRMRanker:
         tables = []
         data_hash = hashlib.sha256()
         with self._progress(n, "PairRM ranking") as bar:
-            for s, (prompts, cands) in enumerate(shards()):
+            for s, (start, prompts, cands) in enumerate(shards()):
                 _hash_rows(data_hash, prompts, cands)
                 digest = hashlib.sha256(json.dumps([settings, shard_size, prompts, cands]).encode()).hexdigest()
                 path = parts / f"shard-{s:06d}.parquet"
@@ -692,6 +729,12 @@ class PairRMRanker:
                     progress, self.progress = self.progress, False
                     try:
                         result = self.rank(prompts, cands, mode=mode)
+                    except (TypeError, ValueError) as err:
+                        if type(err) not in (TypeError, ValueError):
+                            raise
+                        # rank() names prompts[b] of this shard: say where the shard starts
+                        raise type(err)(f"dataset rows {start}..{start + len(prompts) - 1} (indices below "
+                                        f"count from {start}): {err}") from err
                     finally:
                         self.progress = progress
                     table = pa.Table.from_pylist(result.records(prompts, cands), schema=record_schema())
@@ -778,16 +821,24 @@ def _check_texts(texts: Sequence[str], name: str) -> None:
 
 
 def _check_candidates(prompts: Sequence[str], candidates: Sequence[Sequence[str]]) -> int:
+    """K, after checking that ``prompts`` is a list of str and ``candidates`` a list of as many
+    lists of K >= 2 str (any sequences: numpy arrays too; never a str or dict)."""
     if isinstance(prompts, str):
         raise TypeError("prompts is a str; expected a list of prompts (one per candidate list)")
+    _check_texts(prompts, "prompts")
+    if isinstance(candidates, (str, dict)) or not hasattr(candidates, "__len__"):
+        raise TypeError(f"candidates must be a list of candidate lists (one per prompt), got "
+                        f"{type(candidates).__name__}")
     if len(prompts) != len(candidates):
         raise ValueError(f"got {len(prompts)} prompts but {len(candidates)} candidate lists")
-    if not candidates:
+    if len(candidates) == 0:  # (not `not candidates`: ambiguous for a numpy array)
         return 2
-    K = len(candidates[0])
+    K = None
     for b, cs in enumerate(candidates):
         if isinstance(cs, str):
             raise TypeError(f"candidates[{b}] is a str; expected a list of K candidate strings")
+        _check_texts(cs, f"candidates[{b}]")
+        K = len(cs) if K is None else K
         if len(cs) != K:
             raise ValueError(f"every prompt needs the same number of candidates: candidates[0] has {K}, "
                              f"candidates[{b}] has {len(cs)}")

@@ -544,6 +544,30 @@ def test_bad_inputs_have_clear_errors(tiny, tmp_path):
         ranker.rank(["a", "b"], [["x", "y"]])
     with pytest.raises(TypeError, match="must be str"):
         ranker.rank(["a"], [["x", None]])
+    # numpy arrays are lists of str; a dict, an int or a generator is not; a bad text is named by its row
+    assert ranker.rank(np.array(["a", "b"]), np.array([["x", "y"], ["z", "w"]])).cmp.shape == (2, 2, 2)
+    with pytest.raises(TypeError, match="candidates\\[0\\] must be a list of str, got dict"):
+        ranker.rank(["a"], [{"x": 1, "y": 2}])
+    with pytest.raises(TypeError, match="candidates must be a list of candidate lists .* got dict"):
+        ranker.rank(["a"], {"a": ["x", "y"]})
+    with pytest.raises(TypeError, match="candidates\\[0\\] must be a list of str, got int"):
+        ranker.rank(["a"], [5])
+    with pytest.raises(TypeError, match="prompts must be a list of str, got generator"):
+        ranker.rank((p for p in ["a"]), [["x", "y"]])
+    with pytest.raises(TypeError, match="candidates\\[1\\]\\[1\\] is float; PairRM texts must be str"):
+        ranker.rank(["a", "b"], [["x", "y"], ["z", float("nan")]])
+    with pytest.raises(ValueError, match="prompts\\[1\\] cannot be tokenized: surrogates not allowed .* character 1"):
+        ranker.rank(["a", "b\ud800c"], [["x", "y"], ["z", "w"]])
+    stepped = prm.PairRMRanker(model, tok, progress=False, prompts_per_step=1)  # named from the caller's start
+    with pytest.raises(ValueError, match="candidates\\[2\\]\\[1\\] cannot be tokenized"):
+        stepped.rank(["a", "b", "c"], [["x", "y"], ["z", "w"], ["u", "v\udfff"]])
+    with pytest.raises(ValueError, match="candidates_b\\[0\\] cannot be tokenized"):
+        ranker.compare(["a"], ["x"], ["\ud800"])
+    rows = [{"prompt": "a", "candidates": ["x", "y"]}] * 3 + [{"prompt": "b", "candidates": ["x", None]}]
+    with pytest.raises(TypeError, match="dataset rows 2..3 .*: candidates\\[1\\]\\[1\\] is NoneType"):
+        ranker.rank_dataset(rows, tmp_path / "bad.parquet", shard_size=2)
+    with pytest.raises(TypeError, match="dataset rows 0..0 .*: candidates\\[0\\] is a str"):
+        ranker.rank_dataset([{"prompt": "a", "candidates": "xy"}], tmp_path / "bad2.parquet")
     with pytest.raises(ValueError, match="attn_impl"):
         prm.PairRMRanker(model, tok, attn_impl="flash")
     with pytest.raises(ValueError, match="mode"):
