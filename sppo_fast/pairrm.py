@@ -725,28 +725,38 @@ class PairRMRanker:
                         raise ValueError(f"{path} was written for different prompts, candidates, settings "
                                          f"(mode, truncation, shard_size={shard_size}) or model; remove "
                                          f"{parts} to start over")
+                    bar.update(len(prompts))
                 else:
-                    progress, self.progress = self.progress, False
-                    try:
-                        result = self.rank(prompts, cands, mode=mode)
-                    except (TypeError, ValueError) as err:
-                        if type(err) not in (TypeError, ValueError):
-                            raise
-                        # rank() names prompts[b] of this shard: say where the shard starts
-                        raise type(err)(f"dataset rows {start}..{start + len(prompts) - 1} (indices below "
-                                        f"count from {start}): {err}") from err
-                    finally:
-                        self.progress = progress
-                    table = pa.Table.from_pylist(result.records(prompts, cands), schema=record_schema())
+                    records = []
+                    # prompts_per_step at a time (a multiple of the truncation group, as the shard is):
+                    # the same steps pair_matrix takes, so the bar moves without changing a number
+                    for a in range(0, len(prompts), self.prompts_per_step):
+                        p, c = prompts[a: a + self.prompts_per_step], cands[a: a + self.prompts_per_step]
+                        records += self._rank_quietly(p, c, mode, start + a).records(p, c)
+                        bar.update(len(p))
+                    table = pa.Table.from_pylist(records, schema=record_schema())
                     table = table.replace_schema_metadata({"sppo_fast.inputs": digest})
                     _io.write_parquet(table, path)
                 tables.append(table.replace_schema_metadata(None))
-                bar.update(len(prompts))
         table = pa.concat_tables(tables) if tables else record_schema().empty_table()
         meta = {"sppo_fast.settings": settings, "sppo_fast.dataset": json.dumps(inputs_record(data_hash))}
         _io.write_parquet(table.replace_schema_metadata(meta), output)
         shutil.rmtree(parts, ignore_errors=True)
         return output
+
+    def _rank_quietly(self, prompts: list[str], cands: list[list[str]], mode: Optional[str], first: int) -> RankResult:
+        """:meth:`rank` without its own bar; errors say which dataset rows (``first`` onwards)."""
+        progress, self.progress = self.progress, False
+        try:
+            return self.rank(prompts, cands, mode=mode)
+        except (TypeError, ValueError) as err:
+            if type(err) not in (TypeError, ValueError):
+                raise
+            # rank() names prompts[b] of its own list: say where that list starts in the dataset
+            raise type(err)(f"dataset rows {first}..{first + len(prompts) - 1} (indices below count from "
+                            f"{first}): {err}") from err
+        finally:
+            self.progress = progress
 
     def fingerprint(self) -> str:
         """SHA-256 of what :meth:`pair_matrix`'s numbers depend on besides its inputs: truncation,

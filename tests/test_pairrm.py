@@ -442,6 +442,33 @@ def test_rank_dataset_resumes_and_writes_atomically(tiny, tmp_path, monkeypatch)
     assert not list(tmp_path.glob(".*tmp*"))  # no temporary files left behind
 
 
+def test_rank_dataset_progress_moves_every_step(tiny, tmp_path, monkeypatch):
+    """The bar moves after every prompts_per_step prompts, not once per shard; same numbers."""
+    import pyarrow.parquet as pq
+
+    p, c = prompts_and_candidates(54, 7, 2)
+    rows = [{"prompt": x, "candidates": y} for x, y in zip(p, c)]
+    ranker = prm.PairRMRanker(*tiny, progress=False, prompts_per_step=2)
+    want = ranker.rank(p, c).records(p, c)  # (pair_matrix takes the same steps of 2 prompts)
+    steps = []
+
+    class Bar:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def update(self, n):
+            steps.append(n)
+    real = ranker._progress  # (pair_matrix's own bar, disabled inside rank_dataset, stays real)
+    monkeypatch.setattr(ranker, "_progress",
+                        lambda total, desc: Bar() if desc == "PairRM ranking" else real(total, desc))
+    stepped = ranker.rank_dataset(rows, tmp_path / "stepped.parquet", shard_size=6)
+    assert steps == [2, 2, 2, 1]
+    assert pq.read_table(stepped).to_pylist() == want
+
+
 def test_rank_dataset_refuses_an_output_of_other_inputs(tiny, tmp_path):
     """A finished output is reused only for the same rows (however they are sharded); another dataset
     ranked into the same path is refused, naming the path, not answered with the old rows."""
