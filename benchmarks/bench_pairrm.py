@@ -59,6 +59,20 @@ def build(model_size: str, device: str):
     return model.to(device).eval(), tok
 
 
+def llm_blender_provider(model, tok, device: str, *, fp16: bool):
+    """LLM-Blender's ranker on a deep copy of ``model``, in fp16 with ``fp16`` (as ``Blender.loadranker``
+    runs it on CUDA). The copy: its ``.half()`` would otherwise round, in place, the shared backbone
+    weights that the other providers (and the score comparison) use."""
+    import copy
+
+    from sppo_fast.llm_blender_compat import llm_blender_ranker
+
+    blender = llm_blender_ranker(copy.deepcopy(model), tok, device=device)
+    if fp16:
+        blender.ranker.half()
+    return blender
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=["tiny", "large"], default="tiny")
@@ -76,7 +90,7 @@ def main() -> None:
     import torch
 
     from sppo_fast import pairrm as prm
-    from sppo_fast.llm_blender_compat import import_llm_blender, llm_blender_ranker
+    from sppo_fast.llm_blender_compat import import_llm_blender
 
     if "llm-blender" in args.providers:
         try:
@@ -119,19 +133,17 @@ def main() -> None:
 
     truth = None
     if "llm-blender" in args.providers:
-        blender = llm_blender_ranker(model, tok, device=device)
-        if args.cuda:  # as Blender.loadranker does on CUDA with fp16=True
-            blender.ranker.half()
+        blender = llm_blender_provider(model, tok, device, fp16=args.cuda)
         for bs in args.blender_batch_sizes:
             n = args.prompts if bs == 1 else max(bs, min(args.blender_prompts, args.prompts))
             with torch.no_grad():
+                # warm-up, as for every provider (allocator, kernels, caches): one batch
+                blender.rank(prompts[:bs], cands[:bs], return_scores=True, batch_size=bs, disable_tqdm=True)
                 scores, dt, mem = timed(lambda: blender.rank(prompts[:n], cands[:n], return_scores=True,
                                                              batch_size=bs, disable_tqdm=True))
             if bs == 1:
                 truth = scores
             record(f"llm-blender-b{bs}", n, dt, mem)
-        if args.cuda:
-            blender.ranker.float()
     for provider, impl in (("sppo-fast", "auto"), ("sppo-fast-torch", "torch"), ("sppo-fast-hf", "hf")):
         if provider not in args.providers or (provider == "sppo-fast-torch" and not args.cuda):
             continue

@@ -375,6 +375,28 @@ def test_compare_matches_llm_blender(tiny, blender, mode):
     assert prm.PairRMRanker(*tiny, progress=False).compare(p, a, b, mode=mode).dtype == torch.bool
 
 
+@needs_llm_blender
+def test_benchmark_gives_llm_blender_its_own_weights(tiny):
+    """bench_pairrm's LLM-Blender provider runs fp16 on CUDA: its .half() must not round the
+    weights that sppo_fast's providers then use (it shared the backbone module)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import bench_pairrm
+    finally:
+        sys.path.pop(0)
+    model, tok = tiny
+    mine = prm.PairRM(model.config).eval()
+    mine.load_state_dict(model.state_dict())
+    before = {k: v.clone() for k, v in mine.state_dict().items()}
+    blender = bench_pairrm.llm_blender_provider(mine, tok, "cpu", fp16=True)
+    assert next(blender.ranker.parameters()).dtype == torch.float16
+    for k, v in mine.state_dict().items():
+        assert v.dtype == before[k].dtype and torch.equal(v, before[k]), k
+
+
 def test_rank_dataset_resumes_and_writes_atomically(tiny, tmp_path, monkeypatch):
     import datasets
 
