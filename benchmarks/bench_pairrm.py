@@ -10,8 +10,8 @@ CPU (``--model tiny``), lengths drawn from 50-1000 tokens on the GPU (``--model 
 - ``llm-blender-bN``: ``Blender.rank(..., batch_size=N)`` (SPPO uses N = 1); batch sizes above 1 run
   on ``--blender-prompts`` prompts (they are slower, and prompts/s does not depend on the count);
 - ``sppo-fast``: :class:`sppo_fast.pairrm.PairRMRanker` with its default attention (``"auto"``: the
-  fused Triton kernel on CUDA, the lean PyTorch path on CPU);
-- ``sppo-fast-torch`` (CUDA only): the lean PyTorch path on the GPU;
+  fused Triton kernel on CUDA, the C++ kernel on CPU);
+- ``sppo-fast-torch``: the lean PyTorch attention path;
 - ``sppo-fast-hf``: the same engine on Hugging Face's eager attention (isolates the engine's gain).
 
 Rows: prompts per second, wall time, peak memory (CUDA) and the largest score difference from
@@ -145,7 +145,7 @@ def main() -> None:
                 truth = scores
             record(f"llm-blender-b{bs}", n, dt, mem)
     for provider, impl in (("sppo-fast", "auto"), ("sppo-fast-torch", "torch"), ("sppo-fast-hf", "hf")):
-        if provider not in args.providers or (provider == "sppo-fast-torch" and not args.cuda):
+        if provider not in args.providers:
             continue
         ranker = prm.PairRMRanker(model, tok, progress=False, attn_impl=impl, budget=args.budget)
         ranker.rank(prompts[:2], cands[:2])  # warm-up (allocator, bucket index cache)
