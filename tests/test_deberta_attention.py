@@ -126,6 +126,10 @@ def test_cpu_kernel_masked_rows_and_relative_terms_alone(isa):
         torch.testing.assert_close(out, truth, atol=1e-12, rtol=0)
     with pytest.raises(ValueError, match="float32 or float64"):
         _native.deberta_attention(q.half(), k.half(), v.half())
+    with pytest.raises(ValueError, match=r"qpos: positions must lie in \[0, 33\)"):
+        _native.deberta_attention(q[:, :, :2], k, v, c2p[:, :, :2], p2c, idx, torch.tensor([[0, 33], [1, 2]]))
+    with pytest.raises(ValueError, match=r"rel_index: buckets must lie in \[0, 32\)"):
+        _native.deberta_attention(q, k, v, c2p, p2c, idx + 32)
 
 
 def test_kernel_without_relative_terms_and_all_masked_keys():
