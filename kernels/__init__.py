@@ -52,3 +52,6 @@ def check_attention_inputs(q, k, v, c2p, p2c, rel_index, qpos, key_mask) -> None
         raise ValueError(f"q: the last dimension must be contiguous (stride 1), got strides {q.stride()}")
     if rel_index is None and (c2p is not None or p2c is not None):
         raise ValueError("rel_index is needed with c2p or p2c")
+    if qpos is None and LQ > LK and (c2p is not None or p2c is not None):
+        raise ValueError(f"q has {LQ} queries but there are {LK} keys: without qpos the queries are "
+                         f"positions 0..LQ-1, which must be keys too (pass qpos for a subset)")

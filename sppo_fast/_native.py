@@ -179,15 +179,16 @@ def deberta_attention(q: Tensor, k: Tensor, v: Tensor, c2p: Optional[Tensor] = N
         return out
     if LK == 0:
         return out.zero_()
+    # values the kernel indexes with (cheap on the CPU), checked before any narrowing cast: out of
+    # range would read outside the tables
+    if qpos is not None and qpos.numel() and (int(qpos.min()) < 0 or int(qpos.max()) >= LK):
+        raise ValueError(f"qpos: positions must lie in [0, {LK}), got {int(qpos.min())}..{int(qpos.max())}")
+    widths = [t.shape[-1] for t in (c2p, p2c) if t is not None]
+    if widths and rel_index.numel() and (int(rel_index.min()) < 0 or int(rel_index.max()) >= min(widths)):
+        raise ValueError(f"rel_index: buckets must lie in [0, {min(widths)}) (the tables' width), "
+                         f"got {int(rel_index.min())}..{int(rel_index.max())}")
     rel = rel_index.to(torch.int32).contiguous() if rel_index is not None else None
     pos = qpos.to(torch.int64).contiguous() if qpos is not None else None
-    # values the kernel indexes with (cheap on the CPU): out of range would read outside the tables
-    if pos is not None and pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= LK):
-        raise ValueError(f"qpos: positions must lie in [0, {LK}), got {int(pos.min())}..{int(pos.max())}")
-    widths = [t.shape[-1] for t in (c2p, p2c) if t is not None]
-    if widths and rel.numel() and (int(rel.min()) < 0 or int(rel.max()) >= min(widths)):
-        raise ValueError(f"rel_index: buckets must lie in [0, {min(widths)}) (the tables' width), "
-                         f"got {int(rel.min())}..{int(rel.max())}")
     mask = key_mask.ne(0).to(torch.uint8).contiguous() if key_mask is not None else None
 
     def p(t):

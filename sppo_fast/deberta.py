@@ -136,6 +136,9 @@ def attention(attn, hidden: Tensor, rel_embeddings: Tensor, key_mask: Optional[T
 def _fused_attention(attn, q: Tensor, k: Tensor, v: Tensor, rel_embeddings: Tensor,
                      key_mask: Optional[Tensor], rows: Optional[Tensor], scale: float,
                      impl: str = "triton") -> Tensor:
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, rel_embeddings)):
+        raise RuntimeError(f"attn_impl {impl!r}: the fused attention kernels are inference only (no "
+                           "gradient); use 'torch' or 'hf' to differentiate, or run under torch.no_grad()")
     if impl == "cpp":
         from ._native import deberta_attention
     else:

@@ -816,7 +816,11 @@ def _cpp_attention_problem(device: torch.device, dtype: torch.dtype, autocast_dt
         return f"runs float32 or float64 models, this one is {dtype}"
     if autocast_dtype is not None:
         return f"runs float32 or float64, not under {autocast_dtype} autocast"
-    return None if _native.available() else _native.unavailable_reason()
+    if not _native.available():
+        return _native.unavailable_reason()
+    if not hasattr(_native._C, "deberta_attention"):
+        return "needs a rebuild of sppo_fast._C (pip install -e .): this build predates the kernel"
+    return None
 
 
 def _check_texts(texts: Sequence[str], name: str) -> None:

@@ -53,3 +53,42 @@ def deberta_case(tiny, config: str, lengths, *, seed: int = 0):
     m64 = prm.PairRM(model.config).eval()
     m64.load_state_dict(model.state_dict())
     return model, m64.double(), ids, mask, pos
+
+
+def dense_attention(q, k, v, c2p, p2c, idx, qpos, key_mask, dtype):
+    """The formula with [LQ, LK] tensors: in float64 (truth) or in ``dtype`` as autocast runs it
+    (products in dtype, softmax in float32)."""
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    rows = qpos.long() if qpos is not None else torch.arange(q.shape[2])[None].expand(q.shape[0], -1)
+    r = rows[:, None, :, None] - torch.arange(k.shape[2])[None, None, None, :]  # [B, 1, LQ, LK]
+    g = idx.long()[r + k.shape[2] - 1].expand(q.shape[0], q.shape[1], -1, -1)
+    s = (q @ k.transpose(-1, -2)).float() if dtype != torch.float64 else q @ k.transpose(-1, -2)
+    if c2p is not None:
+        s = s + torch.gather(c2p.to(dtype), -1, g).to(s.dtype)
+    if p2c is not None:
+        s = s + torch.gather(p2c.to(dtype).transpose(-1, -2), -2, g).to(s.dtype)
+    if key_mask is not None:
+        s = s.masked_fill(~key_mask.bool()[:, None, None, :], float("-inf"))
+    p = torch.softmax(s, -1)
+    return (p.to(dtype) @ v).to(dtype)
+
+
+def attention_case(B, H, LQ, LK, D, S, *, subset=False, padded=False, scale=1.0, seed=0):
+    """Inputs of the fused DeBERTa attention at float64: q (pre-scaled), k, v, the two [L, 2S] tables,
+    the bucket index, query positions (``subset``) and a key mask (``padded``)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, LQ, D, generator=g, dtype=torch.float64) * scale / D ** 0.5
+    k = torch.randn(B, H, LK, D, generator=g, dtype=torch.float64)
+    v = torch.randn(B, H, LK, D, generator=g, dtype=torch.float64)
+    c2p = torch.randn(B, H, LQ, 2 * S, generator=g, dtype=torch.float64) * scale
+    p2c = torch.randn(B, H, LK, 2 * S, generator=g, dtype=torch.float64) * scale
+    from sppo_fast import deberta
+
+    idx = deberta._bucket_index_1d(LK, S, 4 * S, torch.device("cpu"))
+    qpos = torch.stack([torch.randperm(LK, generator=g)[:LQ] for _ in range(B)]).int() if subset else None
+    mask = None
+    if padded:
+        lengths = torch.randint(1, LK + 1, (B,), generator=g)
+        lengths[0] = LK
+        mask = (torch.arange(LK)[None] < lengths[:, None]).to(torch.int8)
+    return q, k, v, c2p, p2c, idx, qpos, mask

@@ -12,7 +12,7 @@ from conftest import HAS_CUDA, TRITON_DEVICE, assert_as_accurate
 from sppo_fast import deberta
 from sppo_fast import pairrm as prm
 
-from _data import ATTENTION_CONFIGS, deberta_case
+from _data import ATTENTION_CONFIGS, attention_case as random_case, dense_attention as dense, deberta_case
 
 pytest.importorskip("triton")
 from sppo_fast.kernels.deberta_attention import deberta_attention  # noqa: E402
@@ -23,41 +23,6 @@ def tiny():
     model, tok = prm.tiny_pairrm(seed=0)
     prm.redraw_weights_(model, seed=1)
     return model, tok
-
-
-def dense(q, k, v, c2p, p2c, idx, qpos, key_mask, dtype):
-    """The formula with [LQ, LK] tensors: in float64 (truth) or in ``dtype`` as autocast runs it
-    (products in dtype, softmax in float32)."""
-    q, k, v = (t.to(dtype) for t in (q, k, v))
-    rows = qpos.long() if qpos is not None else torch.arange(q.shape[2])[None].expand(q.shape[0], -1)
-    r = rows[:, None, :, None] - torch.arange(k.shape[2])[None, None, None, :]  # [B, 1, LQ, LK]
-    g = idx.long()[r + k.shape[2] - 1].expand(q.shape[0], q.shape[1], -1, -1)
-    s = (q @ k.transpose(-1, -2)).float() if dtype != torch.float64 else q @ k.transpose(-1, -2)
-    if c2p is not None:
-        s = s + torch.gather(c2p.to(dtype), -1, g).to(s.dtype)
-    if p2c is not None:
-        s = s + torch.gather(p2c.to(dtype).transpose(-1, -2), -2, g).to(s.dtype)
-    if key_mask is not None:
-        s = s.masked_fill(~key_mask.bool()[:, None, None, :], float("-inf"))
-    p = torch.softmax(s, -1)
-    return (p.to(dtype) @ v).to(dtype)
-
-
-def random_case(B, H, LQ, LK, D, S, *, subset=False, padded=False, scale=1.0, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, H, LQ, D, generator=g, dtype=torch.float64) * scale / D ** 0.5
-    k = torch.randn(B, H, LK, D, generator=g, dtype=torch.float64)
-    v = torch.randn(B, H, LK, D, generator=g, dtype=torch.float64)
-    c2p = torch.randn(B, H, LQ, 2 * S, generator=g, dtype=torch.float64) * scale
-    p2c = torch.randn(B, H, LK, 2 * S, generator=g, dtype=torch.float64) * scale
-    idx = deberta._bucket_index_1d(LK, S, 4 * S, torch.device("cpu"))
-    qpos = torch.stack([torch.randperm(LK, generator=g)[:LQ] for _ in range(B)]).int() if subset else None
-    mask = None
-    if padded:
-        lengths = torch.randint(1, LK + 1, (B,), generator=g)
-        lengths[0] = LK
-        mask = (torch.arange(LK)[None] < lengths[:, None]).to(torch.int8)
-    return q, k, v, c2p, p2c, idx, qpos, mask
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -82,54 +47,6 @@ def test_kernel_against_dense_truth(dtype, case):
         keep = mask.bool()[:, None, :, None].expand_as(truth)
         out, ref, truth = out.cpu()[keep], ref[keep], truth[keep]
     assert_as_accurate(out.cpu(), ref, truth, atol=atol, what=f"{case} {dtype}")
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("case", ["square", "subset", "padded", "huge", "uneven", "odd-head", "long"])
-def test_cpu_kernel_against_dense_truth(isa, dtype, case):
-    """The CPU kernel (``sppo_fast._C``, every instruction set): the same cases as the Triton
-    kernel's, plus a head size that is not a whole number of vector lines and a longer sequence."""
-    from sppo_fast import _native
-
-    shapes = {"square": (2, 2, 70, 70, 32, 16), "subset": (3, 2, 3, 97, 32, 16),
-              "padded": (3, 2, 81, 81, 32, 8), "huge": (1, 2, 40, 40, 32, 16),
-              "uneven": (1, 3, 131, 131, 48, 64), "odd-head": (2, 2, 37, 37, 20, 8),
-              "long": (1, 2, 333, 333, 64, 256)}[case]
-    q, k, v, c2p, p2c, idx, qpos, mask = random_case(
-        *shapes, subset=case == "subset", padded=case == "padded", scale=300.0 if case == "huge" else 1.0)
-    truth = dense(q, k, v, c2p, p2c, idx, qpos, mask, torch.float64)
-    ref = dense(q, k, v, c2p, p2c, idx, qpos, mask, dtype)
-    # q and k as the model makes them: [B, L, H, D] views (strided heads)
-    q, k = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k))
-    out = _native.deberta_attention(*(t.to(dtype) for t in (q, k, v, c2p, p2c)), idx, qpos, mask)
-    if mask is not None:
-        keep = mask.bool()[:, None, :, None].expand_as(truth)
-        out, ref, truth = out[keep], ref[keep], truth[keep]
-    atol = 1e-5 if dtype == torch.float32 else 1e-12
-    assert_as_accurate(out, ref, truth, atol=atol, what=f"{case} {dtype}")
-    assert truth.abs().max() > 0.1  # not vacuous
-
-
-def test_cpu_kernel_masked_rows_and_relative_terms_alone(isa):
-    """A batch row with every key masked gives zeros (never NaN); each relative term alone, and
-    neither, match the truth."""
-    from sppo_fast import _native
-
-    q, k, v, c2p, p2c, idx, _, _ = random_case(2, 2, 33, 33, 32, 16)
-    mask = torch.ones(2, 33, dtype=torch.int8)
-    mask[1] = 0
-    out = _native.deberta_attention(q.float(), k.float(), v.float(), key_mask=mask)
-    assert torch.isfinite(out).all() and (out[1] == 0).all()
-    for terms in ((c2p, None), (None, p2c), (None, None)):
-        truth = dense(q, k, v, *terms, idx, None, None, torch.float64)
-        out = _native.deberta_attention(q, k, v, *terms, idx if any(t is not None for t in terms) else None)
-        torch.testing.assert_close(out, truth, atol=1e-12, rtol=0)
-    with pytest.raises(ValueError, match="float32 or float64"):
-        _native.deberta_attention(q.half(), k.half(), v.half())
-    with pytest.raises(ValueError, match=r"qpos: positions must lie in \[0, 33\)"):
-        _native.deberta_attention(q[:, :, :2], k, v, c2p[:, :, :2], p2c, idx, torch.tensor([[0, 33], [1, 2]]))
-    with pytest.raises(ValueError, match=r"rel_index: buckets must lie in \[0, 32\)"):
-        _native.deberta_attention(q, k, v, c2p, p2c, idx + 32)
 
 
 def test_kernel_without_relative_terms_and_all_masked_keys():
@@ -189,9 +106,8 @@ def test_kernels_run_on_their_tensors_device_not_the_current_one():  # pragma: n
     torch.testing.assert_close(seq.double(), ref, atol=1e-3, rtol=0)
 
 
-@pytest.mark.parametrize("impl", ["triton", "cpp"])
 @pytest.mark.parametrize("config", list(ATTENTION_CONFIGS))
-def test_backbone_with_fused_attention(tiny, config, impl):
+def test_backbone_with_fused_attention(tiny, config, impl="triton"):
     """Whole DeBERTa forwards with a fused attention (Triton's, or the CPU kernel) against Hugging
     Face's in float64: padded batches, distances across the log-bucket boundary and past
     max_relative_positions."""
@@ -224,23 +140,8 @@ def test_ranker_with_fused_attention_matches(tiny):
     m.to(dev)
     fused = prm.PairRMRanker(m, tok, progress=False, attn_impl="triton", autocast_dtype=None).pair_matrix(p, c)
     ref = prm.PairRMRanker(model, tok, progress=False, attn_impl="torch").pair_matrix(p, c)
-    cpu = prm.PairRMRanker(model, tok, progress=False)
-    assert cpu.attn_impl == "cpp"  # the default on a CPU for a float32 model
     assert ref.abs().max() > 0.05  # O(1) weights: not vacuous
     torch.testing.assert_close(fused, ref, atol=2e-5, rtol=0)
-    torch.testing.assert_close(cpu.pair_matrix(p, c), ref, atol=2e-5, rtol=0)
-
-
-def test_cpu_attention_refuses_what_it_cannot_run(tiny):
-    import sppo_fast
-
-    model, tok = tiny
-    m = prm.PairRM(model.config).eval().to(torch.bfloat16)
-    assert prm.PairRMRanker(m, tok, progress=False).attn_impl == "torch"  # auto falls back
-    with pytest.raises(sppo_fast.BackendUnavailableError, match="attn_impl='cpp' runs float32 or float64"):
-        prm.PairRMRanker(m, tok, attn_impl="cpp")
-    with pytest.raises(sppo_fast.BackendUnavailableError, match="not under torch.bfloat16 autocast"):
-        prm.PairRMRanker(model, tok, attn_impl="cpp", autocast_dtype=torch.bfloat16)
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the error raised without CUDA or the interpreter")

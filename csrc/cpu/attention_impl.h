@@ -174,9 +174,12 @@ static void deberta_attention_rows(const DebertaAttnArgs& a) {
         T* s0 = sbuf.data();
         for (int64_t j0 = 0; j0 < LKp; j0 += W) qk_block<T, W>(q, kt.data(), LKp, D, j0, s0);
         T inv[kGroup];
+        bool dead[kGroup];  // rows with no finite score: their output is fill[r], not p v
+        T fill[kGroup];
         for (int64_t r = 0; r < kGroup; ++r) {
           T* s = s0 + r * LKp;
           inv[r] = T(0);
+          dead[r] = false;
           if (r >= rows) { std::fill(s, s + LK, T(0)); continue; }
           const int64_t i = g0 + r;
           const int64_t pos = a.qpos ? a.qpos[b * a.x_sb + i] : i;
@@ -190,9 +193,14 @@ static void deberta_attention_rows(const DebertaAttnArgs& a) {
           T mx = neg_inf;
 #pragma omp simd reduction(max : mx)
           for (int64_t j = 0; j < LK; ++j) mx = s[j] > mx ? s[j] : mx;
-          if (!(mx > neg_inf)) {  // every key masked (a padded query, never read): zeros, not NaN;
-            const T fill = mx == mx ? T(0) : mx;  // a NaN score stays NaN
-            std::fill(s, s + LK, fill);
+          if (!(mx > neg_inf)) {
+            // every key masked (a padded query, never read): zeros, not NaN; but a row whose
+            // scores are NaN (the max above skips NaN) stays NaN, as the formula gives
+            bool nan = false;
+            for (int64_t j = 0; j < LK; ++j) nan = nan || s[j] != s[j];
+            dead[r] = true;
+            fill[r] = nan ? std::numeric_limits<T>::quiet_NaN() : T(0);
+            std::fill(s, s + LK, T(0));
             continue;
           }
           T sum = 0;
@@ -209,8 +217,7 @@ static void deberta_attention_rows(const DebertaAttnArgs& a) {
           const int64_t n = std::min(2 * W, D - d0);
           for (int64_t r = 0; r < rows; ++r) {
             T* o = O + b * a.o_sb + h * a.o_sh + (g0 + r) * a.o_sm + d0;
-            const T f = inv[r] == T(0) ? T(1) : inv[r];  // (a fully masked row: zeros stay zeros)
-            for (int64_t w = 0; w < n; ++w) o[w] = ob[r][w] * f;
+            for (int64_t w = 0; w < n; ++w) o[w] = dead[r] ? fill[r] : ob[r][w] * inv[r];
           }
         }
       }
