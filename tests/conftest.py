@@ -272,3 +272,16 @@ def check_all_neg_inf_row(backend, device, dtype, gen):
                        rtol=OUT_ULP[out.dtype], what=f"other tokens {backend} {dtype}")
     assert_as_accurate(grad[other], same_in.grad[other], truth_in.grad[other], atol=GRAD_ATOL[dtype],
                        rtol=0 if dtype == torch.float64 else 1e-6, what=f"other grads {backend} {dtype}")
+
+
+def check_pairwise_backend(cmp, mode, backend, device):
+    """pairrm_aggregate through ``backend`` on ``device`` against the reference: scores and the
+    integer fields bit for bit (NumPy's summation order), probabilities to 1e-14."""
+    a = sppo_fast.pairrm_aggregate(cmp.to(device), mode, backend=backend)
+    b = sppo_fast.pairrm_aggregate(cmp, mode, backend="reference")
+    for name, x, y in zip(a._fields, a, b):
+        x = x.cpu()
+        if name == "scores" or not x.dtype.is_floating_point:
+            assert torch.equal(x, y), name
+        else:
+            assert torch.allclose(x, y, rtol=1e-14, atol=0), name

@@ -11,8 +11,8 @@ import sppo_fast
 from sppo_fast import _native
 
 from _data import make_batch
-from conftest import (check_all_neg_inf_row, check_ignore_index_values, DTYPES, HAS_CUDA, check_full_size, check_fused_loss_backend, check_sequence_logps,
-                      check_token_logprobs)
+from conftest import (DTYPES, HAS_CUDA, check_all_neg_inf_row, check_full_size, check_fused_loss_backend,
+                      check_ignore_index_values, check_pairwise_backend, check_sequence_logps, check_token_logprobs)
 
 pytestmark = pytest.mark.skipif(not HAS_CUDA or not _native.cuda_status()[0],
                                 reason="needs a CUDA device and a CUDA build")
@@ -66,14 +66,7 @@ def test_pairwise(K, mode, dtype, strided, gen):
     cmp = torch.randn(33, K, K, generator=gen, dtype=dtype) * 4
     if strided:
         cmp = cmp.transpose(1, 2)
-    a = sppo_fast.pairrm_aggregate(cmp.cuda(), mode, backend="cuda")
-    b = sppo_fast.pairrm_aggregate(cmp, mode, backend="reference")
-    for name, x, y in zip(a._fields, a, b):
-        x = x.cpu()
-        if name == "scores" or not x.dtype.is_floating_point:
-            assert torch.equal(x, y), name
-        else:
-            assert torch.allclose(x, y, rtol=1e-14, atol=0), name
+    check_pairwise_backend(cmp, mode, "cuda", "cuda")
 
 
 @pytest.mark.parametrize("V", [32000, 128256])

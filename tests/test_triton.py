@@ -10,8 +10,8 @@ import torch
 import sppo_fast
 
 from _data import make_batch
-from conftest import (check_all_neg_inf_row, check_ignore_index_values, DTYPES, TRITON_DEVICE, check_full_size, check_fused_loss_backend, check_sequence_logps,
-                      check_token_logprobs, gpu)
+from conftest import (DTYPES, TRITON_DEVICE, check_all_neg_inf_row, check_full_size, check_fused_loss_backend,
+                      check_ignore_index_values, check_pairwise_backend, check_sequence_logps, check_token_logprobs, gpu)
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 DEV = TRITON_DEVICE
@@ -101,14 +101,7 @@ def test_fused_loss(loss_type, gen):
 @pytest.mark.parametrize("mode", sppo_fast.PAIRWISE_MODES)
 def test_pairwise(K, mode, gen):
     cmp = torch.randn(6, K, K, generator=gen, dtype=torch.float64) * 4
-    a = sppo_fast.pairrm_aggregate(cmp.to(DEV), mode, backend="triton")
-    b = sppo_fast.pairrm_aggregate(cmp, mode, backend="reference")
-    for name, x, y in zip(a._fields, a, b):
-        x = x.cpu()
-        if name == "scores" or not x.dtype.is_floating_point:
-            assert torch.equal(x, y), name  # NumPy's summation order, bit for bit
-        else:
-            assert torch.allclose(x, y, rtol=1e-14, atol=0), name
+    check_pairwise_backend(cmp, mode, "triton", DEV)
 
 
 @pytest.mark.parametrize("K", [5, 17])
@@ -116,14 +109,7 @@ def test_pairwise(K, mode, gen):
 def test_pairwise_float32_strided(K, mode, gen):
     """float32 scores of a transposed (strided) view, bit for bit the reference's."""
     cmp = (torch.randn(4, K, K, generator=gen) * 4).transpose(1, 2)
-    a = sppo_fast.pairrm_aggregate(cmp.to(DEV), mode, backend="triton")
-    b = sppo_fast.pairrm_aggregate(cmp, mode, backend="reference")
-    for name, x, y in zip(a._fields, a, b):
-        x = x.cpu()
-        if name == "scores" or not x.dtype.is_floating_point:
-            assert torch.equal(x, y), name
-        else:
-            assert torch.allclose(x, y, rtol=1e-14, atol=0), name
+    check_pairwise_backend(cmp, mode, "triton", DEV)
 
 
 def test_pairwise_float32_and_ties():
