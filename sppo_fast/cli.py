@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     out = "Writes to <runs_dir>/<name>/ (default runs/demo/; --set runs_dir=... name=...)."
     for name, help_, more in (
             ("demo", "3 SPPO iterations of the embedded default on this machine",
-             "A tiny policy, the shipped prompts and a hash ranker: runs on a CPU in minutes. " + out),
+             "A tiny policy, the shipped prompts and a hash ranker: about 20 s of work on a 2-core CPU. " + out),
             ("iterate", "N iterations end to end, then win rates",
              "Generate, rank and train for iterations 1..N (--set iterations=N), then the held-out win rate "
              "of each iteration's policy against iteration 0; summary.json and plots. " + out),

@@ -316,7 +316,8 @@ def sequence_logps(logits: Tensor, labels: Tensor, ignore_index: int = -100, *,
     """``token_logprobs(logits, labels, ignore_index).sum(-1)``: log p(y | x) per sequence.
 
     Labels are aligned with the logits (see :func:`sppo_fast.next_token_labels`); a fully ignored
-    sequence gets 0 and a zero gradient. The sums are accumulated in double precision.
+    sequence gets 0 and a zero gradient. The kernel backends accumulate the sums in double precision
+    (``backend="reference"`` sums in the log-probs' own float type, as the reference does).
 
     Args:
         logits: ``[B, T, V]``, last dimension stride 1 (``logits[:, :-1]`` views work, no copy).
