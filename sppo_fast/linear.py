@@ -320,14 +320,18 @@ class _Chunked:
         longest = max((g[1] - g[0] for g in plan.groups), default=0)
         self.chunk_rows = min(longest, opts.chunk_tokens)  # the chunk pass's buffer, in rows
         self.buf: Optional[Tensor] = None
+        self._label_scratch: Optional[dict] = None
         self.seq = torch.zeros(hidden.shape[0], dtype=torch.float64, device=dev)
-        self.dh = self.dw = self.db = self.lse = None
+        self.dh = self.dw = self.db = self.lse = self.tok = None
         if with_grads:
             # each row's d_hidden is written once, so it can take its final dtype at once (and
             # needs no zeros when every row is written)
             self.dh = (torch.empty if self.every_row else torch.zeros)(self.h.shape, dtype=self.gemm, device=dev)
             if self.by_vocab:
                 self.lse = torch.empty((len(plan.labels), 2), dtype=self.acc, device=dev)
+                # each row's log-prob as the chunk pass computed it: the vocabulary pass's label
+                # term (see _slab)
+                self.tok = torch.empty(len(plan.labels), dtype=self.acc, device=dev)
             elif weight_grads:  # (without: d_hidden only, e.g. for a frozen lm_head)
                 self.dw = torch.zeros(weight.shape, dtype=self.acc, device=dev)
                 self.db = None if bias is None else torch.zeros(weight.shape[0], dtype=self.acc, device=dev)
@@ -370,6 +374,8 @@ class _Chunked:
     def _forward_rows(self, logits: Tensor, r0: int, r1: int, add_to_sums: bool = True) -> Tensor:
         tok, lse, _ = self.impl.logprob_fwd(logits[:, None], self.plan.labels[r0:r1, None],
                                             self.opts.ignore_index)
+        if self.tok is not None:
+            self.tok[r0:r1] = tok[:, 0]
         if add_to_sums:
             self.seq.index_add_(0, self.plan.seq_of_row[r0:r1], tok[:, 0].double())
         return lse
@@ -423,13 +429,14 @@ class _Chunked:
                 self._backward_rows(logits, h, lse, a, b, coef)
         return self.seq
 
-    def vocab_pass(self, lse: Tensor, coef_seq: Tensor,
-                   out: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
+    def vocab_pass(self, lse: Tensor, coef_seq: Tensor, out: Optional[Tensor] = None,
+                   tok: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
         """``(d_weight, d_bias)`` slab by slab of the vocabulary, from every row's saved statistics
         ``lse`` [R, 2]: each slab's logits are recomputed for all the rows, turned into that slice
         of ``coef * (onehot - softmax)``, and multiplied by the rows' hidden states in one GEMM.
         ``d_weight`` is in the weight's dtype (written into ``out`` where given), ``d_bias`` in the
-        accumulation dtype."""
+        accumulation dtype. ``tok`` [R]: the rows' log-probs from the chunk pass, for the label
+        terms (see :meth:`_slab`)."""
         R, (V, H) = len(self.plan.labels), self.w.shape
         db = None if self.b is None else torch.zeros(V, dtype=self.acc, device=self.dev)
         dw = out if out is not None else self.dw_out
@@ -439,26 +446,60 @@ class _Chunked:
             return dw.zero_(), db
         coef = coef_seq.to(self.acc)[self.plan.seq_of_row][:, None]
         labels = self.plan.labels[:, None]
+        # the label term coef * (1 - p) = -coef * expm1(log p), from the chunk pass's log p
+        label_term = None if tok is None else -coef[:, 0] * torch.expm1(tok)
         if self.w_dtype != self.gemm:  # float32 GEMMs for a 16-bit weight
-            self._vocab_pass_blocked(dw, db, lse, coef, labels)
+            self._vocab_pass_blocked(dw, db, lse, coef, labels, label_term)
         else:
-            self._vocab_pass_in_place(dw, db, lse, coef, labels)
+            self._vocab_pass_in_place(dw, db, lse, coef, labels, label_term)
         return dw, db
 
     def _slab(self, g: Tensor, h: Tensor, v0: int, v1: int, labels: Tensor, lse: Tensor,
-              coef: Tensor, db: Optional[Tensor]) -> None:
-        """``g`` [rows, v1 - v0] becomes the rows' ``coef * (onehot - softmax)`` on columns [v0, v1)."""
+              coef: Tensor, db: Optional[Tensor], label_term: Optional[Tensor] = None) -> None:
+        """``g`` [rows, v1 - v0] becomes the rows' ``coef * (onehot - softmax)`` on columns [v0, v1).
+
+        The slab's logits are recomputed by a GEMM of another shape than the chunk pass's, so they
+        differ from the logits the saved (max, log-sum) came from in the last bits; off the label
+        that is a relative error of a few ulps in ``p``, but the label's ``1 - p`` cancels where
+        ``p`` is close to 1. So the label entries take ``label_term`` (``-coef * expm1(log p)``
+        from the chunk pass's ``log p``) instead, without a host sync."""
         if self.b is None:
             torch.mm(h, self.w[v0:v1].t(), out=g)
         else:
             torch.addmm(self.b[v0:v1], h, self.w[v0:v1].t(), out=g)
         g3 = g[:, None]
         self.impl.logprob_bwd(g3, labels, lse, coef, self.opts.ignore_index, g3, col0=v0)
+        if label_term is not None:
+            self._put_label_terms(g, labels[:, 0], v0, v1, label_term)
         if db is not None:
             db[v0:v1] += g.sum(0, dtype=db.dtype)
 
+    def _put_label_terms(self, g: Tensor, lab: Tensor, v0: int, v1: int, label_term: Tensor) -> None:
+        """``g[r, lab[r] - v0] = label_term[r]`` for the rows whose label is a column of the slab,
+        with index buffers made once per pass (a slab's own temporaries would add up over slabs)."""
+        n, dev = len(lab), g.device
+        sc = self._label_scratch
+        if sc is None or len(sc["flat"]) < n or sc["cur"].dtype != g.dtype:
+            sc = self._label_scratch = {
+                "rows": torch.arange(n, device=dev), "flat": torch.empty(n, dtype=torch.long, device=dev),
+                "col": torch.empty(n, dtype=torch.long, device=dev),
+                "inside": torch.empty(n, dtype=torch.bool, device=dev),
+                "cond": torch.empty(n, dtype=torch.bool, device=dev), "cur": torch.empty(n, dtype=g.dtype, device=dev),
+                "term": torch.empty(n, dtype=g.dtype, device=dev)}
+        rows, flat, col, inside, cond, cur, term = (sc[k][:n] for k in
+                                                    ("rows", "flat", "col", "inside", "cond", "cur", "term"))
+        torch.ge(lab, v0, out=inside)
+        inside.logical_and_(torch.lt(lab, v1, out=cond))
+        inside.logical_and_(torch.ne(lab, self.opts.ignore_index, out=cond))
+        torch.sub(lab, v0, out=col).clamp_(0, v1 - v0 - 1)
+        torch.mul(rows, v1 - v0, out=flat).add_(col)  # the label's entry in the slab, row-major
+        gf = g.view(-1)
+        torch.take(gf, flat, out=cur)
+        term.copy_(label_term)
+        gf.index_copy_(0, flat, torch.where(inside, term, cur, out=cur))
+
     def _vocab_pass_in_place(self, dw: Tensor, db: Optional[Tensor], lse: Tensor, coef: Tensor,
-                             labels: Tensor) -> None:
+                             labels: Tensor, label_term: Optional[Tensor]) -> None:
         """Every slab in one GEMM over all its rows, ``d_weight[slab] = G.T @ h``, with little
         memory: until they are written, the rows of ``d_weight`` after the slab hold the slab's
         gradient ``G``. So slabs shrink towards the end of the vocabulary, down to ``min_slab``
@@ -472,21 +513,23 @@ class _Chunked:
         N = self.h.shape[0]
         budget = self.opts.vocab_elems or min(R, self.opts.chunk_tokens) * V
         if self.every_row:
-            self._slabs(dw, db, 0, V, self.h, labels, lse, coef, budget, last=True)
+            self._slabs(dw, db, 0, V, self.h, labels, lse, coef, label_term, budget, last=True)
             return
         v0 = 0
         if V - R > self._slab_widths(R, budget)[1] * (1 + -(-R // H)):
             compact = dw.view(-1)[(V - R) * H:].view(R, H)
             torch.index_select(self.h, 0, self.plan.rows, out=compact)
-            v0 = self._slabs(dw, db, 0, V - R, compact, labels, lse, coef, budget, last=False)
+            v0 = self._slabs(dw, db, 0, V - R, compact, labels, lse, coef, label_term, budget, last=False)
         # the remaining columns, over every token (the ignored ones with a zero gradient)
         rows = self.plan.rows
         full = lambda t, fill: torch.full((N, t.shape[1]), fill, dtype=t.dtype, device=self.dev).index_copy_(0, rows, t)  # noqa: E731
         labels, lse, coef = full(labels, self.opts.ignore_index), full(lse, 0), full(coef, 0)
-        self._slabs(dw, db, v0, V, self.h, labels, lse, coef, budget, last=True)
+        if label_term is not None:
+            label_term = full(label_term[:, None], 0)[:, 0]
+        self._slabs(dw, db, v0, V, self.h, labels, lse, coef, label_term, budget, last=True)
 
     def _slabs(self, dw: Tensor, db: Optional[Tensor], v0: int, end: int, h: Tensor, labels: Tensor,
-               lse: Tensor, coef: Tensor, budget: int, last: bool) -> int:
+               lse: Tensor, coef: Tensor, label_term: Optional[Tensor], budget: int, last: bool) -> int:
         """Slabs from column ``v0`` while the slab's gradient fits in ``d_weight``'s rows after it,
         below row ``end``; with ``last``, to the end of the vocabulary. Returns the next column."""
         rows, (V, H) = h.shape[0], dw.shape
@@ -502,7 +545,7 @@ class _Chunked:
                 g = self._buffer(rows * w, in_weight_grad=False)[: rows * w].view(rows, w)
             else:
                 g = flat[(v0 + w) * H:(v0 + w) * H + rows * w].view(rows, w)
-            self._slab(g, h, v0, v0 + w, labels, lse, coef, db)
+            self._slab(g, h, v0, v0 + w, labels, lse, coef, db, label_term)
             torch.mm(g.t(), h, out=dw[v0:v0 + w])
             v0 += w
         return v0
@@ -513,7 +556,7 @@ class _Chunked:
         return widest, self.opts.min_slab
 
     def _vocab_pass_blocked(self, dw: Tensor, db: Optional[Tensor], lse: Tensor, coef: Tensor,
-                            labels: Tensor) -> None:
+                            labels: Tensor, label_term: Optional[Tensor]) -> None:
         """For float32 GEMMs on copies of a 16-bit weight: a block of rows x a slab fills a buffer,
         and every slab is summed over the blocks in a float32 accumulator, then cast."""
         R, (V, H) = len(labels), self.w.shape
@@ -535,7 +578,8 @@ class _Chunked:
                 b = min(a + rb, R)
                 h = hs if hs is not None else self._rows(a, b)
                 g = buf[: (b - a) * (v1 - v0)].view(b - a, v1 - v0)
-                self._slab(g, h, v0, v1, labels[a:b], lse[a:b], coef[a:b], db)
+                self._slab(g, h, v0, v1, labels[a:b], lse[a:b], coef[a:b], db,
+                           None if label_term is None else label_term[a:b])
                 _add_mm(part[: v1 - v0], g.t(), h)
             dw[v0:v1].copy_(part[: v1 - v0])
 
@@ -576,7 +620,7 @@ class _FusedLinearSPPO(torch.autograd.Function):
         if need:
             ctx.grads = (work.dh.view(hidden.shape), work.dw, work.db)
             # the vocabulary pass's inputs (recompute mode), and the d_weight it writes
-            ctx.plan, ctx.lse, ctx.dw_out = plan, work.lse, work.dw_out
+            ctx.plan, ctx.lse, ctx.tok, ctx.dw_out = plan, work.lse, work.tok, work.dw_out
             ctx.save_for_backward(hidden, weight, bias, labels)
         return loss.to(acc), seq.to(acc)
 
@@ -622,8 +666,8 @@ class _FusedLinearSPPO(torch.autograd.Function):
             if opts.weight_grad == "recompute" and want_w:
                 with _no_autocast(hidden.device):
                     work = _Chunked(hidden, weight, bias, ctx.plan, opts, with_grads=False)
-                    dw, db = work.vocab_pass(ctx.lse, coef, out=ctx.dw_out)
-        ctx.plan = ctx.lse = ctx.dw_out = None
+                    dw, db = work.vocab_pass(ctx.lse, coef, out=ctx.dw_out, tok=ctx.tok)
+        ctx.plan = ctx.lse = ctx.tok = ctx.dw_out = None
         return (dh.to(hidden.dtype), None if dw is None else dw.to(weight.dtype),
                 None if db is None else db.to(bias.dtype),
                 None, d_ref, None, None)
@@ -642,7 +686,7 @@ def _recompute(hidden, weight, bias, labels, opts: _Options, coef_seq: Tensor, w
                 work._backward_rows(logits, h, lse, a, b, coef_seq)
         dw, db = work.dw, work.db
         if work.by_vocab and weight_grads:
-            dw, db = work.vocab_pass(work.lse, coef_seq)
+            dw, db = work.vocab_pass(work.lse, coef_seq, tok=work.tok)
     if not weight_grads:
         dw = db = None
     return work.dh.view(hidden.shape), dw, db

@@ -666,3 +666,37 @@ def test_recompute_holds_only_the_gradients_on_gpu(every_row, gen):
     grads = (w.numel() + h.numel()) * 2
     tail = h.shape[0] * h.shape[1] * linear.MIN_SLAB * 2
     assert grads <= peak <= grads + tail + (1 << 20), (peak, grads, tail)
+
+
+@pytest.mark.parametrize("scale", [10.0, 30.0, 60.0])
+@pytest.mark.parametrize("bias", [False, True])
+def test_recompute_label_term_of_a_confident_model(scale, bias, gen):
+    """A confident model that predicts its labels (p ~ 1 on the label, as in training): the
+    vocabulary pass recomputes the logits with a GEMM of another shape, and its label term 1 - p
+    cancelled those last bits, so recompute's d_weight had twice the eager reference's error. The
+    label term now comes from the chunk pass's log-prob: as accurate as the reference."""
+    f64 = torch.float64
+    S, T, H, V = 2, 65, 64, 50
+    h = torch.randn(S, T, H, generator=gen, dtype=f64).float().double()
+    w = (torch.randn(V, H, generator=gen, dtype=f64) * scale / 8).float().double()
+    b = (torch.randn(V, generator=gen, dtype=f64)).float().double() if bias else None
+    labels = torch.nn.functional.linear(h, w, b).argmax(-1)
+    ref = torch.tensor([-1.0, -1.0], dtype=f64)
+    probs = dict(chosen_probs_win=torch.tensor([0.9], dtype=f64), chosen_probs_lose=torch.tensor([0.1], dtype=f64))
+
+    def grads(fn, dt):
+        hh, ww = h.to(dt).clone().requires_grad_(), w.to(dt).clone().requires_grad_()
+        bb = None if b is None else b.to(dt).clone().requires_grad_()
+        (fn(hh, ww, bb)[0] * 1.7).backward()
+        return [t.grad.double() for t in (hh, ww, bb) if t is not None]
+
+    def eager(hh, ww, bb):
+        return sppo_fast.fused_sppo_loss(torch.nn.functional.linear(hh, ww, bb), labels, ref.to(hh.dtype), beta=0.1,
+                                         backend="reference", **probs)
+    truth, same = grads(eager, f64), grads(eager, torch.float32)
+    got = grads(lambda hh, ww, bb: sppo_fast.fused_linear_sppo_loss(
+        hh, ww, labels, ref.to(hh.dtype), bias=bb, beta=0.1, backend="cpp", weight_grad="recompute", **probs),
+        torch.float32)
+    assert torch.nn.functional.softmax(torch.nn.functional.linear(h, w, b), -1).amax(-1).median() > 0.9
+    for name, o, s, t in zip(("d_hidden", "d_weight", "d_bias"), got, same, truth):
+        assert_as_accurate(o, s, t, atol=1e-6, rtol=1e-6, what=f"{name} scale {scale}")
