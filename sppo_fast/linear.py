@@ -656,7 +656,8 @@ class _FusedLinearSPPO(torch.autograd.Function):
                         t.mul_(scale)
             if g_pol is not None:  # policy_logps used elsewhere too: one more pass adds its part
                 eh, ew, eb = _recompute(hidden, weight, bias, labels, opts, g_pol.double(),
-                                        weight_grads=want_w and opts.weight_grad == "accumulate")
+                                        weight_grads=want_w and opts.weight_grad == "accumulate",
+                                        scratch=ctx.dw_out)  # (not yet written: its logits' room)
                 dh += eh
                 if ew is not None:
                     dw += ew
@@ -673,11 +674,15 @@ class _FusedLinearSPPO(torch.autograd.Function):
                 None, d_ref, None, None)
 
 
-def _recompute(hidden, weight, bias, labels, opts: _Options, coef_seq: Tensor, weight_grads: bool = True):
+def _recompute(hidden, weight, bias, labels, opts: _Options, coef_seq: Tensor, weight_grads: bool = True,
+               scratch: Optional[Tensor] = None):
     """Gradients of sum_s coef_seq[s] * logp_s, by recomputing every chunk's logits (and, in the
-    recompute mode, then the vocabulary pass); without ``weight_grads`` only ``d_hidden``."""
+    recompute mode, then the vocabulary pass); without ``weight_grads`` only ``d_hidden``.
+    ``scratch``: an unwritten ``d_weight`` whose memory may hold the chunks' logits meanwhile."""
     plan = _plan(labels, opts.ignore_index, opts.chunk_tokens)
     work = _Chunked(hidden, weight, bias, plan, opts, with_grads=True, weight_grads=weight_grads)
+    if scratch is not None and work.dw_out is None and scratch.dtype == work.gemm:
+        work.dw_out = scratch  # (only as the chunk buffer: no vocabulary pass runs here)
     with _no_autocast(hidden.device):
         for r0, r1, _, _, _ in plan.groups:
             for a, b in work._spans(r0, r1):

@@ -583,9 +583,10 @@ def _sized_inputs(gen, dtype, V_, H_, every_row):
     return h, w, labels, ref, {"chosen_probs_win": p / 2 + 0.5, "chosen_probs_lose": p / 2}
 
 
+@pytest.mark.parametrize("through_policy", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("every_row", [False, True])
-def test_recompute_holds_only_the_gradients(dtype, every_row, gen, monkeypatch):
+def test_recompute_holds_only_the_gradients(dtype, every_row, through_policy, gen, monkeypatch):
     """The recompute mode's d_weight is made in forward and its memory, until written, is the chunk
     pass's buffer and then the vocabulary pass's scratch (with ignored tokens, also the gathered
     hidden rows): forward + backward hold the two gradients, a tail buffer of N x min_slab and O(N)
@@ -594,16 +595,23 @@ def test_recompute_holds_only_the_gradients(dtype, every_row, gen, monkeypatch):
     _min_slab(monkeypatch, 64)
     h, w, labels, ref, probs = _sized_inputs(gen, dtype, 8000, 64, every_row)
 
+    pc = torch.randn(h.shape[0], generator=gen)
+
     def step():
-        loss = sppo_fast.fused_linear_sppo_loss(h, w, labels, ref.to(dtype), beta=0.1, weight_grad="recompute",
-                                                backend="cpp", **probs)[0]
-        (loss * 0.7).backward()
+        loss, pol, _ = sppo_fast.fused_linear_sppo_loss(h, w, labels, ref.to(dtype), beta=0.1,
+                                                        weight_grad="recompute", backend="cpp", **probs)
+        (loss * 0.7 + ((pol * pc).sum() if through_policy else 0)).backward()
     peak = _cpu_peak_bytes(step)
     e = h.element_size()
     grads = (w.numel() + h.numel()) * e
     tail = h.shape[0] * h.shape[1] * 64 * e
-    assert grads <= peak <= grads + tail + (128 << 10), (peak, grads, tail)
+    # a gradient through policy_logps too: one more d_hidden-sized pass (its logits in d_weight's
+    # unwritten memory; they used to take a buffer as large as d_weight)
+    extra = h.numel() * e if through_policy else 0
+    assert grads <= peak <= grads + tail + extra + (128 << 10), (peak, grads, tail)
     # and the gradients are right at this shape too (long slabs, then shrinking ones, then the tail)
+    if through_policy:
+        return  # (the accuracy of that path: test_policy_logps_used_downstream)
     got = {"d_hidden": h.grad, "d_weight": w.grad}
     ref_fn = _reference(labels, ref, probs, 0.1, "sppo")
     truth, _ = _run(ref_fn, h.detach().double(), w.detach().double(), None, torch.float64)
