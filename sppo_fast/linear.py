@@ -200,9 +200,11 @@ def _options(hidden: Tensor, weight: Tensor, ignore_index: int, chunk_tokens: Op
     cuda = hidden.device.type == "cuda"
     chunk = _chunk_tokens(chunk_tokens, weight.shape[0], elem, cuda)
     if mode == "recompute" and with_grads and chunk_tokens is None:
-        # the chunk pass's buffer is then the not yet written d_weight [V, H]: chunks of at most H
-        # tokens fit in it (e.g. 4096 instead of 4194 bf16 tokens at V = 32000 on a GPU)
-        chunk = min(chunk, max(16, weight.shape[1]))
+        # the chunk pass's buffer is then the not yet written d_weight [V, H]: the chunk's logits
+        # [c, V] and, with ignored tokens, its gathered hidden rows and their d_hidden (2 x [c, H])
+        # fit in it (e.g. 3261 instead of 4194 bf16 tokens at V = 32000, H = 4096 on a GPU)
+        V_, H_ = weight.shape
+        chunk = min(chunk, max(16, V_ * H_ // (V_ + 2 * H_)))
     vocab = DEFAULT_VOCAB_PASS_BYTES_CUDA // elem if cuda and chunk_tokens is None else 0
     return _Options(ignore_index, chunk, loss_scale, with_grads, backend, lowp, mode, vocab)
 
@@ -355,10 +357,25 @@ class _Chunked:
             self.buf = self._empty((n,), self.gemm)
         return self.buf
 
+    def _beside_logits(self, k: int, n: int) -> Optional[Tensor]:
+        """The ``k``-th [n, H] block of the not yet written ``d_weight`` after the chunk pass's
+        logits (its gathered hidden rows, 0, and their ``d_hidden``, 1), or None without room."""
+        if self.dw_out is None or self.every_row:
+            return None
+        H = self.h.shape[1]
+        start = self.chunk_rows * self.w.shape[0] + k * self.chunk_rows * H
+        if start + self.chunk_rows * H > self.dw_out.numel():
+            return None
+        return self.dw_out.view(-1)[start:start + n * H].view(n, H)
+
     def _rows(self, r0: int, r1: int) -> Tensor:
         """The hidden states of compact rows [r0, r1), in the GEMMs' dtype."""
-        h = self.h[r0:r1] if self.every_row else self.h.index_select(0, self.plan.rows[r0:r1])
-        return h.to(self.gemm)
+        if self.every_row:
+            return self.h[r0:r1].to(self.gemm)
+        room = self._beside_logits(0, r1 - r0)
+        if room is not None and self.h.dtype == self.gemm:
+            return torch.index_select(self.h, 0, self.plan.rows[r0:r1], out=room)
+        return self.h.index_select(0, self.plan.rows[r0:r1]).to(self.gemm)
 
     def _logits(self, r0: int, r1: int) -> tuple[Tensor, Tensor]:
         """Logits of compact rows [r0, r1) in the shared buffer, and those rows' hidden states."""
@@ -390,7 +407,9 @@ class _Chunked:
         if self.every_row:
             torch.mm(logits, self.w, out=self.dh[r0:r1])
         else:
-            self.dh.index_copy_(0, self.plan.rows[r0:r1], torch.mm(logits, self.w))
+            room = self._beside_logits(1, r1 - r0)
+            self.dh.index_copy_(0, self.plan.rows[r0:r1],
+                                torch.mm(logits, self.w) if room is None else torch.mm(logits, self.w, out=room))
         if self.by_vocab:
             self.lse[r0:r1] = lse.view(-1, 2)
             return

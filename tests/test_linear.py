@@ -583,17 +583,19 @@ def _sized_inputs(gen, dtype, V_, H_, every_row):
     return h, w, labels, ref, {"chosen_probs_win": p / 2 + 0.5, "chosen_probs_lose": p / 2}
 
 
+@pytest.mark.parametrize("VH", [(8000, 64), (4000, 512)])  # (the second: chunks' hidden rows of note)
 @pytest.mark.parametrize("through_policy", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("every_row", [False, True])
-def test_recompute_holds_only_the_gradients(dtype, every_row, through_policy, gen, monkeypatch):
+def test_recompute_holds_only_the_gradients(dtype, every_row, through_policy, VH, gen, monkeypatch):
     """The recompute mode's d_weight is made in forward and its memory, until written, is the chunk
     pass's buffer and then the vocabulary pass's scratch (with ignored tokens, also the gathered
-    hidden rows): forward + backward hold the two gradients, a tail buffer of N x min_slab and O(N)
-    more. (A chunk buffer and a vocabulary-pass buffer of their own made this 3.5x larger.)"""
+    hidden rows, and in the chunk pass each chunk's gathered hidden rows and their d_hidden):
+    forward + backward hold the two gradients, a tail buffer of N x min_slab and O(N) more. (A
+    chunk buffer and a vocabulary-pass buffer of their own made this 3.5x larger.)"""
     monkeypatch.setenv("SPPO_FAST_CPU_BF16_GEMMS", "1")  # bf16: the 16-bit mode, as on a GPU
     _min_slab(monkeypatch, 64)
-    h, w, labels, ref, probs = _sized_inputs(gen, dtype, 8000, 64, every_row)
+    h, w, labels, ref, probs = _sized_inputs(gen, dtype, *VH, every_row)
 
     pc = torch.randn(h.shape[0], generator=gen)
 
