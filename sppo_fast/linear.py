@@ -25,16 +25,19 @@ Where ``d_weight`` is summed (``weight_grad``). Step 4 adds every chunk's ``G.T 
 [V, H] accumulator, which must be float32 to keep the sum accurate: for a 16-bit weight that is
 twice the weight's size (2.1 GB for V = 128256, H = 4096), on top of the 16-bit gradient it is
 finally cast to. ``weight_grad="recompute"`` has no such accumulator: step 4 only computes
-``d_hidden`` and keeps each row's statistics (max, log-sum), O(N); in ``backward``, with the true
+``d_hidden`` and keeps each row's statistics (max, log-sum, log-prob), O(N); in ``backward``, with the true
 upstream gradients, a second pass goes over slabs of the vocabulary instead of chunks of tokens:
 ``logits[:, slab] = h @ W[slab].T`` again, the kernel's backward on that slice of the rows, and
 ``d_weight[slab] = G.T @ h`` in one GEMM over all the tokens (float32 accumulation inside the
 GEMM), written once in the weight's dtype. Four GEMMs instead of three (at most 75% of the GEMM
 rate), and almost no memory beside the two gradients: ``d_weight`` is made in forward, and until
-the pass writes them its rows are the chunk pass's logits buffer (chunks of at most H tokens),
-then each slab's gradient (in the rows after the slab) and, with ignored tokens, the gathered
+the pass writes them its rows are the chunk pass's logits buffer (chunks of at most
+V H / (V + 2H) tokens; with ignored tokens the chunk's gathered hidden rows and their ``d_hidden``
+lie beside the logits), then each slab's gradient (in the rows after the slab) and, with ignored tokens, the gathered
 hidden rows (in the last R rows). The slabs shrink where that room runs out, and only the last few
-columns use a buffer, of N x 256 (``MIN_SLAB``).
+columns use a buffer, of N x 256 (``MIN_SLAB``). The recomputed logits differ from the chunk
+pass's in the last bits (another GEMM shape), so each label's ``1 - p`` is taken from the chunk
+pass's log-prob, where it would otherwise cancel for a label the model is sure of.
 (Float32 GEMMs on copies of a 16-bit weight, outside the 16-bit mode, use blocks of rows and
 slabs in a buffer of their own, summed in float32.) Since
 the slab's gradient is formed at the true upstream scale, a 16-bit ``d_weight`` rounds exactly
@@ -736,8 +739,8 @@ def fused_linear_sppo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, ref_l
         ref_logps: ``[2B]`` reference log-probs; probabilities, ``beta``, ``loss_type``,
             ``ignore_index`` as in :func:`sppo_fast.fused_sppo_loss`.
         chunk_tokens: tokens per chunk of logits (default: 32 MiB of logits on a CPU,
-            256 MiB of logits on a GPU, and at most H tokens with ``recompute``, whose chunks
-            use ``d_weight``'s memory). The vocabulary pass's slabs hold ``chunk_tokens x V``
+            256 MiB of logits on a GPU, and at most V H / (V + 2H) tokens with ``recompute``,
+            whose chunks use ``d_weight``'s memory). The vocabulary pass's slabs hold ``chunk_tokens x V``
             elements at most, by default on a GPU 64 MiB.
         weight_grad: ``"accumulate"`` (three GEMMs; ``d_weight`` summed over the chunks in a
             float32 [V, H]), ``"recompute"`` (four GEMMs; a second pass over vocabulary slabs
