@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Row, environment, time_fn, write_rows  # noqa: E402
+from harness import Row, cuda_extra_peak, environment, time_fn, write_rows  # noqa: E402
 
 
 def main() -> None:
@@ -46,7 +46,7 @@ def main() -> None:
 
     dev = "cuda" if args.cuda else "cpu"
     dtype = torch.bfloat16 if args.cuda else torch.float32
-    lengths = args.lengths or ([1024, 2048] if args.cuda else [256, 700])
+    lengths = args.lengths or ([1024, 2048, 4096] if args.cuda else [256, 700])
     config = prm.pairrm_config(base=prm.DEBERTA_V3_LARGE if args.model == "large" else prm.TINY,
                                num_hidden_layers=1)
     torch.manual_seed(0)
@@ -97,12 +97,8 @@ def main() -> None:
                 if base is None:
                     base = y.float()[real]
                 err = float((y.float()[real] - base).abs().max())
-                if args.cuda:
-                    torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats()
-                    before = torch.cuda.memory_allocated()
+                mem = cuda_extra_peak(calls[provider]) / 2**20 if args.cuda else float("nan")
                 t = time_fn(calls[provider], reps=args.reps, cuda=args.cuda)
-                mem = (torch.cuda.max_memory_allocated() - before) / 2**20 if args.cuda else float("nan")
             for metric, v, unit in (("time_median", t["median"] * 1e3, "ms"), ("time_q20", t["q20"] * 1e3, "ms"),
                                     ("time_q80", t["q80"] * 1e3, "ms"), ("extra_peak_memory", mem, "MiB"),
                                     ("max_abs_diff_vs_first", err, "")):

@@ -113,15 +113,11 @@ def worker(args) -> dict:
         out["peak_rss"] = out["inputs_peak_rss"]
         return out
     cuda = device == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
     fn = _step_fn(args.provider, logits, labels, ref_logps, probs, args.beta, args.mode == "full")
+    if cuda:
+        out["cuda_extra_peak"] = harness.cuda_extra_peak(fn, [logits])
     out["time"] = harness.time_fn(fn, warmup=args.warmup, reps=args.reps, cuda=cuda)
     out["peak_rss"] = harness.peak_rss_bytes()
-    if cuda:
-        out["cuda_extra_peak"] = torch.cuda.max_memory_allocated() - base
     return out
 
 

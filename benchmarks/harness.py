@@ -7,7 +7,7 @@ Memory on the CPU: torch's allocations are invisible to tracemalloc, so every va
 fresh process (``run_worker``) that reports its peak RSS (``ru_maxrss``) twice: once its inputs are
 allocated (in place, without temporaries) and after the timed runs. The difference is the
 variant's extra peak memory; a worker that only allocates the inputs gives the environment row. On a GPU:
-``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``.
+``torch.cuda.max_memory_allocated`` over one call after a warm-up call (``cuda_extra_peak``).
 
 CSV rows (one per measurement): op, provider, mode, shape, metric, value, unit, device, isa,
 threads, torch, sppo_fast, timestamp. ``plot.py`` draws figures from these files.
@@ -107,6 +107,24 @@ def time_fn(fn: Callable[[], object], *, warmup: int = 1, reps: int = 5, cuda: b
     times.sort()
     q = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
     return {"median": statistics.median(times), "q20": q[0], "q80": q[3], "reps": reps}
+
+
+def cuda_extra_peak(fn: Callable[[], object], grads_of: Iterable = ()) -> int:
+    """GPU memory one call of ``fn`` allocates at its peak beyond what exists before it, measured on
+    a second call: the first one's compilation and caches stay out, and so does the 256 MB L2-flush
+    buffer of Triton's ``do_bench``. The gradients the first call left on ``grads_of`` are dropped
+    before the baseline is read (a step that recreates them would otherwise count only their growth)."""
+    import torch
+
+    fn()
+    for t in grads_of:
+        t.grad = None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
 
 
 def peak_rss_bytes() -> int:

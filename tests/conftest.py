@@ -28,6 +28,26 @@ cuda_backend = pytest.mark.skipif(not HAS_CUDA or not _native.cuda_status()[0],
                                   reason="needs a CUDA device and a CUDA build")
 
 
+def _uses_gpu(item) -> bool:
+    """A test that needs a GPU (a skip mark that names CUDA) or runs a GPU backend (a Triton or
+    CUDA parameter or name): what the GPU check runs, since the rest is the CPU suite CI runs."""
+    for mark in item.iter_markers("skipif"):
+        if "CUDA" in str(mark.kwargs.get("reason", "")):
+            return True
+    name = item.nodeid.lower()  # file and test name: test_triton.py, test_deberta_attention.py (Triton)
+    return any(w in name for w in ("triton", "cuda", "gpu", "deberta_attention"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """SPPO_FAST_GPU_TESTS_ONLY=1 keeps the tests that use a GPU (benchmarks/gpu_check.sh sets it:
+    a lent GPU's minutes are too few for the CPU suite)."""
+    if os.environ.get("SPPO_FAST_GPU_TESTS_ONLY") != "1":
+        return
+    keep = [it for it in items if _uses_gpu(it)]
+    config.hook.pytest_deselected(items=[it for it in items if not _uses_gpu(it)])
+    items[:] = keep
+
+
 @pytest.fixture(params=CPU_ISAS)
 def isa(request):
     """Run the test once per instruction set this CPU supports, then restore the best one."""
