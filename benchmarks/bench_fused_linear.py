@@ -57,6 +57,24 @@ def _inputs(args):
     return hidden, weight, labels, ref_logps, probs
 
 
+def _dense_grad(x):
+    """Identity whose backward hands on a contiguous gradient: cut-cross-entropy's backward views
+    the gradient of its per-token losses, and a sum's gradient is an expanded (stride 0) tensor
+    that cannot be viewed (seen on an H100)."""
+    import torch
+
+    class DenseGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            return t.view_as(t)
+
+        @staticmethod
+        def backward(ctx, g):
+            return g.contiguous()
+
+    return DenseGrad.apply(x)
+
+
 def _fn(provider, args, hidden, weight, labels, ref_logps, probs, backward):
     import torch
     import torch.nn.functional as F
@@ -103,7 +121,7 @@ def _fn(provider, args, hidden, weight, labels, ref_logps, probs, backward):
 
         def loss_fn():
             nll = linear_cross_entropy(hidden, weight, labels, reduction="none", ignore_index=-100)
-            return sppo(-nll.view(labels.shape).float().sum(-1))
+            return sppo(-_dense_grad(nll.reshape(labels.shape).float()).sum(-1))
     elif provider == "liger":  # Liger-Kernel's fused linear DPO loss with TRL's sppo_hard
         from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
 

@@ -30,9 +30,11 @@ bundle() {  # after every step too: a run killed outright still leaves what the 
 }
 trap 'bundle; echo "bundled into $DEST/gpu_check.tar.gz"; rm -rf "$OUT_DIR"' EXIT
 
-# step NAME LIMIT CMD...: run CMD with at most LIMIT seconds, never past the budget
+# step NAME LIMIT CMD...: run CMD with at most LIMIT seconds, never past the budget; with STEPS set
+# (a bash regex), only the steps whose names match it run (a second, shorter call in one session)
 step() {
   local name=$1 limit=$2; shift 2
+  if [ -n "${STEPS:-}" ] && ! [[ "$name" =~ $STEPS ]]; then return; fi
   local left=$((BUDGET - SECONDS))
   if [ "$left" -lt 20 ]; then echo "== $name: skipped (budget spent)"; return; fi
   [ "$limit" -gt "$left" ] && limit=$left
@@ -91,17 +93,17 @@ bench_sppo() {  # V PROVIDERS...
 export -f bench_sppo bench_linear
 export OUT_DIR PYTHONUNBUFFERED=1
 
-step "fused_linear_sppo_loss V=32000 (#5)" 110 bash -c "bench_linear 32000"
+step "fused_linear_sppo_loss V=32000 (#5)" 110 bash -c "bench_linear 32000 ${LINEAR_32000:-}"
 step "DeBERTa attention, large shapes, bf16 (#7)" 60 sh -c "python benchmarks/bench_deberta_attention.py --cuda --model large \
   --out '$OUT_DIR/deberta_attention-large-cuda.csv' > '$OUT_DIR/bench-attention.log' 2>&1; s=\$?; tail -14 '$OUT_DIR/bench-attention.log'; exit \$s"
 step "PairRM ranking, DeBERTa-v3-large shapes (#6, #7)" 110 sh -c "python benchmarks/bench_pairrm.py --cuda --model large \
-  --prompts 32 --blender-prompts 16 --out '$OUT_DIR/pairrm-large-cuda.csv' > '$OUT_DIR/bench-pairrm.log' 2>&1; \
+  --prompts 32 --blender-prompts 8 --out '$OUT_DIR/pairrm-large-cuda.csv' > '$OUT_DIR/bench-pairrm.log' 2>&1; \
   s=\$?; tail -9 '$OUT_DIR/bench-pairrm.log'; exit \$s"
 # the tests that use the GPU (SPPO_FAST_GPU_TESTS_ONLY, tests/conftest.py), over 8 processes
 XDIST=$(python -c "import xdist" 2>/dev/null && echo "-n 8")
-step "GPU tests" 120 sh -c "SPPO_FAST_GPU_TESTS_ONLY=1 python -m pytest -q $XDIST -m 'not slow' -rf tests > '$OUT_DIR/pytest.log' 2>&1; \
+step "GPU tests" 120 sh -c "SPPO_FAST_GPU_TESTS_ONLY=1 python -m pytest -q $XDIST -m 'not slow' -rf ${TESTS:-tests} > '$OUT_DIR/pytest.log' 2>&1; \
   s=\$?; grep -E '^(FAILED|ERROR)' '$OUT_DIR/pytest.log' | head -15; tail -2 '$OUT_DIR/pytest.log'; exit \$s"
-step "fused_linear_sppo_loss V=128256 (#5)" 100 bash -c "bench_linear 128256 gemm3 cuda liger cce triton reference"
+step "fused_linear_sppo_loss V=128256 (#5)" 100 bash -c "bench_linear 128256 ${LINEAR_128256:-gemm3 cuda liger cce triton reference}"
 step "fused_sppo_loss V=32000" 50 bash -c "bench_sppo 32000 copy reference triton cuda reference-compile"
 step "three SPPO iterations on the GPU (tiny policy, tiny PairRM)" 45 sh -c "python -m sppo_fast demo --quiet \
   --set runs_dir=/tmp/gpu_runs ranker=pairrm-tiny > '$OUT_DIR/demo.log' 2>&1; s=\$?; tail -6 '$OUT_DIR/demo.log'; exit \$s"

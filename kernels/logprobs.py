@@ -96,8 +96,11 @@ def _sppo_bwd_kernel(
     p = tl.exp(tl.where(keep, (x - m) - ls, float("-inf")))  # ignored rows: p = 0, no overflow
     grad = g * (tl.where(cols + col0 == label, 1.0, 0.0) - p)  # a label outside the slice: no term
     if out_ptr.dtype.element_ty == tl.bfloat16:
-        # round to nearest even by hand: the GPU's cast does it too, Triton's interpreter truncates
+        # round to nearest even by hand: the GPU's cast does it too, Triton's interpreter truncates.
+        # A NaN first becomes the quiet NaN 0x7FC00000: the GPU's own NaN, 0x7FFFFFFF, would carry
+        # into the sign bit and come out as -0 (seen on an H100)
         bits = grad.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = tl.where(grad != grad, 0x7FC00000, bits)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
         out = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:

@@ -68,9 +68,15 @@ def _pairwise_kernel(
     m_ptr = cmp_ptr + b * sb
     s_ptr = scores_ptr + b * K
     p_ptr = probs_ptr + b * K * K
-    # scores in cmp's dtype, stored as float32 (LLM-Blender keeps a float32 array)
+    # scores in cmp's dtype, stored as float32 (LLM-Blender keeps a float32 array); div_rn: a
+    # float32 "/" compiles to the GPU's approximate division (2 ulp), NumPy's is correctly rounded
     for i in range(0, K):
-        tl.store(s_ptr + i, (_numpy_sum(m_ptr, i, K, si, sj, 0) / K).to(tl.float32))
+        total = _numpy_sum(m_ptr, i, K, si, sj, 0)
+        if total.dtype == tl.float32:
+            score = tl.math.div_rn(total, K.to(tl.float32))
+        else:  # float64 "/" is correctly rounded
+            score = total / K
+        tl.store(s_ptr + i, score.to(tl.float32))
     # each phase reads back, in other threads' lanes, what the last one stored: a block barrier
     # (which also orders global memory within the block) between them
     tl.debug_barrier()

@@ -43,6 +43,12 @@ def test_kernel_against_dense_truth(dtype, case):
         # scores ~1e3, where a 16-bit ulp is 0.5-4: the softmax is near one-hot and which input
         # rounding wins decides the output; the point here is that nothing overflows
         atol = 0.05
+    elif case == "huge":
+        # scores ~5e2, where a float32 ulp is 3e-5-6e-5: another summation order of q.k (the GPU's
+        # FMA chain, against the CPU BLAS of the reference) moves a near-tie softmax by a few ulp of
+        # the scores; an H100 gave 3.9e-5 against the reference's 4.1e-6 (a wrong bucket or a lost
+        # term errs by O(1))
+        atol = 1e-4
     if mask is not None:  # rows of padded queries are never read; compare real ones
         keep = mask.bool()[:, None, :, None].expand_as(truth)
         out, ref, truth = out.cpu()[keep], ref[keep], truth[keep]
