@@ -82,7 +82,9 @@ def main() -> None:
     p.add_argument("--K", type=int, default=5)
     p.add_argument("--blender-batch-sizes", type=int, nargs="*", default=[1, 4, 16])
     p.add_argument("--providers", nargs="*", default=["llm-blender", "sppo-fast", "sppo-fast-torch", "sppo-fast-hf"])
-    p.add_argument("--budget", type=int, default=None, help="PairRMRanker budget (rows * L^2)")
+    p.add_argument("--budget", type=int, default=None, help="PairRMRanker budget (default: the ranker's)")
+    p.add_argument("--sweep-budgets", dest="sweep_budgets", type=int, nargs="*", default=[],
+                   help="also run the default provider at each of these budgets (rows sppo-fast-budget-N)")
     p.add_argument("--cuda", action="store_true")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
@@ -151,10 +153,12 @@ def main() -> None:
     # engine's rows come before LLM-Blender's slow ones where a time limit cuts the run short
     if blender is not None and 1 in args.blender_batch_sizes:
         run_blender(1)
-    for provider, impl in (("sppo-fast", "auto"), ("sppo-fast-torch", "torch"), ("sppo-fast-hf", "hf")):
-        if provider not in args.providers:
-            continue
-        ranker = prm.PairRMRanker(model, tok, progress=False, attn_impl=impl, budget=args.budget)
+    runs = [(provider, impl, args.budget) for provider, impl in
+            (("sppo-fast", "auto"), ("sppo-fast-torch", "torch"), ("sppo-fast-hf", "hf"))
+            if provider in args.providers]
+    runs += [(f"sppo-fast-budget-{b}", "auto", b) for b in args.sweep_budgets]
+    for provider, impl, budget in runs:
+        ranker = prm.PairRMRanker(model, tok, progress=False, attn_impl=impl, budget=budget)
         ranker.rank(prompts[:2], cands[:2])  # warm-up (allocator, bucket index cache)
         res, dt, mem = timed(lambda: ranker.rank(prompts, cands))
         extra = dict(mem)

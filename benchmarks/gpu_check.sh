@@ -2,15 +2,16 @@
 # The GPU check: run once per session on the lent GPU machine (H100 / H200); it stops starting new
 # steps after BUDGET seconds (default 540), so that the whole run stays inside the 600 s of one device call.
 #   bash benchmarks/gpu_check.sh [OUT_DIR]      (default: $OUT, else benchmarks/results/gpu)
-# In order: build with CUDA; the open issues' targets (fused_linear_sppo_loss at N = 16384, H = 4096,
-# V = 32000, bf16, against the three GEMMs, the eager reference, Liger-Kernel and cut-cross-entropy
-# when their wheels were carried over; DeBERTa-v3-large attention at L = 1024 and 2048 against Hugging
-# Face's eager attention and FlashDeBERTa; PairRM ranking against LLM-Blender); the tests that use the
-# GPU; fused_linear_sppo_loss at V = 128256; fused_sppo_loss (N = 16384, bf16); three SPPO iterations
-# on the GPU; the CUDA tests under compute-sanitizer memcheck. The CSVs and logs are bundled after
-# every step, however the script ends, into OUT_DIR/gpu_check.tar.gz, with summary.txt beside it: the
-# device tool brings back at most 8 files. A short table is printed last. Commit the CSVs under
-# benchmarks/results/ with the card's name.
+# In order: build with CUDA; the tests that use the GPU; three SPPO iterations on the GPU; profiles
+# (torch.profiler) of fused_linear_sppo_loss and of PairRM ranking; the open issues' benchmarks
+# (PairRM ranking against LLM-Blender with a sweep of the bucket budget; fused_linear_sppo_loss at
+# N = 16384, H = 4096, V = 32000, bf16, against the three GEMMs, the eager reference, Liger-Kernel and
+# cut-cross-entropy when their wheels were carried over; DeBERTa-v3-large attention at L = 1024, 2048
+# and 4096 against Hugging Face's eager attention and FlashDeBERTa; V = 128256); fused_sppo_loss
+# (N = 16384, bf16); the CUDA tests under compute-sanitizer memcheck. The CSVs, profiles and logs are
+# bundled after every step, however the script ends, into OUT_DIR/gpu_check.tar.gz, with summary.txt
+# beside it: the device tool brings back at most 8 files. A short table is printed last. Commit the
+# CSVs under benchmarks/results/ with the card's name.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DEST=${1:-${OUT:-benchmarks/results/gpu}}
@@ -93,20 +94,29 @@ bench_sppo() {  # V PROVIDERS...
 export -f bench_sppo bench_linear
 export OUT_DIR PYTHONUNBUFFERED=1
 
-step "fused_linear_sppo_loss V=32000 (#5)" 110 bash -c "bench_linear 32000 ${LINEAR_32000:-}"
-step "DeBERTa attention, large shapes, bf16 (#7)" 60 sh -c "python benchmarks/bench_deberta_attention.py --cuda --model large \
-  --out '$OUT_DIR/deberta_attention-large-cuda.csv' > '$OUT_DIR/bench-attention.log' 2>&1; s=\$?; tail -14 '$OUT_DIR/bench-attention.log'; exit \$s"
-step "PairRM ranking, DeBERTa-v3-large shapes (#6, #7)" 110 sh -c "python benchmarks/bench_pairrm.py --cuda --model large \
-  --prompts 32 --blender-prompts 8 --out '$OUT_DIR/pairrm-large-cuda.csv' > '$OUT_DIR/bench-pairrm.log' 2>&1; \
-  s=\$?; tail -9 '$OUT_DIR/bench-pairrm.log'; exit \$s"
-# the tests that use the GPU (SPPO_FAST_GPU_TESTS_ONLY, tests/conftest.py), over 8 processes
+# The order follows what the last GPU session (H100, 2026-11-27) left open: its fixes (the tests) and
+# the whole pipeline first, then profiles for the two misses (#5's default mode against Liger-Kernel,
+# #6's 10x), then the issues' benchmarks again.
 XDIST=$(python -c "import xdist" 2>/dev/null && echo "-n 8")
 step "GPU tests" 120 sh -c "SPPO_FAST_GPU_TESTS_ONLY=1 python -m pytest -q $XDIST -m 'not slow' -rf ${TESTS:-tests} > '$OUT_DIR/pytest.log' 2>&1; \
   s=\$?; grep -E '^(FAILED|ERROR)' '$OUT_DIR/pytest.log' | head -15; tail -2 '$OUT_DIR/pytest.log'; exit \$s"
-step "fused_linear_sppo_loss V=128256 (#5)" 100 bash -c "bench_linear 128256 ${LINEAR_128256:-gemm3 cuda liger cce triton reference}"
-step "fused_sppo_loss V=32000" 50 bash -c "bench_sppo 32000 copy reference triton cuda reference-compile"
 step "three SPPO iterations on the GPU (tiny policy, tiny PairRM)" 45 sh -c "python -m sppo_fast demo --quiet \
   --set runs_dir=/tmp/gpu_runs ranker=pairrm-tiny > '$OUT_DIR/demo.log' 2>&1; s=\$?; tail -6 '$OUT_DIR/demo.log'; exit \$s"
+step "profile fused_linear_sppo_loss (recompute) V=32000" 40 sh -c "python benchmarks/profile_gpu.py linear \
+  --out '$OUT_DIR/profile-linear.txt' > '$OUT_DIR/profile-linear.log' 2>&1; s=\$?; sed -n 4,14p '$OUT_DIR/profile-linear.txt'; exit \$s"
+step "profile PairRM ranking" 60 sh -c "python benchmarks/profile_gpu.py pairrm \
+  --out '$OUT_DIR/profile-pairrm.txt' > '$OUT_DIR/profile-pairrm.log' 2>&1; s=\$?; sed -n 4,14p '$OUT_DIR/profile-pairrm.txt'; exit \$s"
+# LLM-Blender at batch size 1 (the yardstick of the scores), the engine at its default and three other
+# budgets, then LLM-Blender's batch size 4 (its best, 1.04 prompts/s on the H100)
+step "PairRM ranking, DeBERTa-v3-large shapes (#6, #7)" 110 sh -c "python benchmarks/bench_pairrm.py --cuda --model large \
+  --prompts 32 --blender-prompts 8 --blender-batch-sizes 1 4 --providers llm-blender sppo-fast \
+  --sweep-budgets 16777216 33554432 134217728 --out '$OUT_DIR/pairrm-large-cuda.csv' > '$OUT_DIR/bench-pairrm.log' 2>&1; \
+  s=\$?; tail -9 '$OUT_DIR/bench-pairrm.log'; exit \$s"
+step "fused_linear_sppo_loss V=32000 (#5)" 110 bash -c "bench_linear 32000 ${LINEAR_32000:-}"
+step "DeBERTa attention, large shapes, bf16 (#7)" 60 sh -c "python benchmarks/bench_deberta_attention.py --cuda --model large \
+  --out '$OUT_DIR/deberta_attention-large-cuda.csv' > '$OUT_DIR/bench-attention.log' 2>&1; s=\$?; tail -14 '$OUT_DIR/bench-attention.log'; exit \$s"
+step "fused_linear_sppo_loss V=128256 (#5)" 100 bash -c "bench_linear 128256 ${LINEAR_128256:-gemm3 cuda cce cuda-accumulate liger}"
+step "fused_sppo_loss V=32000" 50 bash -c "bench_sppo 32000 copy reference triton cuda reference-compile"
 step "fused_sppo_loss V=128256" 60 bash -c "bench_sppo 128256 copy reference triton cuda"
 if command -v compute-sanitizer >/dev/null 2>&1; then
   step "compute-sanitizer memcheck (CUDA tests, small shapes)" 90 sh -c "compute-sanitizer --tool memcheck \
