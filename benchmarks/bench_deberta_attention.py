@@ -8,7 +8,8 @@ Providers (same module weights, same inputs, relative-position embeddings alread
   as its encoder does once per forward);
 - ``torch``: :func:`sppo_fast.deberta.attention` (one cached bucket index, no [L, L] transpose,
   no mask pass without padding);
-- ``triton``: the fused kernel (CUDA only): no [L, L] tensor;
+- ``triton``: the fused kernel (CUDA only): no [L, L] tensor; ``triton-autotune``: the same with
+  Triton's autotuner choosing tiles, warps and stages (opt-in, ``SPPO_FAST_ATTN_AUTOTUNE=1``);
 - ``cpp``: the CPU kernel in ``sppo_fast._C`` (CPU only): no [L, L] tensor;
 - ``flashdeberta``: FlashDeBERTa's attention when the package is installed (``pip install flashdeberta``).
 Rows: median time (ms, 20/80% quantiles) and, on CUDA, peak memory beyond the inputs (MiB).
@@ -32,7 +33,8 @@ def main() -> None:
     p.add_argument("--padded", action="store_true",
                    help="pad the last tenth of the last batch row (the engine's buckets are padded; "
                         "without padding the torch path skips its mask pass)")
-    p.add_argument("--providers", nargs="*", default=["hf", "torch", "cpp", "triton", "flashdeberta"])
+    p.add_argument("--providers", nargs="*",
+                   default=["hf", "torch", "cpp", "triton", "triton-autotune", "flashdeberta"])
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--cuda", action="store_true")
     p.add_argument("--out", type=Path, default=None)
@@ -73,6 +75,8 @@ def main() -> None:
             "hf": lambda: attn(x, ext, relative_pos=rel_pos, rel_embeddings=rel_emb)[0],
             "torch": lambda: deberta.attention(attn, x, rel_emb, key_mask, None, "torch"),
             "triton": lambda: deberta.attention(attn, x, rel_emb, key_mask, None, "triton"),
+            "triton-autotune": lambda: _autotuned(lambda: deberta.attention(attn, x, rel_emb, key_mask, None,
+                                                                            "triton")),
             "cpp": lambda: deberta.attention(attn, x, rel_emb, key_mask, None, "cpp"),
         }
         try:
@@ -83,8 +87,9 @@ def main() -> None:
             calls["flashdeberta"] = _flashdeberta_call(config, attn, x, ext, rel_pos, rel_emb)
         base = None
         for provider in args.providers:
-            if provider not in calls or (provider == "triton") != args.cuda and provider in ("triton", "cpp"):
-                why = {"flashdeberta": "not installed", "triton": "CUDA only", "cpp": "CPU only"}[provider]
+            gpu_only = provider.startswith("triton")
+            if provider not in calls or gpu_only != args.cuda and (gpu_only or provider == "cpp"):
+                why = "not installed" if provider == "flashdeberta" else "CUDA only" if gpu_only else "CPU only"
                 print(f"  {provider:<13} skipped ({why})")
                 continue
             with torch.inference_mode():
@@ -114,6 +119,17 @@ def main() -> None:
                 print(f"  L={L:<5} {provider}: {ref['hf'] / v:.2f}x faster than hf")
         write_rows(out, rows)
     print(f"wrote {out}")
+
+
+def _autotuned(call):
+    """``call`` with the fused kernel's autotuned launch (its first call tunes: the warm-up's)."""
+    from sppo_fast.kernels import deberta_attention as kda
+
+    kda.set_autotune(True)
+    try:
+        return call()
+    finally:
+        kda.set_autotune(False)
 
 
 def _flashdeberta_call(config, attn, x, ext, rel_pos, rel_emb):

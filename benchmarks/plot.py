@@ -4,13 +4,15 @@
 
 Each figure: forward+backward median time per provider (with the 20-80% range) and, where measured,
 the extra peak memory, so speed and memory read off one picture. Ranking benchmarks (rows with
-``prompts_per_s``) get one bar per provider in prompts per second.
+``prompts_per_s``) get one bar per provider in prompts per second; benchmarks over sequence lengths
+(attention) get time and memory against L.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -30,6 +32,8 @@ def plot(csv_path: Path) -> Path:
     providers = list(dict.fromkeys(r["provider"] for r in rows))
     if any(r["metric"] == "prompts_per_s" for r in rows):
         return _plot_throughput(csv_path, rows, providers, val, plt)
+    if len({r["shape"] for r in rows}) > 1 and all(re.search(r"\bL=\d+", r["shape"]) for r in rows):
+        return _plot_by_length(csv_path, rows, providers, plt)
     full = [p for p in providers if "time_median" in val[(p, "full")]]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     ax = axes[0]
@@ -53,6 +57,40 @@ def plot(csv_path: Path) -> Path:
     ax.set_title("memory beyond the inputs (lower is better)")
     r0 = rows[0]
     fig.suptitle(f"{r0['op']}: {r0['shape']}\n{r0['device']}, torch {r0['torch']}", fontsize=10)
+    fig.tight_layout()
+    out = csv_path.with_suffix(".png")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _plot_by_length(csv_path: Path, rows, providers, plt) -> Path:
+    """Benchmarks over sequence lengths (attention): time and extra memory against L, one line per
+    provider, on log-log axes, so quadratic and linear growth read off the slopes."""
+    series = defaultdict(dict)  # (provider, metric) -> {L: value}
+    for r in rows:
+        L = int(re.search(r"\bL=(\d+)", r["shape"]).group(1))
+        series[(r["provider"], r["metric"])][L] = float(r["value"])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, metric, label, title in ((axes[0], "time_median", "median time (ms)", "time (lower is better)"),
+                                     (axes[1], "extra_peak_memory", "extra peak memory (MiB)",
+                                      "memory beyond the inputs (lower is better)")):
+        for p in providers:
+            pts = sorted((L, v) for L, v in series[(p, metric)].items() if v == v and v > 0)
+            if pts:
+                ax.plot([L for L, _ in pts], [v for _, v in pts], marker="o", label=p)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sequence length L")
+        ax.set_title(title)
+        if not ax.lines:  # not measured here (memory on a CPU)
+            ax.text(0.5, 0.5, "not measured on this device", ha="center", transform=ax.transAxes)
+            continue
+        ax.set_yscale("log")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+    r0 = rows[0]
+    shape = re.sub(r"\s*\bL=\d+", "", r0["shape"])
+    fig.suptitle(f"{r0['op']}: {shape}\n{r0['device']}, torch {r0['torch']}", fontsize=10)
     fig.tight_layout()
     out = csv_path.with_suffix(".png")
     fig.savefig(out, dpi=110)

@@ -34,6 +34,21 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK_M = 64
 BLOCK_N = 64
 
+# Opt-in (SPPO_FAST_ATTN_AUTOTUNE=1, or set_autotune(True)): let Triton's autotuner pick the tile
+# shape, warps and pipeline stages on the GPU, once per head size and set of terms, on the first
+# call's inputs. Not yet measured, so the fixed 64 x 64 tile above stays the default; the GPU
+# benchmark times both (provider "triton-autotune"). Never in the interpreter (its timings mean nothing).
+_AUTOTUNE = os.environ.get("SPPO_FAST_ATTN_AUTOTUNE") == "1"
+_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+            for m, n, w, st in ((64, 64, 4, 3), (64, 64, 4, 2), (64, 64, 8, 2), (64, 32, 4, 3),
+                                (128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 4, 2), (128, 128, 8, 2))]
+
+
+def set_autotune(enabled: bool) -> None:
+    """Choose the launch: the autotuned one (``True``) or the fixed 64 x 64 tile (``False``)."""
+    global _AUTOTUNE
+    _AUTOTUNE = bool(enabled)
+
 
 @triton.jit
 def _deberta_attention_fwd(
@@ -126,7 +141,10 @@ def deberta_attention(q, k, v, c2p=None, p2c=None, rel_index=None, qpos=None, ke
     m = key_mask if key_mask is not None else dummy
     if out.numel() == 0:
         return out
-    grid = (B * H, triton.cdiv(LQ, BLOCK_M))
+    if _AUTOTUNE and not _INTERPRET:
+        grid = lambda meta: (B * H, triton.cdiv(LQ, meta["BLOCK_M"]))  # noqa: E731
+    else:
+        grid = (B * H, triton.cdiv(LQ, BLOCK_M))
     with on_device(q):
         _launch(grid, q, k, v, c, p, rel_index if rel_index is not None else dummy, x, m, out,
                 c2p is not None, p2c is not None, qpos is not None, key_mask is not None)
@@ -136,7 +154,10 @@ def deberta_attention(q, k, v, c2p=None, p2c=None, rel_index=None, qpos=None, ke
 def _launch(grid, q, k, v, c, p, rel, x, m, out, has_c2p, has_p2c, has_qpos, has_mask):
     H, LQ, D = q.shape[1], q.shape[2], q.shape[3]
     LK = k.shape[2]
-    _deberta_attention_fwd[grid](
+    tuned = _AUTOTUNE and not _INTERPRET
+    kernel = _tuned_fwd if tuned else _deberta_attention_fwd
+    tiles = {} if tuned else {"BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N}
+    kernel[grid](
         q, k, v, c, p, rel, x, m, out,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -144,6 +165,11 @@ def _launch(grid, q, k, v, c, p, rel, x, m, out, has_c2p, has_p2c, has_qpos, has
         m.stride(0), out.stride(0), out.stride(1), out.stride(2), x.stride(0),
         H, LQ, LK, D, LK - 1,
         HAS_C2P=has_c2p, HAS_P2C=has_p2c, HAS_QPOS=has_qpos, HAS_MASK=has_mask,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(D)), DOT_F32=_INTERPRET,
+        **tiles, BLOCK_D=max(16, triton.next_power_of_2(D)), DOT_F32=_INTERPRET,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
+
+
+# the same kernel behind Triton's autotuner (used only with set_autotune(True) on a GPU)
+_tuned_fwd = triton.autotune(_CONFIGS, key=["D", "HAS_C2P", "HAS_P2C", "HAS_QPOS", "HAS_MASK"])(
+    _deberta_attention_fwd)

@@ -55,6 +55,32 @@ def test_kernel_against_dense_truth(dtype, case):
     assert_as_accurate(out.cpu(), ref, truth, atol=atol, what=f"{case} {dtype}")
 
 
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (the interpreter does not autotune)")
+@pytest.mark.parametrize("dtype,case", [(torch.bfloat16, "padded"), (torch.float32, "subset")])
+def test_autotuned_launch_matches_float64_truth(dtype, case):
+    """The opt-in autotuned launch (set_autotune(True)) is held to the same float64 truth as the fixed
+    launch, with padding and with query subsets (one case each: every new case tunes all 8 configs)."""
+    from sppo_fast.kernels import deberta_attention as kda
+
+    shapes = {"subset": (3, 2, 3, 97, 32, 16), "padded": (3, 2, 81, 81, 32, 8)}[case]
+    q, k, v, c2p, p2c, idx, qpos, mask = random_case(
+        *shapes, subset=case == "subset", padded=case == "padded")
+    truth = dense(q, k, v, c2p, p2c, idx, qpos, mask, torch.float64)
+    ref = dense(q, k, v, c2p, p2c, idx, qpos, mask, dtype)
+    args = ([t.to("cuda", dtype) for t in (q, k, v, c2p, p2c)] + [idx.cuda()]
+            + [qpos.cuda() if qpos is not None else None, mask.cuda() if mask is not None else None])
+    kda.set_autotune(True)
+    try:
+        out = deberta_attention(*args).cpu()
+    finally:
+        kda.set_autotune(False)
+    if mask is not None:
+        keep = mask.bool()[:, None, :, None].expand_as(truth)
+        out, ref, truth = out[keep], ref[keep], truth[keep]
+    atol = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    assert_as_accurate(out, ref, truth, atol=atol, what=f"autotuned {case} {dtype}")
+
+
 def test_kernel_without_relative_terms_and_all_masked_keys():
     q, k, v, _, _, idx, _, _ = random_case(2, 2, 33, 33, 32, 16)
     mask = torch.ones(2, 33, dtype=torch.int8)
