@@ -31,8 +31,11 @@ from . import check_attention_inputs, on_device
 # Triton's interpreter multiplies 16-bit tl.dot operands wrongly: upcast there.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-BLOCK_M = 64
-BLOCK_N = 64
+# The fixed launch, by input dtype: (BLOCK_M, BLOCK_N, num_warps), chosen so that the sm_90 build keeps
+# everything in registers (cuobjdump -res-usage; tests/triton_aot.py checks it): 64 x 64 over 4 warps
+# spilled 336 bytes a thread in 16 bits, and the float32 FMA dot 8.6 KB. Not yet timed on a GPU
+# against the old 4-warp launch (the autotuned launch below includes it).
+LAUNCH = {torch.float16: (64, 64, 8), torch.bfloat16: (64, 64, 8), torch.float32: (64, 16, 8)}
 
 # Opt-in (SPPO_FAST_ATTN_AUTOTUNE=1, or set_autotune(True)): let Triton's autotuner pick the tile
 # shape, warps and pipeline stages on the GPU, once per head size and set of terms, on the first
@@ -42,6 +45,10 @@ _AUTOTUNE = os.environ.get("SPPO_FAST_ATTN_AUTOTUNE") == "1"
 _CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
             for m, n, w, st in ((64, 64, 4, 3), (64, 64, 4, 2), (64, 64, 8, 2), (64, 32, 4, 3),
                                 (128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 4, 2), (128, 128, 8, 2))]
+
+
+def _launch_config(dtype: torch.dtype) -> tuple[int, int, int]:
+    return LAUNCH.get(dtype, LAUNCH[torch.float32])  # (float64 runs in the interpreter only)
 
 
 def set_autotune(enabled: bool) -> None:
@@ -144,7 +151,7 @@ def deberta_attention(q, k, v, c2p=None, p2c=None, rel_index=None, qpos=None, ke
     if _AUTOTUNE and not _INTERPRET:
         grid = lambda meta: (B * H, triton.cdiv(LQ, meta["BLOCK_M"]))  # noqa: E731
     else:
-        grid = (B * H, triton.cdiv(LQ, BLOCK_M))
+        grid = (B * H, triton.cdiv(LQ, _launch_config(q.dtype)[0]))
     with on_device(q):
         _launch(grid, q, k, v, c, p, rel_index if rel_index is not None else dummy, x, m, out,
                 c2p is not None, p2c is not None, qpos is not None, key_mask is not None)
@@ -156,7 +163,8 @@ def _launch(grid, q, k, v, c, p, rel, x, m, out, has_c2p, has_p2c, has_qpos, has
     LK = k.shape[2]
     tuned = _AUTOTUNE and not _INTERPRET
     kernel = _tuned_fwd if tuned else _deberta_attention_fwd
-    tiles = {} if tuned else {"BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N}
+    bm, bn, warps = _launch_config(q.dtype)
+    tiles = {} if tuned else {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps}
     kernel[grid](
         q, k, v, c, p, rel, x, m, out,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),

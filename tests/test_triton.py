@@ -144,7 +144,8 @@ def test_pairwise_gpu_matches_numpy(gen):
 
 
 def test_kernels_compile_for_sm90():
-    """Every kernel variant compiles to PTX for an H100 (sm_90), no GPU needed."""
+    """Every kernel variant compiles for an H100 (sm_90), no GPU needed; the fused attention's launches
+    keep everything in registers (no stack: the old 4-warp launch spilled)."""
     import os
     import subprocess
     import sys
@@ -155,6 +156,8 @@ def test_kernels_compile_for_sm90():
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     assert "compiled 25 kernel variants for sm_90" in r.stdout  # 16 log-prob/pairwise + 9 attention
+    if "stack bytes" in r.stdout:  # Triton's bundled cuobjdump read the cubins
+        assert "attention launches that spill: none" in r.stdout, r.stdout
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's NumPy on log(0), -inf - -inf

@@ -5,6 +5,11 @@ only works in the interpreter (a non-constexpr global, a loop-carried value that
 unsupported cast) fails here with Triton's compile error, on any machine.
 """
 
+import os
+import subprocess
+import tempfile
+
+import torch
 import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
@@ -15,9 +20,23 @@ from sppo_fast.kernels import deberta_attention, logprobs, pairwise
 TARGET = GPUTarget("cuda", 90, 32)
 
 
-def _compile(fn, signature, constexprs):
-    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=TARGET)
-    return len(kernel.asm["ptx"])
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def _compile(fn, signature, constexprs, num_warps=4):
+    """Compile for sm_90; return the registers and stack (spill) bytes a thread uses, when Triton's
+    bundled cuobjdump can read the cubin (else None)."""
+    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=TARGET,
+                            options={"num_warps": num_warps})
+    if not os.path.exists(CUOBJDUMP) or "cubin" not in kernel.asm:
+        return None
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        out = subprocess.run([CUOBJDUMP, "-res-usage", path], capture_output=True, text=True).stdout
+    fields = dict(w.split(":", 1) for line in out.splitlines() if "REG:" in line for w in line.split() if ":" in w)
+    return int(fields["REG"]), int(fields["STACK"])
 
 
 def main() -> None:
@@ -51,9 +70,11 @@ def main() -> None:
             n += 1
     strides = ["s_qb", "s_qh", "s_qm", "s_kb", "s_kh", "s_kn", "s_vb", "s_vh", "s_vn", "s_cb", "s_ch", "s_cm",
                "s_pb", "s_ph", "s_pn", "s_mb", "s_ob", "s_oh", "s_om", "s_xb"]
-    for dt in ("bf16", "fp16", "fp32"):
+    spills = []
+    for dt, torch_dt in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)):
+        block_m, block_n, warps = deberta_attention.LAUNCH[torch_dt]
         for rel, qpos, mask in ((True, False, False), (True, True, True), (False, False, True)):
-            _compile(deberta_attention._deberta_attention_fwd,
+            usage = _compile(deberta_attention._deberta_attention_fwd,
                      {"Q": f"*{dt}", "K": f"*{dt}", "V": f"*{dt}", "C2P": f"*{dt}", "P2C": f"*{dt}",
                       "REL": "*i32", "QPOS": "*i32", "KMASK": "*i8", "OUT": f"*{dt}",
                       **{k: "i64" for k in strides}, "H": "i32", "LQ": "i32", "LK": "i32", "D": "i32",
@@ -62,10 +83,19 @@ def main() -> None:
                       "BLOCK_N": "constexpr", "BLOCK_D": "constexpr", "DOT_F32": "constexpr",
                       "PRECISION": "constexpr"},
                      {"HAS_C2P": rel, "HAS_P2C": rel, "HAS_QPOS": qpos, "HAS_MASK": mask,
-                      "BLOCK_M": deberta_attention.BLOCK_M, "BLOCK_N": deberta_attention.BLOCK_N,
-                      "BLOCK_D": 64, "DOT_F32": False, "PRECISION": "ieee" if dt == "fp32" else "tf32"})
+                      "BLOCK_M": block_m, "BLOCK_N": block_n,
+                      "BLOCK_D": 64, "DOT_F32": False, "PRECISION": "ieee" if dt == "fp32" else "tf32"},
+                     num_warps=warps)
             n += 1
+            if usage is not None:
+                print(f"attention {dt} rel={rel} qpos={qpos} mask={mask}: {usage[0]} registers, "
+                      f"{usage[1]} stack bytes")
+                if usage[1]:
+                    spills.append(f"{dt} rel={rel} qpos={qpos} mask={mask}")
     print(f"compiled {n} kernel variants for sm_90")
+    # the fused attention's launch (deberta_attention.LAUNCH) must keep everything in registers:
+    # spilling is what the 4-warp launch did (336 bytes a thread in 16 bits, 8.6 KB in float32)
+    print("attention launches that spill:", ", ".join(spills) if spills else "none")
 
 
 if __name__ == "__main__":
