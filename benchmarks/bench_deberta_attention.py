@@ -35,6 +35,9 @@ def main() -> None:
                         "without padding the torch path skips its mask pass)")
     p.add_argument("--providers", nargs="*",
                    default=["hf", "torch", "cpp", "triton", "triton-autotune", "flashdeberta"])
+    p.add_argument("--launches", nargs="*", default=[],
+                   help="also time the fused kernel at these fixed launches, BLOCK_MxBLOCK_NwWARPS each "
+                        "(e.g. 64x64w4, the launch before 2026-11-27): rows triton-64x64w4, ...")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--cuda", action="store_true")
     p.add_argument("--out", type=Path, default=None)
@@ -79,6 +82,8 @@ def main() -> None:
                                                                             "triton")),
             "cpp": lambda: deberta.attention(attn, x, rel_emb, key_mask, None, "cpp"),
         }
+        for spec in args.launches:
+            calls[f"triton-{spec}"] = _with_launch(spec, calls["triton"], dtype)
         try:
             import flashdeberta  # noqa: F401
         except ImportError:
@@ -86,7 +91,7 @@ def main() -> None:
         else:
             calls["flashdeberta"] = _flashdeberta_call(config, attn, x, ext, rel_pos, rel_emb)
         base = None
-        for provider in args.providers:
+        for provider in args.providers + [f"triton-{spec}" for spec in args.launches]:
             gpu_only = provider.startswith("triton")
             if provider not in calls or gpu_only != args.cuda and (gpu_only or provider == "cpp"):
                 why = "not installed" if provider == "flashdeberta" else "CUDA only" if gpu_only else "CPU only"
@@ -119,6 +124,27 @@ def main() -> None:
                 print(f"  L={L:<5} {provider}: {ref['hf'] / v:.2f}x faster than hf")
         write_rows(out, rows)
     print(f"wrote {out}")
+
+
+def _with_launch(spec: str, call, dtype):
+    """``call`` with the fused kernel's fixed launch for ``dtype`` set to ``spec`` ("64x64w4")."""
+    import re
+
+    from sppo_fast.kernels import deberta_attention as kda
+
+    m = re.fullmatch(r"(\d+)x(\d+)w(\d+)", spec)
+    if not m:
+        raise SystemExit(f"--launches: expected BLOCK_MxBLOCK_NwWARPS such as 64x64w4, got {spec!r}")
+    launch = tuple(int(g) for g in m.groups())
+
+    def run():
+        saved = kda.LAUNCH[dtype]
+        kda.LAUNCH[dtype] = launch
+        try:
+            return call()
+        finally:
+            kda.LAUNCH[dtype] = saved
+    return run
 
 
 def _autotuned(call):

@@ -113,8 +113,8 @@ step "PairRM ranking, DeBERTa-v3-large shapes (#6, #7)" 110 sh -c "python benchm
   --sweep-budgets 16777216 33554432 134217728 --out '$OUT_DIR/pairrm-large-cuda.csv' > '$OUT_DIR/bench-pairrm.log' 2>&1; \
   s=\$?; tail -9 '$OUT_DIR/bench-pairrm.log'; exit \$s"
 step "fused_linear_sppo_loss V=32000 (#5)" 110 bash -c "bench_linear 32000 ${LINEAR_32000:-}"
-step "DeBERTa attention, large shapes, bf16 (#7)" 60 sh -c "TRITON_PRINT_AUTOTUNING=1 python benchmarks/bench_deberta_attention.py --cuda --model large \
-  --out '$OUT_DIR/deberta_attention-large-cuda.csv' > '$OUT_DIR/bench-attention.log' 2>&1; s=\$?; tail -14 '$OUT_DIR/bench-attention.log'; exit \$s"
+step "DeBERTa attention, large shapes, bf16 (#7)" 60 sh -c "TRITON_PRINT_AUTOTUNING=1 python benchmarks/bench_deberta_attention.py --cuda --model large --launches 64x64w4 \
+  --out '$OUT_DIR/deberta_attention-large-cuda.csv' > '$OUT_DIR/bench-attention.log' 2>&1; s=\$?; tail -26 '$OUT_DIR/bench-attention.log'; exit \$s"
 step "fused_linear_sppo_loss V=128256 (#5)" 100 bash -c "bench_linear 128256 ${LINEAR_128256:-gemm3 cuda cce cuda-accumulate liger}"
 step "fused_sppo_loss V=32000" 50 bash -c "bench_sppo 32000 copy reference triton cuda reference-compile"
 step "fused_sppo_loss V=128256" 60 bash -c "bench_sppo 128256 copy reference triton cuda"
