@@ -94,7 +94,8 @@ def main() -> None:
         for provider in args.providers + [f"triton-{spec}" for spec in args.launches]:
             gpu_only = provider.startswith("triton")
             if provider not in calls or gpu_only != args.cuda and (gpu_only or provider == "cpp"):
-                why = "not installed" if provider == "flashdeberta" else "CUDA only" if gpu_only else "CPU only"
+                why = ("not installed" if provider == "flashdeberta" else "CUDA only" if gpu_only
+                       else "CPU only" if provider == "cpp" else "unknown provider")
                 print(f"  {provider:<13} skipped ({why})")
                 continue
             with torch.inference_mode():

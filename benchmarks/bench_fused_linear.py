@@ -152,9 +152,10 @@ def worker(args) -> dict:
     inputs = _inputs(args)
     out = {"env": harness.environment(), "inputs_peak_rss": harness.peak_rss_bytes()}
     if args.provider != "inputs":
+        base = torch.cuda.memory_allocated() if args.cuda else 0  # gemm3's buffers count too
         fn = _fn(args.provider, args, *inputs, backward=args.mode == "full")
         if args.cuda:
-            out["cuda_extra_peak"] = harness.cuda_extra_peak(fn, inputs[:2])
+            out["cuda_extra_peak"] = harness.cuda_extra_peak(fn, inputs[:2], base=base)
         out["time"] = harness.time_fn(fn, warmup=args.warmup, reps=args.reps, cuda=args.cuda)
     out["peak_rss"] = harness.peak_rss_bytes()
     return out

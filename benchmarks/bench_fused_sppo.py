@@ -113,9 +113,10 @@ def worker(args) -> dict:
         out["peak_rss"] = out["inputs_peak_rss"]
         return out
     cuda = device == "cuda"
+    base = torch.cuda.memory_allocated() if cuda else 0  # the copy provider's buffer counts too
     fn = _step_fn(args.provider, logits, labels, ref_logps, probs, args.beta, args.mode == "full")
     if cuda:
-        out["cuda_extra_peak"] = harness.cuda_extra_peak(fn, [logits])
+        out["cuda_extra_peak"] = harness.cuda_extra_peak(fn, [logits], base=base)
     out["time"] = harness.time_fn(fn, warmup=args.warmup, reps=args.reps, cuda=cuda)
     out["peak_rss"] = harness.peak_rss_bytes()
     return out

@@ -8,8 +8,9 @@ Both sides run the same weights (LLM-Blender's ``CrossCompareReranker`` shares o
 CPU (``--model tiny``), lengths drawn from 50-1000 tokens on the GPU (``--model large``). Providers:
 
 - ``llm-blender-bN``: ``Blender.rank(..., batch_size=N)`` (SPPO uses N = 1) on the first
-  ``--blender-prompts`` prompts (it is the slow side, and prompts/s does not depend on the count);
-  batch size 1 runs first, the others last;
+  ``--blender-prompts`` prompts (it is the slow side); batch size 1 runs first, the others last.
+  Prompts differ in length, so prompts/s depends on which prompts: the default provider is timed on
+  those same first prompts as well (``sppo-fast-on-blender-prompts``), the like-for-like comparison;
 - ``sppo-fast``: :class:`sppo_fast.pairrm.PairRMRanker` with its default attention (``"auto"``: the
   fused Triton kernel on CUDA, the C++ kernel on CPU);
 - ``sppo-fast-torch``: the lean PyTorch attention path;
@@ -166,6 +167,10 @@ def main() -> None:
             diff = np.abs(res.scores.numpy()[: len(truth)] - truth).max()
             extra["max_abs_score_diff_vs_llm_blender"] = (float(diff), "")
         record(provider, args.prompts, dt, extra)
+        n1 = len(truth) if truth is not None else 0
+        if provider == "sppo-fast" and 0 < n1 < args.prompts:  # the prompts LLM-Blender ranked
+            res, dt, mem = timed(lambda: ranker.rank(prompts[:n1], cands[:n1]))
+            record("sppo-fast-on-blender-prompts", n1, dt, dict(mem))
     if blender is not None:
         for bs in args.blender_batch_sizes:
             if bs != 1:

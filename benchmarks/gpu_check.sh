@@ -32,7 +32,8 @@ bundle() {  # after every step too: a run killed outright still leaves what the 
 trap 'bundle; echo "bundled into $DEST/gpu_check.tar.gz"; rm -rf "$OUT_DIR"' EXIT
 
 # step NAME LIMIT CMD...: run CMD with at most LIMIT seconds, never past the budget; with STEPS set
-# (a bash regex), only the steps whose names match it run (a second, shorter call in one session)
+# (a bash regex: escape the parentheses of names such as "(#5)"), only the steps whose names match it
+# run (a second, shorter call in one session)
 step() {
   local name=$1 limit=$2; shift 2
   if [ -n "${STEPS:-}" ] && ! [[ "$name" =~ $STEPS ]]; then return; fi
@@ -98,7 +99,7 @@ export OUT_DIR PYTHONUNBUFFERED=1
 # the whole pipeline first, then profiles for the two misses (#5's default mode against Liger-Kernel,
 # #6's 10x), then the issues' benchmarks again.
 XDIST=$(python -c "import xdist" 2>/dev/null && echo "-n 8")
-step "GPU tests" 120 sh -c "SPPO_FAST_GPU_TESTS_ONLY=1 python -m pytest -q $XDIST -m 'not slow' -rf ${TESTS:-tests} > '$OUT_DIR/pytest.log' 2>&1; \
+step "GPU tests" 150 sh -c "SPPO_FAST_GPU_TESTS_ONLY=1 python -m pytest -q $XDIST -m 'not slow' -rfEs ${TESTS:-tests} > '$OUT_DIR/pytest.log' 2>&1; \
   s=\$?; grep -E '^(FAILED|ERROR)' '$OUT_DIR/pytest.log' | head -15; tail -2 '$OUT_DIR/pytest.log'; exit \$s"
 step "three SPPO iterations on the GPU (tiny policy, tiny PairRM)" 45 sh -c "python -m sppo_fast demo --quiet \
   --set runs_dir=/tmp/gpu_runs ranker=pairrm-tiny > '$OUT_DIR/demo.log' 2>&1; s=\$?; tail -6 '$OUT_DIR/demo.log'; exit \$s"
@@ -113,7 +114,7 @@ step "PairRM ranking, DeBERTa-v3-large shapes (#6, #7)" 110 sh -c "python benchm
   --sweep-budgets 16777216 33554432 134217728 --out '$OUT_DIR/pairrm-large-cuda.csv' > '$OUT_DIR/bench-pairrm.log' 2>&1; \
   s=\$?; tail -9 '$OUT_DIR/bench-pairrm.log'; exit \$s"
 step "fused_linear_sppo_loss V=32000 (#5)" 110 bash -c "bench_linear 32000 ${LINEAR_32000:-}"
-step "DeBERTa attention, large shapes, bf16 (#7)" 60 sh -c "TRITON_PRINT_AUTOTUNING=1 python benchmarks/bench_deberta_attention.py --cuda --model large --launches 64x64w4 \
+step "DeBERTa attention, large shapes, bf16 (#7)" 90 sh -c "TRITON_PRINT_AUTOTUNING=1 python benchmarks/bench_deberta_attention.py --cuda --model large --launches 64x64w4 \
   --out '$OUT_DIR/deberta_attention-large-cuda.csv' > '$OUT_DIR/bench-attention.log' 2>&1; s=\$?; tail -26 '$OUT_DIR/bench-attention.log'; exit \$s"
 step "fused_linear_sppo_loss V=128256 (#5)" 100 bash -c "bench_linear 128256 ${LINEAR_128256:-gemm3 cuda cce cuda-accumulate liger}"
 step "fused_sppo_loss V=32000" 50 bash -c "bench_sppo 32000 copy reference triton cuda reference-compile"

@@ -109,18 +109,21 @@ def time_fn(fn: Callable[[], object], *, warmup: int = 1, reps: int = 5, cuda: b
     return {"median": statistics.median(times), "q20": q[0], "q80": q[3], "reps": reps}
 
 
-def cuda_extra_peak(fn: Callable[[], object], grads_of: Iterable = ()) -> int:
-    """GPU memory one call of ``fn`` allocates at its peak beyond what exists before it, measured on
-    a second call: the first one's compilation and caches stay out, and so does the 256 MB L2-flush
-    buffer of Triton's ``do_bench``. The gradients the first call left on ``grads_of`` are dropped
-    before the baseline is read (a step that recreates them would otherwise count only their growth)."""
+def cuda_extra_peak(fn: Callable[[], object], grads_of: Iterable = (), base: Optional[int] = None) -> int:
+    """GPU memory one call of ``fn`` allocates at its peak beyond ``base`` (default: what exists
+    before that call), measured on a second call: the first one's compilation stays out, and so does
+    the 256 MB L2-flush buffer of Triton's ``do_bench`` (it comes later). Pass as ``base`` the memory
+    read before ``fn`` was built, so that buffers a provider allocates up front count. The gradients
+    the first call left on ``grads_of`` are dropped first (a step that recreates them would
+    otherwise count only their growth)."""
     import torch
 
     fn()
     for t in grads_of:
         t.grad = None
     torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
+    if base is None:
+        base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     fn()
     torch.cuda.synchronize()

@@ -38,13 +38,20 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 LAUNCH = {torch.float16: (64, 64, 8), torch.bfloat16: (64, 64, 8), torch.float32: (64, 16, 8)}
 
 # Opt-in (SPPO_FAST_ATTN_AUTOTUNE=1, or set_autotune(True)): let Triton's autotuner pick the tile
-# shape, warps and pipeline stages on the GPU, once per head size and set of terms, on the first
-# call's inputs. Not yet measured, so the fixed 64 x 64 tile above stays the default; the GPU
-# benchmark times both (provider "triton-autotune"). Never in the interpreter (its timings mean nothing).
+# shape, warps and pipeline stages on the GPU, once per head size, set of terms and power-of-two
+# bucket of (batch x heads x queries, keys): the best tile depends on how many blocks a size gives.
+# Not yet measured, so LAUNCH above stays the default; the GPU benchmark times both (provider
+# "triton-autotune"). Never in the interpreter (its timings mean nothing).
 _AUTOTUNE = os.environ.get("SPPO_FAST_ATTN_AUTOTUNE") == "1"
 _CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
-            for m, n, w, st in ((64, 64, 4, 3), (64, 64, 4, 2), (64, 64, 8, 2), (64, 32, 4, 3),
-                                (128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 4, 2), (128, 128, 8, 2))]
+            for m, n, w, st in ((64, 64, 8, 3), (64, 16, 8, 3), (64, 64, 4, 3), (64, 64, 8, 2),
+                                (64, 32, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3), (128, 128, 8, 2))]
+
+
+def _length_bucket(bh: int, lq: int, lk: int) -> int:
+    """The autotuner's key for the problem's size: batch x heads x queries and keys, each rounded up
+    to a power of two (unused by the kernel itself)."""
+    return 64 * max(bh * lq - 1, 0).bit_length() + max(lk - 1, 0).bit_length()
 
 
 def _launch_config(dtype: torch.dtype) -> tuple[int, int, int]:
@@ -52,7 +59,7 @@ def _launch_config(dtype: torch.dtype) -> tuple[int, int, int]:
 
 
 def set_autotune(enabled: bool) -> None:
-    """Choose the launch: the autotuned one (``True``) or the fixed 64 x 64 tile (``False``)."""
+    """Choose the launch: the autotuned one (``True``) or the fixed one of ``LAUNCH`` (``False``)."""
     global _AUTOTUNE
     _AUTOTUNE = bool(enabled)
 
@@ -62,7 +69,7 @@ def _deberta_attention_fwd(
     Q, K, V, C2P, P2C, REL, QPOS, KMASK, OUT,
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
     s_cb, s_ch, s_cm, s_pb, s_ph, s_pn, s_mb, s_ob, s_oh, s_om, s_xb,
-    H, LQ, LK, D, REL_ZERO,
+    H, LQ, LK, D, REL_ZERO, L_BUCKET,
     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, HAS_QPOS: tl.constexpr, HAS_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
@@ -171,7 +178,7 @@ def _launch(grid, q, k, v, c, p, rel, x, m, out, has_c2p, has_p2c, has_qpos, has
         v.stride(0), v.stride(1), v.stride(2),
         c.stride(0), c.stride(1), c.stride(2), p.stride(0), p.stride(1), p.stride(2),
         m.stride(0), out.stride(0), out.stride(1), out.stride(2), x.stride(0),
-        H, LQ, LK, D, LK - 1,
+        H, LQ, LK, D, LK - 1, _length_bucket(q.shape[0] * H, LQ, LK),
         HAS_C2P=has_c2p, HAS_P2C=has_p2c, HAS_QPOS=has_qpos, HAS_MASK=has_mask,
         **tiles, BLOCK_D=max(16, triton.next_power_of_2(D)), DOT_F32=_INTERPRET,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
@@ -179,5 +186,5 @@ def _launch(grid, q, k, v, c, p, rel, x, m, out, has_c2p, has_p2c, has_qpos, has
 
 
 # the same kernel behind Triton's autotuner (used only with set_autotune(True) on a GPU)
-_tuned_fwd = triton.autotune(_CONFIGS, key=["D", "HAS_C2P", "HAS_P2C", "HAS_QPOS", "HAS_MASK"])(
+_tuned_fwd = triton.autotune(_CONFIGS, key=["D", "L_BUCKET", "HAS_C2P", "HAS_P2C", "HAS_QPOS", "HAS_MASK"])(
     _deberta_attention_fwd)

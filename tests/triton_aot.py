@@ -30,12 +30,18 @@ def _compile(fn, signature, constexprs, num_warps=4):
                             options={"num_warps": num_warps})
     if not os.path.exists(CUOBJDUMP) or "cubin" not in kernel.asm:
         return None
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "k.cubin")
-        with open(path, "wb") as f:
-            f.write(kernel.asm["cubin"])
-        out = subprocess.run([CUOBJDUMP, "-res-usage", path], capture_output=True, text=True).stdout
-    fields = dict(w.split(":", 1) for line in out.splitlines() if "REG:" in line for w in line.split() if ":" in w)
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "k.cubin")
+            with open(path, "wb") as f:
+                f.write(kernel.asm["cubin"])
+            r = subprocess.run([CUOBJDUMP, "-res-usage", path], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    fields = dict(w.split(":", 1) for line in r.stdout.splitlines() if "REG:" in line
+                  for w in line.split() if ":" in w)
+    if r.returncode != 0 or not {"REG", "STACK"} <= fields.keys():
+        return None  # another cuobjdump, another format: no resource report
     return int(fields["REG"]), int(fields["STACK"])
 
 
@@ -51,14 +57,16 @@ def main() -> None:
                       "part_ptr": acc_ptr, "T": "i32", "V": "i32", **strides, "ignore_index": "i64",
                       "split": "i32", "n_split": "i32", "BLOCK_V": "constexpr", "SINGLE": "constexpr",
                       "ACC": "constexpr"},
-                     {"BLOCK_V": logprobs.DEFAULT_CONFIG.block_v, "SINGLE": single, "ACC": acc})
+                     {"BLOCK_V": logprobs.DEFAULT_CONFIG.block_v, "SINGLE": single, "ACC": acc},
+                     num_warps=logprobs.DEFAULT_CONFIG.num_warps)
             n += 1
         _compile(logprobs._sppo_bwd_kernel,
                  {"logits_ptr": f"*{dt}", "labels_ptr": "*i64", "lse_ptr": acc_ptr, "coef_ptr": acc_ptr,
                   "out_ptr": f"*{dt}", "T": "i32", "V": "i32", **strides, "stride_cb": "i64",
                   "stride_ct": "i64", "stride_ob": "i64", "stride_ot": "i64", "ignore_index": "i64",
                   "col0": "i64", "BLOCK_V": "constexpr", "ACC": "constexpr"},
-                 {"BLOCK_V": logprobs.DEFAULT_CONFIG.block_v, "ACC": acc})
+                 {"BLOCK_V": logprobs.DEFAULT_CONFIG.block_v, "ACC": acc},
+                 num_warps=logprobs.DEFAULT_CONFIG.num_warps)
         n += 1
     for dt in ("fp32", "fp64"):
         for direct in (False, True):
@@ -66,7 +74,7 @@ def main() -> None:
                      {"cmp_ptr": f"*{dt}", "scores_ptr": "*fp32", "probs_ptr": "*fp64", "win_ptr": "*fp64",
                       "chosen_ptr": "*i64", "rejected_ptr": "*i64", "cp_ptr": "*fp64", "cpw_ptr": "*fp64",
                       "cpl_ptr": "*fp64", "tied_ptr": "*i8", "K": "i32", "sb": "i64", "si": "i64", "sj": "i64",
-                      "DIRECT": "constexpr"}, {"DIRECT": direct})
+                      "DIRECT": "constexpr"}, {"DIRECT": direct}, num_warps=1)
             n += 1
     strides = ["s_qb", "s_qh", "s_qm", "s_kb", "s_kh", "s_kn", "s_vb", "s_vh", "s_vn", "s_cb", "s_ch", "s_cm",
                "s_pb", "s_ph", "s_pn", "s_mb", "s_ob", "s_oh", "s_om", "s_xb"]
@@ -78,7 +86,7 @@ def main() -> None:
                      {"Q": f"*{dt}", "K": f"*{dt}", "V": f"*{dt}", "C2P": f"*{dt}", "P2C": f"*{dt}",
                       "REL": "*i32", "QPOS": "*i32", "KMASK": "*i8", "OUT": f"*{dt}",
                       **{k: "i64" for k in strides}, "H": "i32", "LQ": "i32", "LK": "i32", "D": "i32",
-                      "REL_ZERO": "i32", "HAS_C2P": "constexpr", "HAS_P2C": "constexpr",
+                      "REL_ZERO": "i32", "L_BUCKET": "i32", "HAS_C2P": "constexpr", "HAS_P2C": "constexpr",
                       "HAS_QPOS": "constexpr", "HAS_MASK": "constexpr", "BLOCK_M": "constexpr",
                       "BLOCK_N": "constexpr", "BLOCK_D": "constexpr", "DOT_F32": "constexpr",
                       "PRECISION": "constexpr"},
