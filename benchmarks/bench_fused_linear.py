@@ -149,6 +149,19 @@ def worker(args) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.vocab_pass_mib or args.min_slab:  # tuning experiments on the vocabulary pass's slabs
+        import dataclasses
+
+        from sppo_fast import linear
+
+        real = linear._options
+
+        def tuned(*a, **k):
+            o = real(*a, **k)
+            if args.vocab_pass_mib and o.vocab_elems:
+                o = dataclasses.replace(o, vocab_elems=(args.vocab_pass_mib << 20) // 2)  # 16-bit elements
+            return dataclasses.replace(o, min_slab=args.min_slab) if args.min_slab else o
+        linear._options = tuned
     inputs = _inputs(args)
     out = {"env": harness.environment(), "inputs_peak_rss": harness.peak_rss_bytes()}
     if args.provider != "inputs":
@@ -173,6 +186,11 @@ def main() -> None:
                    help="fraction of each sequence labelled -100 (default 0: all tokens count)")
     p.add_argument("--chunk-tokens", dest="chunk_tokens", type=int, default=0,
                    help="sppo_fast's tokens per chunk (default 0: the library's default budget)")
+    p.add_argument("--vocab-pass-mib", dest="vocab_pass_mib", type=int, default=0,
+                   help="experiment: the GPU vocabulary pass's widest slab in MiB of 16-bit logits "
+                        "(default 0: the library's, 64)")
+    p.add_argument("--min-slab", dest="min_slab", type=int, default=0,
+                   help="experiment: the vocabulary pass's narrowest slab in d_weight (default 0: 256)")
     harness.add_common_args(p)
     args = p.parse_args()
     if args.worker:
@@ -183,8 +201,11 @@ def main() -> None:
     flops = 6 * N * args.H * args.V
     d = harness.Driver(Path(__file__).resolve(), OP,
                        f"N={N} (2B={2 * args.B} x T={args.T}) H={args.H} V={args.V} {args.dtype}"
-                       + (f" chunk={args.chunk_tokens}" if args.chunk_tokens else ""),
-                       harness.common_argv(args, ["B", "T", "H", "V", "dtype", "beta", "prompt-frac", "chunk-tokens"]),
+                       + (f" chunk={args.chunk_tokens}" if args.chunk_tokens else "")
+                       + (f" vocab-pass={args.vocab_pass_mib}MiB" if args.vocab_pass_mib else "")
+                       + (f" min-slab={args.min_slab}" if args.min_slab else ""),
+                       harness.common_argv(args, ["B", "T", "H", "V", "dtype", "beta", "prompt-frac", "chunk-tokens",
+                                                  "vocab-pass-mib", "min-slab"]),
                        args.out, f"{args.dtype}-H{args.H}-V{args.V}")
     for provider in args.providers or (GPU_PROVIDERS if args.cuda else PROVIDERS):
         for mode in args.modes:

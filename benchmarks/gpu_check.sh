@@ -116,6 +116,12 @@ step "PairRM ranking, DeBERTa-v3-large shapes (#6, #7)" 110 sh -c "python benchm
 step "fused_linear_sppo_loss V=32000 (#5)" 110 bash -c "bench_linear 32000 ${LINEAR_32000:-}"
 step "DeBERTa attention, large shapes, bf16 (#7)" 90 sh -c "TRITON_PRINT_AUTOTUNING=1 python benchmarks/bench_deberta_attention.py --cuda --model large --launches 64x64w4 \
   --out '$OUT_DIR/deberta_attention-large-cuda.csv' > '$OUT_DIR/bench-attention.log' 2>&1; s=\$?; tail -26 '$OUT_DIR/bench-attention.log'; exit \$s"
+# the vocabulary pass's slabs (recompute mode, #5's default): the widest slab's budget (64 MiB by
+# default: 2048 columns at N = 16384, 26 slabs) and the narrowest slab, one cuda row each
+step "fused_linear_sppo_loss slab sweep" 80 bash -c "for o in '--vocab-pass-mib 256' '--vocab-pass-mib 1024' \
+  '--vocab-pass-mib 1024 --min-slab 512'; do python benchmarks/bench_fused_linear.py --cuda --B 8 --T 1024 --H 4096 \
+  --V 32000 --dtype bfloat16 --modes full --providers cuda \$o --out \"$OUT_DIR/fused_linear_sppo_loss-bf16-V32000-slabs\$(echo \$o | tr -dc 0-9).csv\" \
+  2>&1 | grep -E '^  cuda|^fused' || exit 1; done"
 step "fused_linear_sppo_loss V=128256 (#5)" 100 bash -c "bench_linear 128256 ${LINEAR_128256:-gemm3 cuda cce cuda-accumulate liger}"
 step "fused_sppo_loss V=32000" 50 bash -c "bench_sppo 32000 copy reference triton cuda reference-compile"
 step "fused_sppo_loss V=128256" 60 bash -c "bench_sppo 128256 copy reference triton cuda"
