@@ -10,6 +10,8 @@ Providers (same module weights, same inputs, relative-position embeddings alread
   no mask pass without padding);
 - ``triton``: the fused kernel (CUDA only): no [L, L] tensor; ``triton-autotune``: the same with
   Triton's autotuner choosing tiles, warps and stages (opt-in, ``SPPO_FAST_ATTN_AUTOTUNE=1``);
+  ``triton-transposed``: with the position tables built as [2S, L] (opt-in,
+  ``SPPO_FAST_ATTN_TABLES=transposed``); ``--launches``: at given fixed launches;
 - ``cpp``: the CPU kernel in ``sppo_fast._C`` (CPU only): no [L, L] tensor;
 - ``flashdeberta``: FlashDeBERTa's attention when the package is installed (``pip install flashdeberta``).
 Rows: median time (ms, 20/80% quantiles) and, on CUDA, peak memory beyond the inputs (MiB).
@@ -34,7 +36,7 @@ def main() -> None:
                    help="pad the last tenth of the last batch row (the engine's buckets are padded; "
                         "without padding the torch path skips its mask pass)")
     p.add_argument("--providers", nargs="*",
-                   default=["hf", "torch", "cpp", "triton", "triton-autotune", "flashdeberta"])
+                   default=["hf", "torch", "cpp", "triton", "triton-autotune", "triton-transposed", "flashdeberta"])
     p.add_argument("--launches", nargs="*", default=[],
                    help="also time the fused kernel at these fixed launches, BLOCK_MxBLOCK_NwWARPS each "
                         "(e.g. 64x64w4, the launch before 2026-11-27): rows triton-64x64w4, ...")
@@ -80,6 +82,8 @@ def main() -> None:
             "triton": lambda: deberta.attention(attn, x, rel_emb, key_mask, None, "triton"),
             "triton-autotune": lambda: _autotuned(lambda: deberta.attention(attn, x, rel_emb, key_mask, None,
                                                                             "triton")),
+            "triton-transposed": lambda: _transposed(lambda: deberta.attention(attn, x, rel_emb, key_mask, None,
+                                                                               "triton")),
             "cpp": lambda: deberta.attention(attn, x, rel_emb, key_mask, None, "cpp"),
         }
         for spec in args.launches:
@@ -146,6 +150,17 @@ def _with_launch(spec: str, call, dtype):
         finally:
             kda.LAUNCH[dtype] = saved
     return run
+
+
+def _transposed(call):
+    """``call`` with the position tables built as [2S, L] (kernels.deberta_attention.TRANSPOSED_TABLES)."""
+    from sppo_fast.kernels import deberta_attention as kda
+
+    kda.set_transposed_tables(True)
+    try:
+        return call()
+    finally:
+        kda.set_transposed_tables(False)
 
 
 def _autotuned(call):

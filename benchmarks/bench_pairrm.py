@@ -14,7 +14,9 @@ CPU (``--model tiny``), lengths drawn from 50-1000 tokens on the GPU (``--model 
 - ``sppo-fast``: :class:`sppo_fast.pairrm.PairRMRanker` with its default attention (``"auto"``: the
   fused Triton kernel on CUDA, the C++ kernel on CPU);
 - ``sppo-fast-torch``: the lean PyTorch attention path;
-- ``sppo-fast-hf``: the same engine on Hugging Face's eager attention (isolates the engine's gain).
+- ``sppo-fast-hf``: the same engine on Hugging Face's eager attention (isolates the engine's gain);
+- ``sppo-fast-transposed``, ``sppo-fast-autotune``: the fused kernel's opt-in variants (CUDA; see
+  ``sppo_fast.kernels.deberta_attention``);
 
 Rows: prompts per second, wall time, peak memory (CUDA) and the largest score difference from
 LLM-Blender at batch size 1, in the harness's long CSV format.
@@ -155,10 +157,18 @@ def main() -> None:
     if blender is not None and 1 in args.blender_batch_sizes:
         run_blender(1)
     runs = [(provider, impl, args.budget) for provider, impl in
-            (("sppo-fast", "auto"), ("sppo-fast-torch", "torch"), ("sppo-fast-hf", "hf"))
+            (("sppo-fast", "auto"), ("sppo-fast-torch", "torch"), ("sppo-fast-hf", "hf"),
+             ("sppo-fast-transposed", "auto"), ("sppo-fast-autotune", "auto"))
             if provider in args.providers]
     runs += [(f"sppo-fast-budget-{b}", "auto", b) for b in args.sweep_budgets]
+    try:
+        from sppo_fast.kernels import deberta_attention as kda
+    except ImportError:  # no Triton: the fused kernel's variants do not exist here
+        kda = None
     for provider, impl, budget in runs:
+        if kda is not None:  # the fused kernel's opt-in variants (CUDA): [2S, L] tables; autotuning
+            kda.set_transposed_tables(provider == "sppo-fast-transposed")
+            kda.set_autotune(provider == "sppo-fast-autotune")
         ranker = prm.PairRMRanker(model, tok, progress=False, attn_impl=impl, budget=budget)
         ranker.rank(prompts[:2], cands[:2])  # warm-up (allocator, bucket index cache)
         res, dt, mem = timed(lambda: ranker.rank(prompts, cands))
@@ -171,6 +181,9 @@ def main() -> None:
         if provider == "sppo-fast" and 0 < n1 < args.prompts:  # the prompts LLM-Blender ranked
             res, dt, mem = timed(lambda: ranker.rank(prompts[:n1], cands[:n1]))
             record("sppo-fast-on-blender-prompts", n1, dt, dict(mem))
+    if kda is not None:
+        kda.set_transposed_tables(False)
+        kda.set_autotune(False)
     if blender is not None:
         for bs in args.blender_batch_sizes:
             if bs != 1:

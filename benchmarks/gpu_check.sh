@@ -109,10 +109,11 @@ step "profile PairRM ranking" 60 sh -c "python benchmarks/profile_gpu.py pairrm 
   --out '$OUT_DIR/profile-pairrm.txt' > '$OUT_DIR/profile-pairrm.log' 2>&1; s=\$?; sed -n 4,14p '$OUT_DIR/profile-pairrm.txt'; exit \$s"
 # LLM-Blender at batch size 1 (the yardstick of the scores), the engine at its default and three other
 # budgets, then LLM-Blender's batch size 4 (its best, 1.04 prompts/s on the H100)
-step "PairRM ranking, DeBERTa-v3-large shapes (#6, #7)" 110 sh -c "python benchmarks/bench_pairrm.py --cuda --model large \
-  --prompts 32 --blender-prompts 8 --blender-batch-sizes 1 4 --providers llm-blender sppo-fast \
+step "PairRM ranking, DeBERTa-v3-large shapes (#6, #7)" 150 sh -c "python benchmarks/bench_pairrm.py --cuda --model large \
+  --prompts 32 --blender-prompts 8 --blender-batch-sizes 1 4 \
+  --providers llm-blender sppo-fast sppo-fast-transposed sppo-fast-autotune \
   --sweep-budgets 16777216 33554432 134217728 --out '$OUT_DIR/pairrm-large-cuda.csv' > '$OUT_DIR/bench-pairrm.log' 2>&1; \
-  s=\$?; tail -9 '$OUT_DIR/bench-pairrm.log'; exit \$s"
+  s=\$?; tail -12 '$OUT_DIR/bench-pairrm.log'; exit \$s"
 step "fused_linear_sppo_loss V=32000 (#5)" 110 bash -c "bench_linear 32000 ${LINEAR_32000:-}"
 step "DeBERTa attention, large shapes, bf16 (#7)" 90 sh -c "TRITON_PRINT_AUTOTUNING=1 python benchmarks/bench_deberta_attention.py --cuda --model large --launches 64x64w4 \
   --out '$OUT_DIR/deberta_attention-large-cuda.csv' > '$OUT_DIR/bench-attention.log' 2>&1; s=\$?; tail -26 '$OUT_DIR/bench-attention.log'; exit \$s"

@@ -16,9 +16,11 @@ def on_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
-def check_attention_inputs(q, k, v, c2p, p2c, rel_index, qpos, key_mask) -> None:
+def check_attention_inputs(q, k, v, c2p, p2c, rel_index, qpos, key_mask, *, any_table_layout=False) -> None:
     """The inputs of the fused DeBERTa attention (Triton's, or the CPU kernel in ``sppo_fast._C``):
-    shapes, dtypes, devices and the unit strides the kernels assume, named when wrong."""
+    shapes, dtypes, devices and the unit strides the kernels assume, named when wrong. With
+    ``any_table_layout`` (Triton's kernel) the ``[L, 2S]`` tables may be column-major (views of
+    ``[2S, L]`` tensors) as well."""
     if q.dim() != 4:
         raise ValueError(f"q: expected [B, H, LQ, D], got shape {tuple(q.shape)}")
     B, H, LQ, D = q.shape
@@ -38,8 +40,11 @@ def check_attention_inputs(q, k, v, c2p, p2c, rel_index, qpos, key_mask) -> None
                              f"got {tuple(t.shape)}")
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device}, q on {q.device}")
-        if t.numel() and t.stride(-1) != 1:
-            raise ValueError(f"{name}: the last dimension must be contiguous (stride 1), got strides {t.stride()}")
+        column_major_ok = any_table_layout and name in ("c2p", "p2c") and t.stride(-2) == 1
+        if t.numel() and t.stride(-1) != 1 and not column_major_ok:
+            raise ValueError(f"{name}: the last dimension must be contiguous (stride 1), got strides {t.stride()}"
+                             + (" (or the one before it, for a [2S, L] table's transposed view)"
+                                if any_table_layout and name in ("c2p", "p2c") else ""))
     for name in ("k", "v", "c2p", "p2c"):
         t = given[name]
         if t is not None and t.dtype != q.dtype:

@@ -48,6 +48,21 @@ _CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=
                                 (64, 32, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3), (128, 128, 8, 2))]
 
 
+# Opt-in (SPPO_FAST_ATTN_TABLES=transposed, or set_transposed_tables(True)): sppo_fast.deberta builds
+# the two position tables as [2S, L] (the same GEMMs, operands swapped) and passes their transposed
+# views. A warp's gather then reads idx * L + i for neighbouring i (c2p) or j (p2c): one or two memory
+# sectors wherever the bucket index is the same for the warp's elements (the log-bucketed and the
+# clamped distances, most tiles at L ~ 1000-2000), where a row-major table costs one sector a row.
+# Not yet measured, hence opt-in; the GPU benchmark times it (provider "triton-transposed").
+TRANSPOSED_TABLES = os.environ.get("SPPO_FAST_ATTN_TABLES") == "transposed"
+
+
+def set_transposed_tables(enabled: bool) -> None:
+    """Have :func:`sppo_fast.deberta.attention` build the position tables as ``[2S, L]`` (``True``)."""
+    global TRANSPOSED_TABLES
+    TRANSPOSED_TABLES = bool(enabled)
+
+
 def _length_bucket(bh: int, lq: int, lk: int) -> int:
     """The autotuner's key for the problem's size: batch x heads x queries and keys, each rounded up
     to a power of two (unused by the kernel itself)."""
@@ -68,7 +83,7 @@ def set_autotune(enabled: bool) -> None:
 def _deberta_attention_fwd(
     Q, K, V, C2P, P2C, REL, QPOS, KMASK, OUT,
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
-    s_cb, s_ch, s_cm, s_pb, s_ph, s_pn, s_mb, s_ob, s_oh, s_om, s_xb,
+    s_cb, s_ch, s_cm, s_cs, s_pb, s_ph, s_pn, s_ps, s_mb, s_ob, s_oh, s_om, s_xb,
     H, LQ, LK, D, REL_ZERO, L_BUCKET,
     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, HAS_QPOS: tl.constexpr, HAS_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -110,10 +125,10 @@ def _deberta_attention_fwd(
         if HAS_C2P or HAS_P2C:
             idx = tl.load(REL + (qpos[:, None] - offs_n[None, :] + REL_ZERO), mask=ok, other=0)
             if HAS_C2P:
-                s += tl.load(C2P + b * s_cb + h * s_ch + offs_m[:, None].to(tl.int64) * s_cm + idx,
+                s += tl.load(C2P + b * s_cb + h * s_ch + offs_m[:, None].to(tl.int64) * s_cm + idx * s_cs,
                              mask=ok, other=0.0).to(tl.float32)
             if HAS_P2C:
-                s += tl.load(P2C + b * s_pb + h * s_ph + offs_n[None, :].to(tl.int64) * s_pn + idx,
+                s += tl.load(P2C + b * s_pb + h * s_ph + offs_n[None, :].to(tl.int64) * s_pn + idx * s_ps,
                              mask=ok, other=0.0).to(tl.float32)
         key_ok = n_ok
         if HAS_MASK:
@@ -138,13 +153,15 @@ def deberta_attention(q, k, v, c2p=None, p2c=None, rel_index=None, qpos=None, ke
         q: ``[B, H, LQ, D]``, already scaled by ``1/sqrt(3D)`` (last dim contiguous);
         k, v: ``[B, H, LK, D]``;
         c2p: ``[B, H, LQ, 2S]`` = ``q @ k_pos^T`` or None; p2c: ``[B, H, LK, 2S]`` = ``k @ q_pos^T``
-            (q_pos scaled) or None;
+            (q_pos scaled) or None; either row-major or the transposed view of a ``[.., 2S, L]``
+            table (``TRANSPOSED_TABLES``: the gathers of tiles far from the diagonal, where the
+            bucket index barely changes, then read neighbouring addresses);
         rel_index: int32 ``[2 LK - 1]``, ``rel_index[r + LK - 1] = clamp(bucket(r) + S, 0, 2S - 1)``;
         qpos: int32 ``[B, LQ]`` absolute query positions (None: ``0..LQ-1``);
         key_mask: ``[B, LK]``, nonzero where a key is a real token (None: no padding).
     Returns ``[B, H, LQ, D]`` in q's dtype.
     """
-    check_attention_inputs(q, k, v, c2p, p2c, rel_index, qpos, key_mask)
+    check_attention_inputs(q, k, v, c2p, p2c, rel_index, qpos, key_mask, any_table_layout=True)
     B, H, LQ, D = q.shape
     LK = k.shape[2]
     out = torch.empty(B, H, LQ, D, device=q.device, dtype=q.dtype)
@@ -176,7 +193,7 @@ def _launch(grid, q, k, v, c, p, rel, x, m, out, has_c2p, has_p2c, has_qpos, has
         q, k, v, c, p, rel, x, m, out,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        c.stride(0), c.stride(1), c.stride(2), p.stride(0), p.stride(1), p.stride(2),
+        c.stride(0), c.stride(1), c.stride(2), c.stride(3), p.stride(0), p.stride(1), p.stride(2), p.stride(3),
         m.stride(0), out.stride(0), out.stride(1), out.stride(2), x.stride(0),
         H, LQ, LK, D, LK - 1, _length_bucket(q.shape[0] * H, LQ, LK),
         HAS_C2P=has_c2p, HAS_P2C=has_p2c, HAS_QPOS=has_qpos, HAS_MASK=has_mask,

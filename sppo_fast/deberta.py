@@ -152,19 +152,28 @@ def _fused_attention(attn, q: Tensor, k: Tensor, v: Tensor, rel_embeddings: Tens
         span = attn.pos_ebd_size
         rel = rel_embeddings[: 2 * span].to(q.dtype)
         rel_index = _bucket_index_1d(L, attn.position_buckets, attn.max_relative_positions, q.device)
-        # the two [L, 2S] position tables, once per layer: linear in L
+        # the two [L, 2S] position tables, once per layer: linear in L (Triton's kernel may take
+        # them as transposed views of [2S, L] tables, kernels.deberta_attention.TRANSPOSED_TABLES)
+        transposed = impl == "triton" and _triton_transposed_tables()
         if "c2p" in types:
             pos_k = _heads((attn.key_proj if attn.share_att_key else attn.pos_key_proj)(rel[None]), H)
-            c2p = q @ pos_k.transpose(-1, -2)
+            c2p = (pos_k @ q.transpose(-1, -2)).transpose(-1, -2) if transposed else q @ pos_k.transpose(-1, -2)
         if "p2c" in types:
             pos_q = _heads((attn.query_proj if attn.share_att_key else attn.pos_query_proj)(rel[None]), H)
-            p2c = k @ (pos_q * (1.0 / scale)).transpose(-1, -2)
+            pos_q = pos_q * (1.0 / scale)
+            p2c = (pos_q @ k.transpose(-1, -2)).transpose(-1, -2) if transposed else k @ pos_q.transpose(-1, -2)
     qpos = rows.to(torch.int32).contiguous() if rows is not None else None
     mask = key_mask.to(torch.int8).contiguous() if key_mask is not None else None
     v = v.to(q.dtype)
     k = k.to(q.dtype)
     ctx = deberta_attention(q, k, v, c2p, p2c, rel_index, qpos, mask)  # [B, H, Lq, d]
     return ctx.transpose(1, 2).reshape(B, Lq, -1)
+
+
+def _triton_transposed_tables() -> bool:
+    from .kernels import deberta_attention as kda
+
+    return kda.TRANSPOSED_TABLES
 
 
 ENCODE_IMPLS = ("torch", "triton", "cpp")

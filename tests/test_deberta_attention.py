@@ -81,6 +81,39 @@ def test_autotuned_launch_matches_float64_truth(dtype, case):
     assert_as_accurate(out, ref, truth, atol=atol, what=f"autotuned {case} {dtype}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ["padded", "subset", "uneven"])
+def test_column_major_tables(dtype, case):
+    """The position tables as transposed views of [2S, L] tensors (TRANSPOSED_TABLES): the same
+    function, held to the same float64 truth; the kernel reads them through their strides."""
+    shapes = {"subset": (3, 2, 3, 97, 32, 16), "padded": (3, 2, 81, 81, 32, 8),
+              "uneven": (1, 3, 131, 131, 48, 64)}[case]
+    q, k, v, c2p, p2c, idx, qpos, mask = random_case(*shapes, subset=case == "subset", padded=case == "padded")
+    truth = dense(q, k, v, c2p, p2c, idx, qpos, mask, torch.float64)
+    ref = dense(q, k, v, c2p, p2c, idx, qpos, mask, dtype)
+    dev = TRITON_DEVICE
+    c_t, p_t = (t.to(dev, dtype).transpose(-1, -2).contiguous().transpose(-1, -2) for t in (c2p, p2c))
+    assert c_t.stride(-2) == 1 and c_t.stride(-1) == c_t.shape[-2]  # column-major, as deberta.py makes them
+    out = deberta_attention(q.to(dev, dtype), k.to(dev, dtype), v.to(dev, dtype), c_t, p_t, idx.to(dev),
+                            qpos.to(dev) if qpos is not None else None, mask.to(dev) if mask is not None else None)
+    if mask is not None:
+        keep = mask.bool()[:, None, :, None].expand_as(truth)
+        out, ref, truth = out.cpu()[keep], ref[keep], truth[keep]
+    atol = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    assert_as_accurate(out.cpu(), ref, truth, atol=atol, what=f"column-major {case} {dtype}")
+
+
+def test_backbone_with_column_major_tables(tiny):
+    """A whole forward with sppo_fast.deberta building the tables as [2S, L] (set_transposed_tables)."""
+    from sppo_fast.kernels import deberta_attention as kda
+
+    kda.set_transposed_tables(True)
+    try:
+        test_backbone_with_fused_attention(tiny, "pairrm")
+    finally:
+        kda.set_transposed_tables(False)
+
+
 def test_kernel_without_relative_terms_and_all_masked_keys():
     q, k, v, _, _, idx, _, _ = random_case(2, 2, 33, 33, 32, 16)
     mask = torch.ones(2, 33, dtype=torch.int8)
@@ -116,6 +149,8 @@ def test_kernel_names_inputs_it_cannot_read():
         deberta_attention(q, k, v, c2p, p2c[:, :1], idx)
     with pytest.raises(ValueError, match="rel_index is needed"):
         deberta_attention(q, k, v, c2p)
+    with pytest.raises(ValueError, match="c2p: the last dimension must be contiguous .* transposed view"):
+        deberta_attention(q, k, v, torch.cat([c2p, c2p], -1)[..., ::2], p2c, idx)  # neither dim unit-stride
     assert deberta_attention(q[:0], k[:0], v[:0], c2p[:0], p2c[:0], idx).shape == (0, 2, 17, 32)
 
 

@@ -78,28 +78,33 @@ def main() -> None:
             n += 1
     strides = ["s_qb", "s_qh", "s_qm", "s_kb", "s_kh", "s_kn", "s_vb", "s_vh", "s_vn", "s_cb", "s_ch", "s_cm",
                "s_pb", "s_ph", "s_pn", "s_mb", "s_ob", "s_oh", "s_om", "s_xb"]
+    # the tables' stride along 2S: 1 for row-major tables (Triton specialises an int equal to 1 into
+    # a constant, as below), a runtime value for the transposed views of TRANSPOSED_TABLES
     spills = []
     for dt, torch_dt in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)):
         block_m, block_n, warps = deberta_attention.LAUNCH[torch_dt]
-        for rel, qpos, mask in ((True, False, False), (True, True, True), (False, False, True)):
+        for rel, qpos, mask, columns in ((True, False, False, False), (True, True, True, False),
+                                         (False, False, True, False), (True, False, True, True)):
+            table_strides = {"s_cs": "i32", "s_ps": "i32"} if columns else {"s_cs": "constexpr", "s_ps": "constexpr"}
             usage = _compile(deberta_attention._deberta_attention_fwd,
                      {"Q": f"*{dt}", "K": f"*{dt}", "V": f"*{dt}", "C2P": f"*{dt}", "P2C": f"*{dt}",
                       "REL": "*i32", "QPOS": "*i32", "KMASK": "*i8", "OUT": f"*{dt}",
-                      **{k: "i64" for k in strides}, "H": "i32", "LQ": "i32", "LK": "i32", "D": "i32",
+                      **{k: "i64" for k in strides}, **table_strides, "H": "i32", "LQ": "i32", "LK": "i32", "D": "i32",
                       "REL_ZERO": "i32", "L_BUCKET": "i32", "HAS_C2P": "constexpr", "HAS_P2C": "constexpr",
                       "HAS_QPOS": "constexpr", "HAS_MASK": "constexpr", "BLOCK_M": "constexpr",
                       "BLOCK_N": "constexpr", "BLOCK_D": "constexpr", "DOT_F32": "constexpr",
                       "PRECISION": "constexpr"},
                      {"HAS_C2P": rel, "HAS_P2C": rel, "HAS_QPOS": qpos, "HAS_MASK": mask,
                       "BLOCK_M": block_m, "BLOCK_N": block_n,
-                      "BLOCK_D": 64, "DOT_F32": False, "PRECISION": "ieee" if dt == "fp32" else "tf32"},
+                      "BLOCK_D": 64, "DOT_F32": False, "PRECISION": "ieee" if dt == "fp32" else "tf32",
+                      **({} if columns else {"s_cs": 1, "s_ps": 1})},
                      num_warps=warps)
             n += 1
             if usage is not None:
-                print(f"attention {dt} rel={rel} qpos={qpos} mask={mask}: {usage[0]} registers, "
-                      f"{usage[1]} stack bytes")
+                what = f"{dt} rel={rel} qpos={qpos} mask={mask}" + (" column-major tables" if columns else "")
+                print(f"attention {what}: {usage[0]} registers, {usage[1]} stack bytes")
                 if usage[1]:
-                    spills.append(f"{dt} rel={rel} qpos={qpos} mask={mask}")
+                    spills.append(what)
     print(f"compiled {n} kernel variants for sm_90")
     # the fused attention's launch (deberta_attention.LAUNCH) must keep everything in registers:
     # spilling is what the 4-warp launch did (336 bytes a thread in 16 bits, 8.6 KB in float32)
