@@ -63,6 +63,9 @@ def test_cpu_kernel_masked_rows_and_relative_terms_alone(isa):
         _native.deberta_attention(q[:, :, :2], k, v, c2p[:, :, :2], p2c, idx, torch.tensor([[0, 33], [1, 2]]))
     with pytest.raises(ValueError, match=r"rel_index: buckets must lie in \[0, 32\)"):
         _native.deberta_attention(q, k, v, c2p, p2c, idx + 32)
+    # the Triton kernel takes column-major tables ([2S, L] transposed); this one reads rows only
+    with pytest.raises(ValueError, match="c2p: the last dimension must be contiguous"):
+        _native.deberta_attention(q, k, v, c2p.transpose(-1, -2).contiguous().transpose(-1, -2), p2c, idx)
 
 
 def test_cpu_kernel_propagates_nan_and_zeroes_masked_rows(isa):
