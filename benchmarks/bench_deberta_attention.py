@@ -80,10 +80,10 @@ def main() -> None:
             "hf": lambda: attn(x, ext, relative_pos=rel_pos, rel_embeddings=rel_emb)[0],
             "torch": lambda: deberta.attention(attn, x, rel_emb, key_mask, None, "torch"),
             "triton": lambda: deberta.attention(attn, x, rel_emb, key_mask, None, "triton"),
-            "triton-autotune": lambda: _autotuned(lambda: deberta.attention(attn, x, rel_emb, key_mask, None,
-                                                                            "triton")),
-            "triton-transposed": lambda: _transposed(lambda: deberta.attention(attn, x, rel_emb, key_mask, None,
-                                                                               "triton")),
+            "triton-autotune": lambda: _with_switch("set_autotune", lambda: deberta.attention(
+                attn, x, rel_emb, key_mask, None, "triton")),
+            "triton-transposed": lambda: _with_switch("set_transposed_tables", lambda: deberta.attention(
+                attn, x, rel_emb, key_mask, None, "triton")),
             "cpp": lambda: deberta.attention(attn, x, rel_emb, key_mask, None, "cpp"),
         }
         for spec in args.launches:
@@ -152,26 +152,16 @@ def _with_launch(spec: str, call, dtype):
     return run
 
 
-def _transposed(call):
-    """``call`` with the position tables built as [2S, L] (kernels.deberta_attention.TRANSPOSED_TABLES)."""
+def _with_switch(setter: str, call):
+    """``call`` with one of the fused kernel's opt-in switches (``set_transposed_tables``,
+    ``set_autotune``) on; the autotuner tunes on its first call, the warm-up's."""
     from sppo_fast.kernels import deberta_attention as kda
 
-    kda.set_transposed_tables(True)
+    getattr(kda, setter)(True)
     try:
         return call()
     finally:
-        kda.set_transposed_tables(False)
-
-
-def _autotuned(call):
-    """``call`` with the fused kernel's autotuned launch (its first call tunes: the warm-up's)."""
-    from sppo_fast.kernels import deberta_attention as kda
-
-    kda.set_autotune(True)
-    try:
-        return call()
-    finally:
-        kda.set_autotune(False)
+        getattr(kda, setter)(False)
 
 
 def _flashdeberta_call(config, attn, x, ext, rel_pos, rel_emb):

@@ -17,6 +17,19 @@ from collections import defaultdict
 from pathlib import Path
 
 
+def _title(r0: dict, shape: str = "") -> str:
+    return f"{r0['op']}: {shape or r0['shape']}\n{r0['device']}, torch {r0['torch']}"
+
+
+def _save(fig, csv_path: Path, plt) -> Path:
+    """The figure as a PNG next to its CSV."""
+    fig.tight_layout()
+    out = csv_path.with_suffix(".png")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def plot(csv_path: Path) -> Path:
     import matplotlib
 
@@ -55,13 +68,8 @@ def plot(csv_path: Path) -> Path:
         ax.text(i, m, f"{m:.0f} MiB", ha="center", va="bottom", fontsize=9)
     ax.set_ylabel("extra peak memory (MiB)")
     ax.set_title("memory beyond the inputs (lower is better)")
-    r0 = rows[0]
-    fig.suptitle(f"{r0['op']}: {r0['shape']}\n{r0['device']}, torch {r0['torch']}", fontsize=10)
-    fig.tight_layout()
-    out = csv_path.with_suffix(".png")
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    fig.suptitle(_title(rows[0]), fontsize=10)
+    return _save(fig, csv_path, plt)
 
 
 def _plot_by_length(csv_path: Path, rows, providers, plt) -> Path:
@@ -88,14 +96,8 @@ def _plot_by_length(csv_path: Path, rows, providers, plt) -> Path:
         ax.set_yscale("log")
         ax.set_ylabel(label)
         ax.legend(fontsize=8)
-    r0 = rows[0]
-    shape = re.sub(r"\s*\bL=\d+", "", r0["shape"])
-    fig.suptitle(f"{r0['op']}: {shape}\n{r0['device']}, torch {r0['torch']}", fontsize=10)
-    fig.tight_layout()
-    out = csv_path.with_suffix(".png")
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    fig.suptitle(_title(rows[0], re.sub(r"\s*\bL=\d+", "", rows[0]["shape"])), fontsize=10)
+    return _save(fig, csv_path, plt)
 
 
 def _plot_throughput(csv_path: Path, rows, providers, val, plt) -> Path:
@@ -112,13 +114,8 @@ def _plot_throughput(csv_path: Path, rows, providers, val, plt) -> Path:
     ax.invert_yaxis()
     ax.set_xlim(0, max(rate) * 1.6)
     ax.set_xlabel("prompts per second (higher is better)")
-    r0 = rows[0]
-    ax.set_title(f"{r0['op']}: {r0['shape']}\n{r0['device']}, torch {r0['torch']}", fontsize=10)
-    fig.tight_layout()
-    out = csv_path.with_suffix(".png")
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    ax.set_title(_title(rows[0]), fontsize=10)
+    return _save(fig, csv_path, plt)
 
 
 def main() -> None:
