@@ -8,11 +8,14 @@ DeBERTa's attention score is ``s[i, j] = q_i . k_j + c2p[i, j] + p2c[i, j]`` (al
 
 where ``idx(r) = clamp(bucket(r) + S, 0, 2S - 1)`` (S = position buckets; p2c uses the same index as
 c2p because the log-bucketing is odd, ``bucket(-r) = -bucket(r)``). One program owns a block of
-queries and walks the keys in blocks, flash-attention style: ``q k^T`` by ``tl.dot``, the two
-relative terms gathered from the ``[L, 2S]`` tables with the index read from a ``[2L - 1]`` table of
-``idx(r)`` (exactly Hugging Face's float32 bucketing, built once on the host), the padding mask, and
-an online softmax in float32; the ``[BLOCK_M, BLOCK_N]`` scores live only in registers. Memory is
-linear in L: the two tables, the index and the output.
+queries and walks the keys in blocks, flash-attention style: ``q k^T`` by ``tl.dot``, with the two
+relative terms as its accumulator, gathered from the ``[L, 2S]`` tables with the index read from a
+table of ``idx(r)`` (exactly Hugging Face's float32 bucketing, built once on the host, reversed and
+padded here so the reads run along the keys and need no mask), the padding mask, and an online
+softmax in float32; the ``[BLOCK_M, BLOCK_N]`` scores live only in registers. Far from the diagonal
+every distance of a tile falls in the same (clamped) bucket; the kernel sees that from the tile's two
+corners and reads one column of each table instead of gathering. Memory is linear in L: the two
+tables, the index and the output.
 
 Queries may be a subset (``QPOS``: their absolute positions), which is how PairRM's last layer
 computes only the three rows it reads.
@@ -20,6 +23,7 @@ computes only the three rows it reads.
 
 from __future__ import annotations
 
+import collections
 import os
 
 import torch
@@ -31,11 +35,13 @@ from . import check_attention_inputs, on_device
 # Triton's interpreter multiplies 16-bit tl.dot operands wrongly: upcast there.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-# The fixed launch, by input dtype: (BLOCK_M, BLOCK_N, num_warps), chosen so that the sm_90 build keeps
-# everything in registers (cuobjdump -res-usage; tests/triton_aot.py checks it): 64 x 64 over 4 warps
-# spilled 336 bytes a thread in 16 bits, and the float32 FMA dot 8.6 KB. Not yet timed on a GPU
-# against the old 4-warp launch (the autotuned launch below includes it).
-LAUNCH = {torch.float16: (64, 64, 8), torch.bfloat16: (64, 64, 8), torch.float32: (64, 16, 8)}
+# The fixed launch, by input dtype: (BLOCK_M, BLOCK_N, num_warps). Chosen from the sm_90 build
+# (tests/triton_aot.py compiles it as the launcher specialises it at run time, and counts the hot
+# loop's instructions): with the relative terms as the accumulator of q k^T, 64 x 64 over 4 warps
+# issues 26 (uniform tiles) to 40 instructions a score at 138 registers, no spill, so three programs
+# fit an SM; the launch timed on the H100 (the kernel before that change) issued 65. float32's dot
+# runs on the FMA units (~200 a score whatever the tile); 32 x 16 over 4 warps does not spill.
+LAUNCH = {torch.float16: (64, 64, 4), torch.bfloat16: (64, 64, 4), torch.float32: (32, 16, 4)}
 
 # Opt-in (SPPO_FAST_ATTN_AUTOTUNE=1, or set_autotune(True)): let Triton's autotuner pick the tile
 # shape, warps and pipeline stages on the GPU, once per head size, set of terms and power-of-two
@@ -86,7 +92,7 @@ def _deberta_attention_fwd(
     s_cb, s_ch, s_cm, s_cs, s_pb, s_ph, s_pn, s_ps, s_mb, s_ob, s_oh, s_om, s_xb,
     H, LQ, LK, D, REL_ZERO, L_BUCKET,
     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, HAS_QPOS: tl.constexpr, HAS_MASK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    MONOTONE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)  # (batch x heads on axis 0, whose limit is 2^31 - 1, not 65535)
@@ -102,9 +108,16 @@ def _deberta_attention_fwd(
     if DOT_F32:
         q = q.to(tl.float32)
     if HAS_QPOS:
-        qpos = tl.load(QPOS + b * s_xb + offs_m, mask=m_ok, other=0)
+        qpos = tl.minimum(tl.maximum(tl.load(QPOS + b * s_xb + offs_m, mask=m_ok, other=0), 0), LK - 1)
     else:
         qpos = offs_m
+    # the tables of this (batch, head), addressed by 32-bit offsets; rows past the end read the last
+    # row (their scores are discarded), so the gathers need no mask
+    c_base = C2P + b * s_cb + h * s_ch
+    p_base = P2C + b * s_pb + h * s_ph
+    c_row = (tl.minimum(offs_m, LQ - 1) * s_cm).to(tl.int32)
+    q_lo = tl.min(qpos, 0)
+    q_hi = tl.max(qpos, 0)
     # running max starts at a large finite negative number: fully masked blocks give 0, not NaN
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -120,16 +133,32 @@ def _deberta_attention_fwd(
         if DOT_F32:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        ok = m_ok[:, None] & n_ok[None, :]
         if HAS_C2P or HAS_P2C:
-            idx = tl.load(REL + (qpos[:, None] - offs_n[None, :] + REL_ZERO), mask=ok, other=0)
-            if HAS_C2P:
-                s += tl.load(C2P + b * s_cb + h * s_ch + offs_m[:, None].to(tl.int64) * s_cm + idx * s_cs,
-                             mask=ok, other=0.0).to(tl.float32)
-            if HAS_P2C:
-                s += tl.load(P2C + b * s_pb + h * s_ph + offs_n[None, :].to(tl.int64) * s_pn + idx * s_ps,
-                             mask=ok, other=0.0).to(tl.float32)
+            # REL is the padded, reversed index table: REL[j - i + REL_ZERO] = idx(i - j), so a warp's
+            # reads run along the keys. The relative terms enter as the accumulator of q k^T: Triton
+            # then converts them to the dot's layout once, instead of computing the softmax twice.
+            p_row = (tl.minimum(offs_n, LK - 1) * s_pn).to(tl.int32)
+            bias = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            # with a monotone table, a tile whose two corner distances share a bucket (|i - j| past
+            # the last bucket, clamped) has that bucket everywhere: one column of each table
+            uniform = False
+            if MONOTONE:
+                u = tl.load(REL + (start + BLOCK_N - 1 - q_lo + REL_ZERO))
+                uniform = u == tl.load(REL + (start - q_hi + REL_ZERO))
+            if uniform:
+                if HAS_C2P:
+                    bias += tl.load(c_base + (c_row + u * s_cs)).to(tl.float32)[:, None]
+                if HAS_P2C:
+                    bias += tl.load(p_base + (p_row + u * s_ps)).to(tl.float32)[None, :]
+            else:
+                idx = tl.load(REL + (offs_n[None, :] - qpos[:, None] + REL_ZERO))
+                if HAS_C2P:
+                    bias += tl.load(c_base + (c_row[:, None] + idx * s_cs)).to(tl.float32)
+                if HAS_P2C:
+                    bias += tl.load(p_base + (p_row[None, :] + idx * s_ps)).to(tl.float32)
+            s = tl.dot(q, tl.trans(k), acc=bias, input_precision=PRECISION)
+        else:
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         key_ok = n_ok
         if HAS_MASK:
             key_ok = key_ok & (tl.load(KMASK + b * s_mb + offs_n, mask=n_ok, other=0) != 0)
@@ -144,6 +173,30 @@ def _deberta_attention_fwd(
     out = acc / l_i[:, None]
     tl.store(OUT + b * s_ob + h * s_oh + offs_m[:, None].to(tl.int64) * s_om + offs_d[None, :],
              out.to(OUT.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+
+
+# What the kernel reads in place of rel_index: the table reversed (so that a warp's reads run along the
+# keys) and padded with its end values by at least a tile on each side (so that no read needs a mask),
+# with whether it is monotone (which the uniform-tile shortcut needs). Built once per rel_index: the
+# cache holds the source tensor, so its memory cannot be reused by another while the entry lives.
+REL_PAD = 256  # >= every BLOCK_M and BLOCK_N of LAUNCH and _CONFIGS
+_REL_CACHE: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
+
+
+def _kernel_rel_table(rel_index: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    key = (rel_index.untyped_storage().data_ptr(), rel_index.storage_offset(), rel_index.shape[0],
+           rel_index.stride(0), rel_index.device, rel_index._version)
+    hit = _REL_CACHE.get(key)
+    if hit is not None:
+        _REL_CACHE.move_to_end(key)
+        return hit[1], hit[2]
+    rev = rel_index.flip(0).to(torch.int32)
+    table = torch.cat([rev[:1].expand(REL_PAD), rev, rev[-1:].expand(REL_PAD)]).contiguous()
+    monotone = bool((rev[1:] <= rev[:-1]).all())  # (one synchronisation per table, not per call)
+    _REL_CACHE[key] = (rel_index, table, monotone)
+    while len(_REL_CACHE) > 32:
+        _REL_CACHE.popitem(last=False)
+    return table, monotone
 
 
 def deberta_attention(q, k, v, c2p=None, p2c=None, rel_index=None, qpos=None, key_mask=None):
@@ -168,21 +221,22 @@ def deberta_attention(q, k, v, c2p=None, p2c=None, rel_index=None, qpos=None, ke
     dummy = q
     c = c2p if c2p is not None else dummy
     p = p2c if p2c is not None else dummy
-    x = qpos if qpos is not None else rel_index if rel_index is not None else dummy
     m = key_mask if key_mask is not None else dummy
     if out.numel() == 0:
         return out
+    rel, monotone = _kernel_rel_table(rel_index) if rel_index is not None else (dummy, False)
+    x = qpos if qpos is not None else rel
     if _AUTOTUNE and not _INTERPRET:
         grid = lambda meta: (B * H, triton.cdiv(LQ, meta["BLOCK_M"]))  # noqa: E731
     else:
         grid = (B * H, triton.cdiv(LQ, _launch_config(q.dtype)[0]))
     with on_device(q):
-        _launch(grid, q, k, v, c, p, rel_index if rel_index is not None else dummy, x, m, out,
-                c2p is not None, p2c is not None, qpos is not None, key_mask is not None)
+        _launch(grid, q, k, v, c, p, rel, x, m, out, c2p is not None, p2c is not None, qpos is not None,
+                key_mask is not None, monotone)
     return out
 
 
-def _launch(grid, q, k, v, c, p, rel, x, m, out, has_c2p, has_p2c, has_qpos, has_mask):
+def _launch(grid, q, k, v, c, p, rel, x, m, out, has_c2p, has_p2c, has_qpos, has_mask, monotone):
     H, LQ, D = q.shape[1], q.shape[2], q.shape[3]
     LK = k.shape[2]
     tuned = _AUTOTUNE and not _INTERPRET
@@ -195,13 +249,14 @@ def _launch(grid, q, k, v, c, p, rel, x, m, out, has_c2p, has_p2c, has_qpos, has
         v.stride(0), v.stride(1), v.stride(2),
         c.stride(0), c.stride(1), c.stride(2), c.stride(3), p.stride(0), p.stride(1), p.stride(2), p.stride(3),
         m.stride(0), out.stride(0), out.stride(1), out.stride(2), x.stride(0),
-        H, LQ, LK, D, LK - 1, _length_bucket(q.shape[0] * H, LQ, LK),
-        HAS_C2P=has_c2p, HAS_P2C=has_p2c, HAS_QPOS=has_qpos, HAS_MASK=has_mask,
+        H, LQ, LK, D, LK - 1 + REL_PAD, _length_bucket(q.shape[0] * H, LQ, LK),
+        HAS_C2P=has_c2p, HAS_P2C=has_p2c, HAS_QPOS=has_qpos, HAS_MASK=has_mask, MONOTONE=monotone,
         **tiles, BLOCK_D=max(16, triton.next_power_of_2(D)), DOT_F32=_INTERPRET,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
 
 
 # the same kernel behind Triton's autotuner (used only with set_autotune(True) on a GPU)
-_tuned_fwd = triton.autotune(_CONFIGS, key=["D", "L_BUCKET", "HAS_C2P", "HAS_P2C", "HAS_QPOS", "HAS_MASK"])(
+_tuned_fwd = triton.autotune(_CONFIGS, key=["D", "L_BUCKET", "HAS_C2P", "HAS_P2C", "HAS_QPOS", "HAS_MASK",
+                                             "MONOTONE"])(
     _deberta_attention_fwd)

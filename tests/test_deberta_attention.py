@@ -114,6 +114,61 @@ def test_backbone_with_column_major_tables(tiny):
         kda.set_transposed_tables(False)
 
 
+def _tiles_by_bucket(idx, LQ, LK, qpos, dtype):
+    """How many of the kernel's tiles (its launch for ``dtype``) have one bucket everywhere, and how
+    many have several: the uniform-tile shortcut serves the first kind only."""
+    from sppo_fast.kernels.deberta_attention import LAUNCH
+
+    bm, bn, _ = LAUNCH[dtype]
+    rows = qpos[0].long() if qpos is not None else torch.arange(LQ)
+    grid = idx[rows[:, None] - torch.arange(LK)[None, :] + LK - 1]
+    one = sum(grid[i:i + bm, j:j + bn].unique().numel() == 1 for i in range(0, LQ, bm) for j in range(0, LK, bn))
+    return int(one), -(-LQ // bm) * -(-LK // bn) - int(one)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ["square", "subset", "padded"])
+def test_uniform_tiles_shortcut(dtype, case):
+    """Far from the diagonal every distance falls in the last bucket, so the kernel reads one column of
+    each table for the whole tile; held to float64 truth on lengths where both kinds of tile occur
+    (few buckets, so the clamp starts at |i - j| ~ 16), with padded keys and query subsets."""
+    shapes = {"square": (1, 2, 200, 200, 16, 4), "subset": (1, 2, 20, 190, 16, 4),
+              "padded": (2, 1, 150, 150, 16, 4)}[case]
+    q, k, v, c2p, p2c, idx, qpos, mask = random_case(*shapes, subset=case == "subset", padded=case == "padded",
+                                                     seed=3)
+    if qpos is not None:  # queries among the first 40 positions, in no order: far from the last keys
+        qpos = torch.randperm(40, generator=torch.Generator().manual_seed(6))[None, :20].int()
+    one, several = _tiles_by_bucket(idx, shapes[2], shapes[3], qpos, dtype)
+    assert one > 0 and several > 0, (one, several)
+    truth = dense(q, k, v, c2p, p2c, idx, qpos, mask, torch.float64)
+    ref = dense(q, k, v, c2p, p2c, idx, qpos, mask, dtype)
+    dev = TRITON_DEVICE
+    out = deberta_attention(*(t.to(dev, dtype) for t in (q, k, v, c2p, p2c)), idx.to(dev),
+                            qpos.to(dev) if qpos is not None else None, mask.to(dev) if mask is not None else None)
+    if mask is not None:
+        keep = mask.bool()[:, None, :, None].expand_as(truth)
+        out, ref, truth = out.cpu()[keep], ref[keep], truth[keep]
+    atol = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    assert_as_accurate(out.cpu(), ref, truth, atol=atol, what=f"uniform tiles {case} {dtype}")
+
+
+def test_non_monotone_index_takes_the_general_path():
+    """An index table that is not monotone (not DeBERTa's bucketing, but allowed) may have equal values
+    at a tile's corners and others inside: the shortcut must not fire, and the result stays exact."""
+    from sppo_fast.kernels.deberta_attention import _kernel_rel_table
+
+    q, k, v, c2p, p2c, idx, _, _ = random_case(1, 2, 150, 150, 16, 4, seed=4)
+    g = torch.Generator().manual_seed(5)
+    idx = torch.randint(0, 8, idx.shape, generator=g, dtype=torch.int32)
+    idx[:100] = 0  # long equal runs at both ends, different values between
+    idx[-100:] = 0
+    assert not _kernel_rel_table(idx.to(TRITON_DEVICE))[1]
+    truth = dense(q, k, v, c2p, p2c, idx, None, None, torch.float64)
+    dev = TRITON_DEVICE
+    out = deberta_attention(*(t.to(dev, torch.float32) for t in (q, k, v, c2p, p2c)), idx.to(dev))
+    torch.testing.assert_close(out.cpu().double(), truth, atol=1e-5, rtol=0)
+
+
 def test_kernel_without_relative_terms_and_all_masked_keys():
     q, k, v, _, _, idx, _, _ = random_case(2, 2, 33, 33, 32, 16)
     mask = torch.ones(2, 33, dtype=torch.int8)

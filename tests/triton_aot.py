@@ -6,6 +6,7 @@ unsupported cast) fails here with Triton's compile error, on any machine.
 """
 
 import os
+import re
 import subprocess
 import tempfile
 
@@ -23,11 +24,13 @@ TARGET = GPUTarget("cuda", 90, 32)
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
-def _compile(fn, signature, constexprs, num_warps=4):
-    """Compile for sm_90; return the registers and stack (spill) bytes a thread uses, when Triton's
-    bundled cuobjdump can read the cubin (else None)."""
-    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=TARGET,
-                            options={"num_warps": num_warps})
+def _compile(fn, signature, constexprs, num_warps=4, divisible=()):
+    """Compile for sm_90; return (registers, stack bytes a thread uses, SASS text) when Triton's
+    bundled cuobjdump can read the cubin (else None). ``divisible``: the arguments that Triton's
+    launcher would see as multiples of 16 at run time (it specialises on that, and vectorises)."""
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in divisible}
+    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+                            target=TARGET, options={"num_warps": num_warps})
     if not os.path.exists(CUOBJDUMP) or "cubin" not in kernel.asm:
         return None
     try:
@@ -36,13 +39,41 @@ def _compile(fn, signature, constexprs, num_warps=4):
             with open(path, "wb") as f:
                 f.write(kernel.asm["cubin"])
             r = subprocess.run([CUOBJDUMP, "-res-usage", path], capture_output=True, text=True, timeout=60)
+            sass = subprocess.run([CUOBJDUMP, "-sass", path], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.SubprocessError):
         return None
     fields = dict(w.split(":", 1) for line in r.stdout.splitlines() if "REG:" in line
                   for w in line.split() if ":" in w)
     if r.returncode != 0 or not {"REG", "STACK"} <= fields.keys():
         return None  # another cuobjdump, another format: no resource report
-    return int(fields["REG"]), int(fields["STACK"])
+    return int(fields["REG"]), int(fields["STACK"]), sass.stdout if sass.returncode == 0 else ""
+
+
+_SASS_LINE = re.compile(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+_BRANCH = re.compile(r"^(@!?U?P\w+\s+)?BRA\s+(0x[0-9a-f]+)")
+
+
+def hot_loop_paths(sass: str) -> tuple[int, ...]:
+    """Instructions a thread issues per iteration of the kernel's longest loop, along each side of
+    the first if/else inside it (one number when there is none). A static proxy for the kernel's
+    cost where, as in the fused attention, it is bound by issue rather than by the tensor cores."""
+    code = [(int(a, 16), t) for a, t in _SASS_LINE.findall(sass)]
+    back = [(int(m.group(2), 16), a) for a, t in code if (m := _BRANCH.match(t)) and int(m.group(2), 16) < a]
+    if not back:
+        return ()
+    lo, hi = max(back, key=lambda r: r[1] - r[0])
+    body = [(a, t) for a, t in code if lo <= a <= hi]
+    for a, t in body:
+        m = _BRANCH.match(t)
+        if m and m.group(1) and a < int(m.group(2), 16) <= hi:  # a forward conditional branch: the if
+            target = int(m.group(2), 16)
+            first = [(b, u) for b, u in body if a < b < target]
+            end = _BRANCH.match(first[-1][1]) if first else None
+            if end and not end.group(1):  # the first side ends by jumping over the second
+                second = [b for b, _ in body if target <= b < int(end.group(2), 16)]
+                return len(body) - len(second), len(body) - len(first)
+            break
+    return (len(body),)
 
 
 def main() -> None:
@@ -78,12 +109,16 @@ def main() -> None:
             n += 1
     strides = ["s_qb", "s_qh", "s_qm", "s_kb", "s_kh", "s_kn", "s_vb", "s_vh", "s_vn", "s_cb", "s_ch", "s_cm",
                "s_pb", "s_ph", "s_pn", "s_mb", "s_ob", "s_oh", "s_om", "s_xb"]
+    # what PairRM's shapes give at run time: 16-byte aligned tensors, head size 64, model and table
+    # strides multiples of 16 (the length-dependent ones, and the transposed tables' stride, not)
+    divisible = ["Q", "K", "V", "C2P", "P2C", "REL", "QPOS", "KMASK", "OUT", "s_qb", "s_qh", "s_qm", "s_kb",
+                 "s_kh", "s_kn", "s_vb", "s_vh", "s_vn", "s_ob", "s_oh", "s_om", "D"]
     # the tables' stride along 2S: 1 for row-major tables (Triton specialises an int equal to 1 into
     # a constant, as below), a runtime value for the transposed views of TRANSPOSED_TABLES
     spills = []
     for dt, torch_dt in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)):
         block_m, block_n, warps = deberta_attention.LAUNCH[torch_dt]
-        for rel, qpos, mask, columns in ((True, False, False, False), (True, True, True, False),
+        for rel, qpos, mask, columns in ((True, False, True, False), (True, True, True, False),
                                          (False, False, True, False), (True, False, True, True)):
             table_strides = {"s_cs": "i32", "s_ps": "i32"} if columns else {"s_cs": "constexpr", "s_ps": "constexpr"}
             usage = _compile(deberta_attention._deberta_attention_fwd,
@@ -91,18 +126,22 @@ def main() -> None:
                       "REL": "*i32", "QPOS": "*i32", "KMASK": "*i8", "OUT": f"*{dt}",
                       **{k: "i64" for k in strides}, **table_strides, "H": "i32", "LQ": "i32", "LK": "i32", "D": "i32",
                       "REL_ZERO": "i32", "L_BUCKET": "i32", "HAS_C2P": "constexpr", "HAS_P2C": "constexpr",
-                      "HAS_QPOS": "constexpr", "HAS_MASK": "constexpr", "BLOCK_M": "constexpr",
-                      "BLOCK_N": "constexpr", "BLOCK_D": "constexpr", "DOT_F32": "constexpr",
-                      "PRECISION": "constexpr"},
-                     {"HAS_C2P": rel, "HAS_P2C": rel, "HAS_QPOS": qpos, "HAS_MASK": mask,
+                      "HAS_QPOS": "constexpr", "HAS_MASK": "constexpr", "MONOTONE": "constexpr",
+                      "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr",
+                      "DOT_F32": "constexpr", "PRECISION": "constexpr"},
+                     {"HAS_C2P": rel, "HAS_P2C": rel, "HAS_QPOS": qpos, "HAS_MASK": mask, "MONOTONE": True,
                       "BLOCK_M": block_m, "BLOCK_N": block_n,
                       "BLOCK_D": 64, "DOT_F32": False, "PRECISION": "ieee" if dt == "fp32" else "tf32",
                       **({} if columns else {"s_cs": 1, "s_ps": 1})},
-                     num_warps=warps)
+                     num_warps=warps, divisible=divisible + ([] if columns else ["s_cb", "s_ch", "s_cm", "s_pb",
+                                                                                  "s_ph", "s_pn"]))
             n += 1
             if usage is not None:
                 what = f"{dt} rel={rel} qpos={qpos} mask={mask}" + (" column-major tables" if columns else "")
-                print(f"attention {what}: {usage[0]} registers, {usage[1]} stack bytes")
+                loop = sorted(hot_loop_paths(usage[2]))  # (the shorter side is the uniform tiles')
+                per = " / ".join(f"{x * warps * 32 / (block_m * block_n):.1f}" for x in loop)
+                print(f"attention {what}: {usage[0]} registers, {usage[1]} stack bytes, "
+                      f"{per} instructions a score in the key loop" + (" (uniform / general tiles)" if len(loop) == 2 else ""))
                 if usage[1]:
                     spills.append(what)
     print(f"compiled {n} kernel variants for sm_90")
