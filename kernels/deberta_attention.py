@@ -37,10 +37,10 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # The fixed launch, by input dtype: (BLOCK_M, BLOCK_N, num_warps). Chosen from the sm_90 build
 # (tests/triton_aot.py compiles it as the launcher specialises it at run time, and counts the hot
-# loop's instructions): with the relative terms as the accumulator of q k^T, 64 x 64 over 4 warps
-# issues 26 (uniform tiles) to 40 instructions a score at 138 registers, no spill, so three programs
-# fit an SM; the launch timed on the H100 (the kernel before that change) issued 65. float32's dot
-# runs on the FMA units (~200 a score whatever the tile); 32 x 16 over 4 warps does not spill.
+# loop's instructions): 64 x 64 over 4 warps issues 22 (uniform tiles) to 29 instructions a score at
+# 158 registers, no spill, so three programs fit an SM (128 x 64 over 8 warps: 20 to 26 at 208
+# registers, one program an SM). The kernel timed on the H100 issued 65 at this launch. float32's
+# dot runs on the FMA units (~200 a score whatever the tile); 32 x 16 over 4 warps does not spill.
 LAUNCH = {torch.float16: (64, 64, 4), torch.bfloat16: (64, 64, 4), torch.float32: (32, 16, 4)}
 
 # Opt-in (SPPO_FAST_ATTN_AUTOTUNE=1, or set_autotune(True)): let Triton's autotuner pick the tile
@@ -50,8 +50,8 @@ LAUNCH = {torch.float16: (64, 64, 4), torch.bfloat16: (64, 64, 4), torch.float32
 # "triton-autotune"). Never in the interpreter (its timings mean nothing).
 _AUTOTUNE = os.environ.get("SPPO_FAST_ATTN_AUTOTUNE") == "1"
 _CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
-            for m, n, w, st in ((64, 64, 8, 3), (64, 16, 8, 3), (64, 64, 4, 3), (64, 64, 8, 2),
-                                (64, 32, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3), (128, 128, 8, 2))]
+            for m, n, w, st in ((64, 64, 4, 3), (64, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 2),
+                                (128, 32, 4, 3), (256, 64, 8, 2), (64, 32, 4, 3), (32, 16, 4, 3))]
 
 
 # Opt-in (SPPO_FAST_ATTN_TABLES=transposed, or set_transposed_tables(True)): sppo_fast.deberta builds
@@ -113,9 +113,8 @@ def _deberta_attention_fwd(
         qpos = offs_m
     # the tables of this (batch, head), addressed by 32-bit offsets; rows past the end read the last
     # row (their scores are discarded), so the gathers need no mask
-    c_base = C2P + b * s_cb + h * s_ch
     p_base = P2C + b * s_pb + h * s_ph
-    c_row = (tl.minimum(offs_m, LQ - 1) * s_cm).to(tl.int32)
+    c_rows = C2P + b * s_cb + h * s_ch + (tl.minimum(offs_m, LQ - 1) * s_cm).to(tl.int32)
     q_lo = tl.min(qpos, 0)
     q_hi = tl.max(qpos, 0)
     # running max starts at a large finite negative number: fully masked blocks give 0, not NaN
@@ -137,7 +136,7 @@ def _deberta_attention_fwd(
             # REL is the padded, reversed index table: REL[j - i + REL_ZERO] = idx(i - j), so a warp's
             # reads run along the keys. The relative terms enter as the accumulator of q k^T: Triton
             # then converts them to the dot's layout once, instead of computing the softmax twice.
-            p_row = (tl.minimum(offs_n, LK - 1) * s_pn).to(tl.int32)
+            p_rows = p_base + (tl.minimum(offs_n, LK - 1) * s_pn).to(tl.int32)
             bias = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             # with a monotone table, a tile whose two corner distances share a bucket (|i - j| past
             # the last bucket, clamped) has that bucket everywhere: one column of each table
@@ -147,15 +146,17 @@ def _deberta_attention_fwd(
                 uniform = u == tl.load(REL + (start - q_hi + REL_ZERO))
             if uniform:
                 if HAS_C2P:
-                    bias += tl.load(c_base + (c_row + u * s_cs)).to(tl.float32)[:, None]
+                    bias += tl.load(c_rows + u * s_cs).to(tl.float32)[:, None]
                 if HAS_P2C:
-                    bias += tl.load(p_base + (p_row + u * s_ps)).to(tl.float32)[None, :]
+                    bias += tl.load(p_rows + u * s_ps).to(tl.float32)[None, :]
             else:
-                idx = tl.load(REL + (offs_n[None, :] - qpos[:, None] + REL_ZERO))
-                if HAS_C2P:
-                    bias += tl.load(c_base + (c_row[:, None] + idx * s_cs)).to(tl.float32)
-                if HAS_P2C:
-                    bias += tl.load(p_base + (p_row[None, :] + idx * s_ps)).to(tl.float32)
+                idx = tl.load((REL + REL_ZERO + offs_n)[None, :] - qpos[:, None])
+                if HAS_C2P:  # (no zeros + first term: x + 0 is not x for x = -0, so it would cost an add)
+                    bias = tl.load(c_rows[:, None] + idx * s_cs).to(tl.float32)
+                    if HAS_P2C:
+                        bias += tl.load(p_rows[None, :] + idx * s_ps).to(tl.float32)
+                else:
+                    bias = tl.load(p_rows[None, :] + idx * s_ps).to(tl.float32)
             s = tl.dot(q, tl.trans(k), acc=bias, input_precision=PRECISION)
         else:
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
@@ -164,8 +165,8 @@ def _deberta_attention_fwd(
             key_ok = key_ok & (tl.load(KMASK + b * s_mb + offs_n, mask=n_ok, other=0) != 0)
         s = tl.where(key_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
+        alpha = tl.math.exp2((m_i - m_new) * 1.4426950408889634)
+        p = tl.math.exp2(s * 1.4426950408889634 - (m_new * 1.4426950408889634)[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
