@@ -39,7 +39,7 @@ def main() -> None:
                    default=["hf", "torch", "cpp", "triton", "triton-autotune", "triton-transposed", "flashdeberta"])
     p.add_argument("--launches", nargs="*", default=[],
                    help="also time the fused kernel at these fixed launches, BLOCK_MxBLOCK_NwWARPS each "
-                        "(e.g. 64x64w4, the launch before 2026-11-27): rows triton-64x64w4, ...")
+                        "(e.g. 128x64w8): rows triton-128x64w8, ...")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--cuda", action="store_true")
     p.add_argument("--out", type=Path, default=None)
