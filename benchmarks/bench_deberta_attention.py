@@ -39,7 +39,7 @@ def main() -> None:
                    default=["hf", "torch", "cpp", "triton", "triton-autotune", "triton-transposed", "flashdeberta"])
     p.add_argument("--launches", nargs="*", default=[],
                    help="also time the fused kernel at these fixed launches, BLOCK_MxBLOCK_NwWARPS each "
-                        "(e.g. 128x64w8): rows triton-128x64w8, ...")
+                        "(e.g. 128x64w8, or 64x64w4s1 with 1 pipeline stage): rows triton-128x64w8, ...")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--cuda", action="store_true")
     p.add_argument("--out", type=Path, default=None)
@@ -132,15 +132,17 @@ def main() -> None:
 
 
 def _with_launch(spec: str, call, dtype):
-    """``call`` with the fused kernel's fixed launch for ``dtype`` set to ``spec`` ("64x64w4")."""
+    """``call`` with the fused kernel's fixed launch for ``dtype`` set to ``spec`` ("64x64w4", or
+    "64x64w4s1" with the number of pipeline stages)."""
     import re
 
     from sppo_fast.kernels import deberta_attention as kda
 
-    m = re.fullmatch(r"(\d+)x(\d+)w(\d+)", spec)
+    m = re.fullmatch(r"(\d+)x(\d+)w(\d+)(?:s(\d+))?", spec)
     if not m:
-        raise SystemExit(f"--launches: expected BLOCK_MxBLOCK_NwWARPS such as 64x64w4, got {spec!r}")
-    launch = tuple(int(g) for g in m.groups())
+        raise SystemExit(f"--launches: expected BLOCK_MxBLOCK_NwWARPS[sSTAGES] such as 64x64w4 or 64x64w4s1, "
+                         f"got {spec!r}")
+    launch = tuple(int(g) for g in m.groups() if g is not None)
 
     def run():
         saved = kda.LAUNCH[dtype]

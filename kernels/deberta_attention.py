@@ -49,9 +49,14 @@ LAUNCH = {torch.float16: (64, 64, 4), torch.bfloat16: (64, 64, 4), torch.float32
 # Not yet measured, so LAUNCH above stays the default; the GPU benchmark times both (provider
 # "triton-autotune"). Never in the interpreter (its timings mean nothing).
 _AUTOTUNE = os.environ.get("SPPO_FAST_ATTN_AUTOTUNE") == "1"
-_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
-            for m, n, w, st in ((64, 64, 4, 3), (64, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 2),
-                                (128, 32, 4, 3), (256, 64, 8, 2), (64, 32, 4, 3), (32, 16, 4, 3))]
+_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st, maxnreg=r)
+            for m, n, w, st, r in ((64, 64, 4, 3, None), (64, 64, 4, 2, None), (64, 64, 4, 1, None),
+                                   (64, 64, 4, 2, 128), (128, 64, 8, 3, None), (128, 64, 8, 2, 128),
+                                   (128, 32, 4, 3, None), (256, 64, 8, 2, None), (64, 32, 4, 3, None),
+                                   (32, 16, 4, 3, None))]
+# (sm_90 build, 16 bits: 64 x 64 over 4 warps takes 158 registers and 48-64 KB of shared memory with 2-3
+# stages, so three programs an SM; one stage saves 10% of the instructions; maxnreg=128 with 2 stages
+# fits four programs at a 16-byte spill. Which wins is for the GPU to say.)
 
 
 # Opt-in (SPPO_FAST_ATTN_TABLES=transposed, or set_transposed_tables(True)): sppo_fast.deberta builds
@@ -75,8 +80,10 @@ def _length_bucket(bh: int, lq: int, lk: int) -> int:
     return 64 * max(bh * lq - 1, 0).bit_length() + max(lk - 1, 0).bit_length()
 
 
-def _launch_config(dtype: torch.dtype) -> tuple[int, int, int]:
-    return LAUNCH.get(dtype, LAUNCH[torch.float32])  # (float64 runs in the interpreter only)
+def _launch_config(dtype: torch.dtype) -> tuple[int, ...]:
+    """(BLOCK_M, BLOCK_N, num_warps[, num_stages]) for ``dtype``'s launch (float64 runs in the
+    interpreter only, at float32's)."""
+    return LAUNCH.get(dtype, LAUNCH[torch.float32])
 
 
 def set_autotune(enabled: bool) -> None:
@@ -242,8 +249,9 @@ def _launch(grid, q, k, v, c, p, rel, x, m, out, has_c2p, has_p2c, has_qpos, has
     LK = k.shape[2]
     tuned = _AUTOTUNE and not _INTERPRET
     kernel = _tuned_fwd if tuned else _deberta_attention_fwd
-    bm, bn, warps = _launch_config(q.dtype)
-    tiles = {} if tuned else {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps}
+    bm, bn, warps, *stages = _launch_config(q.dtype)
+    tiles = {} if tuned else {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps,
+                              **({"num_stages": stages[0]} if stages else {})}
     kernel[grid](
         q, k, v, c, p, rel, x, m, out,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),

@@ -119,7 +119,7 @@ def _tiles_by_bucket(idx, LQ, LK, qpos, dtype):
     many have several: the uniform-tile shortcut serves the first kind only."""
     from sppo_fast.kernels.deberta_attention import LAUNCH
 
-    bm, bn, _ = LAUNCH[dtype]
+    bm, bn = LAUNCH[dtype][:2]
     rows = qpos[0].long() if qpos is not None else torch.arange(LQ)
     grid = idx[rows[:, None] - torch.arange(LK)[None, :] + LK - 1]
     one = sum(grid[i:i + bm, j:j + bn].unique().numel() == 1 for i in range(0, LQ, bm) for j in range(0, LK, bn))
