@@ -147,6 +147,7 @@ def _deberta_attention_fwd(
             bias = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             # with a monotone table, a tile whose two corner distances share a bucket (|i - j| past
             # the last bucket, clamped) has that bucket everywhere: one column of each table
+            u = 0
             uniform = False
             if MONOTONE:
                 u = tl.load(REL + (start + BLOCK_N - 1 - q_lo + REL_ZERO))

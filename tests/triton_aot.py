@@ -118,8 +118,9 @@ def main() -> None:
     spills = []
     for dt, torch_dt in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)):
         block_m, block_n, warps = deberta_attention.LAUNCH[torch_dt]
-        for rel, qpos, mask, columns in ((True, False, True, False), (True, True, True, False),
-                                         (False, False, True, False), (True, False, True, True)):
+        for rel, qpos, mask, columns, monotone in ((True, False, True, False, True), (True, True, True, False, True),
+                                                   (False, False, True, False, True), (True, False, True, True, True),
+                                                   (True, False, False, False, False)):
             table_strides = {"s_cs": "i32", "s_ps": "i32"} if columns else {"s_cs": "constexpr", "s_ps": "constexpr"}
             usage = _compile(deberta_attention._deberta_attention_fwd,
                      {"Q": f"*{dt}", "K": f"*{dt}", "V": f"*{dt}", "C2P": f"*{dt}", "P2C": f"*{dt}",
@@ -129,7 +130,7 @@ def main() -> None:
                       "HAS_QPOS": "constexpr", "HAS_MASK": "constexpr", "MONOTONE": "constexpr",
                       "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr",
                       "DOT_F32": "constexpr", "PRECISION": "constexpr"},
-                     {"HAS_C2P": rel, "HAS_P2C": rel, "HAS_QPOS": qpos, "HAS_MASK": mask, "MONOTONE": True,
+                     {"HAS_C2P": rel, "HAS_P2C": rel, "HAS_QPOS": qpos, "HAS_MASK": mask, "MONOTONE": monotone,
                       "BLOCK_M": block_m, "BLOCK_N": block_n,
                       "BLOCK_D": 64, "DOT_F32": False, "PRECISION": "ieee" if dt == "fp32" else "tf32",
                       **({} if columns else {"s_cs": 1, "s_ps": 1})},
@@ -137,7 +138,8 @@ def main() -> None:
                                                                                   "s_ph", "s_pn"]))
             n += 1
             if usage is not None:
-                what = f"{dt} rel={rel} qpos={qpos} mask={mask}" + (" column-major tables" if columns else "")
+                what = (f"{dt} rel={rel} qpos={qpos} mask={mask}" + (" column-major tables" if columns else "")
+                        + ("" if monotone else " non-monotone index"))
                 loop = sorted(hot_loop_paths(usage[2]))  # (the shorter side is the uniform tiles')
                 per = " / ".join(f"{x * warps * 32 / (block_m * block_n):.1f}" for x in loop)
                 print(f"attention {what}: {usage[0]} registers, {usage[1]} stack bytes, "
