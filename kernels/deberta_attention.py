@@ -141,8 +141,11 @@ def _deberta_attention_fwd(
             v = v.to(tl.float32)
         if HAS_C2P or HAS_P2C:
             # REL is the padded, reversed index table: REL[j - i + REL_ZERO] = idx(i - j), so a warp's
-            # reads run along the keys. The relative terms enter as the accumulator of q k^T: Triton
-            # then converts them to the dot's layout once, instead of computing the softmax twice.
+            # reads run along the keys and none needs a mask (the masked version of the old kernel
+            # was laid out against the dot: 64-bit pointers through shared memory, the softmax twice).
+            # The relative terms enter as the accumulator of q k^T. (A dot of its own in each branch
+            # saves 3 instructions a score on general tiles but takes 208 registers: two programs an
+            # SM instead of three. Folding the key mask into the terms costs more than the select.)
             p_rows = p_base + (tl.minimum(offs_n, LK - 1) * s_pn).to(tl.int32)
             bias = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             # with a monotone table, a tile whose two corner distances share a bucket (|i - j| past
