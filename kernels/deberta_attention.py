@@ -196,18 +196,21 @@ _REL_CACHE: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
 
 
 def _kernel_rel_table(rel_index: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    key = (rel_index.untyped_storage().data_ptr(), rel_index.storage_offset(), rel_index.shape[0],
-           rel_index.stride(0), rel_index.device, rel_index._version)
-    hit = _REL_CACHE.get(key)
+    # an inference tensor has no version counter, so an in-place change could not be seen: no cache
+    key = None if rel_index.is_inference() else (
+        rel_index.untyped_storage().data_ptr(), rel_index.storage_offset(), rel_index.shape[0],
+        rel_index.stride(0), rel_index.device, rel_index._version)
+    hit = _REL_CACHE.get(key) if key is not None else None
     if hit is not None:
         _REL_CACHE.move_to_end(key)
         return hit[1], hit[2]
     rev = rel_index.flip(0).to(torch.int32)
     table = torch.cat([rev[:1].expand(REL_PAD), rev, rev[-1:].expand(REL_PAD)]).contiguous()
     monotone = bool((rev[1:] <= rev[:-1]).all())  # (one synchronisation per table, not per call)
-    _REL_CACHE[key] = (rel_index, table, monotone)
-    while len(_REL_CACHE) > 32:
-        _REL_CACHE.popitem(last=False)
+    if key is not None:
+        _REL_CACHE[key] = (rel_index, table, monotone)
+        while len(_REL_CACHE) > 32:
+            _REL_CACHE.popitem(last=False)
     return table, monotone
 
 

@@ -152,6 +152,26 @@ def test_uniform_tiles_shortcut(dtype, case):
     assert_as_accurate(out.cpu(), ref, truth, atol=atol, what=f"uniform tiles {case} {dtype}")
 
 
+def test_index_table_cache_sees_in_place_changes_and_inference_tensors():
+    """The kernel's reversed, padded copy of rel_index is cached per tensor: an in-place change to the
+    index must reach the kernel, and an index made under torch.inference_mode (no version counter)
+    must work."""
+    q, k, v, c2p, p2c, idx, _, _ = random_case(1, 2, 40, 40, 16, 4, seed=7)
+    dev = TRITON_DEVICE
+    args = [t.to(dev, torch.float32) for t in (q, k, v, c2p, p2c)]
+    rel = idx.to(dev).clone()
+    deberta_attention(*args, rel)
+    rel.fill_(3)  # every distance in bucket 3, in place
+    out = deberta_attention(*args, rel)
+    truth = dense(q, k, v, c2p, p2c, torch.full_like(idx, 3), None, None, torch.float64)
+    torch.testing.assert_close(out.cpu().double(), truth, atol=1e-5, rtol=0)
+    with torch.inference_mode():
+        rel_inf = idx.to(dev).clone()
+        out = deberta_attention(*args, rel_inf)
+    truth = dense(q, k, v, c2p, p2c, idx, None, None, torch.float64)
+    torch.testing.assert_close(out.cpu().double(), truth, atol=1e-5, rtol=0)
+
+
 def test_non_monotone_index_takes_the_general_path():
     """An index table that is not monotone (not DeBERTa's bucketing, but allowed) may have equal values
     at a tile's corners and others inside: the shortcut must not fire, and the result stays exact."""
