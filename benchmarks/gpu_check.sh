@@ -98,7 +98,7 @@ export OUT_DIR PYTHONUNBUFFERED=1
 # The order follows what the last GPU session (H100, 2026-11-27) left open: its fixes and the attention
 # kernel rewritten since (the tests) and the whole pipeline first, then profiles for the two misses
 # (#5's default mode against Liger-Kernel, #6's 10x), then the issues' benchmarks again. The attention
-# step times the default launch (64x64w4, 3 stages: 22-29 instructions a score in the sm_90 build,
+# step times the default launch (64x64w4, 3 stages: 21-27 instructions a score in the sm_90 build,
 # against 65 for the kernel timed on 2026-11-27) beside fewer stages and a wider tile.
 XDIST=$(python -c "import xdist" 2>/dev/null && echo "-n 8")
 step "GPU tests" 150 sh -c "SPPO_FAST_GPU_TESTS_ONLY=1 python -m pytest -q $XDIST -m 'not slow' -rfEs ${TESTS:-tests} > '$OUT_DIR/pytest.log' 2>&1; \

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import os
+import threading
 
 import torch
 import triton
@@ -37,8 +38,8 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # The fixed launch, by input dtype: (BLOCK_M, BLOCK_N, num_warps). Chosen from the sm_90 build
 # (tests/triton_aot.py compiles it as the launcher specialises it at run time, and counts the hot
-# loop's instructions): 64 x 64 over 4 warps issues 22 (uniform tiles) to 29 instructions a score at
-# 158 registers, no spill, so three programs fit an SM (128 x 64 over 8 warps: 20 to 26 at 208
+# loop's instructions): 64 x 64 over 4 warps issues 21 (uniform tiles) to 27 instructions a score at
+# 168 registers, no spill, so three programs fit an SM (128 x 64 over 8 warps: 20 to 26 at 208
 # registers, one program an SM). The kernel timed on the H100 issued 65 at this launch. float32's
 # dot runs on the FMA units (~200 a score whatever the tile); 32 x 16 over 4 warps does not spill.
 LAUNCH = {torch.float16: (64, 64, 4), torch.bfloat16: (64, 64, 4), torch.float32: (32, 16, 4)}
@@ -54,7 +55,7 @@ _CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=
                                    (64, 64, 4, 2, 128), (128, 64, 8, 3, None), (128, 64, 8, 2, 128),
                                    (128, 32, 4, 3, None), (256, 64, 8, 2, None), (64, 32, 4, 3, None),
                                    (32, 16, 4, 3, None))]
-# (sm_90 build, 16 bits: 64 x 64 over 4 warps takes 158 registers and 48-64 KB of shared memory with 2-3
+# (sm_90 build, 16 bits: 64 x 64 over 4 warps takes 168 registers and 48-64 KB of shared memory with 2-3
 # stages, so three programs an SM; one stage saves 10% of the instructions; maxnreg=128 with 2 stages
 # fits four programs at a 16-byte spill. Which wins is for the GPU to say.)
 
@@ -99,7 +100,8 @@ def _deberta_attention_fwd(
     s_cb, s_ch, s_cm, s_cs, s_pb, s_ph, s_pn, s_ps, s_mb, s_ob, s_oh, s_om, s_xb,
     H, LQ, LK, D, REL_ZERO, L_BUCKET,
     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, HAS_QPOS: tl.constexpr, HAS_MASK: tl.constexpr,
-    MONOTONE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    MONOTONE: tl.constexpr, WIDE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)  # (batch x heads on axis 0, whose limit is 2^31 - 1, not 65535)
@@ -121,7 +123,10 @@ def _deberta_attention_fwd(
     # the tables of this (batch, head), addressed by 32-bit offsets; rows past the end read the last
     # row (their scores are discarded), so the gathers need no mask
     p_base = P2C + b * s_pb + h * s_ph
-    c_rows = C2P + b * s_cb + h * s_ch + (tl.minimum(offs_m, LQ - 1) * s_cm).to(tl.int32)
+    if WIDE:  # a table whose offsets within one (batch, head) pass 2^31 (never PairRM's)
+        c_rows = C2P + b * s_cb + h * s_ch + tl.minimum(offs_m, LQ - 1).to(tl.int64) * s_cm
+    else:
+        c_rows = C2P + b * s_cb + h * s_ch + (tl.minimum(offs_m, LQ - 1) * s_cm).to(tl.int32)
     q_lo = tl.min(qpos, 0)
     q_hi = tl.max(qpos, 0)
     # running max starts at a large finite negative number: fully masked blocks give 0, not NaN
@@ -146,7 +151,10 @@ def _deberta_attention_fwd(
             # The relative terms enter as the accumulator of q k^T. (A dot of its own in each branch
             # saves 3 instructions a score on general tiles but takes 208 registers: two programs an
             # SM instead of three. Folding the key mask into the terms costs more than the select.)
-            p_rows = p_base + (tl.minimum(offs_n, LK - 1) * s_pn).to(tl.int32)
+            if WIDE:
+                p_rows = p_base + tl.minimum(offs_n, LK - 1).to(tl.int64) * s_pn
+            else:
+                p_rows = p_base + (tl.minimum(offs_n, LK - 1) * s_pn).to(tl.int32)
             bias = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             # with a monotone table, a tile whose two corner distances share a bucket (|i - j| past
             # the last bucket, clamped) has that bucket everywhere: one column of each table
@@ -155,6 +163,8 @@ def _deberta_attention_fwd(
             if MONOTONE:
                 u = tl.load(REL + (start + BLOCK_N - 1 - q_lo + REL_ZERO))
                 uniform = u == tl.load(REL + (start - q_hi + REL_ZERO))
+                if WIDE:
+                    u = u.to(tl.int64)
             if uniform:
                 if HAS_C2P:
                     bias += tl.load(c_rows + u * s_cs).to(tl.float32)[:, None]
@@ -162,6 +172,8 @@ def _deberta_attention_fwd(
                     bias += tl.load(p_rows + u * s_ps).to(tl.float32)[None, :]
             else:
                 idx = tl.load((REL + REL_ZERO + offs_n)[None, :] - qpos[:, None])
+                if WIDE:
+                    idx = idx.to(tl.int64)
                 if HAS_C2P:  # (no zeros + first term: x + 0 is not x for x = -0, so it would cost an add)
                     bias = tl.load(c_rows[:, None] + idx * s_cs).to(tl.float32)
                     if HAS_P2C:
@@ -189,28 +201,33 @@ def _deberta_attention_fwd(
 
 # What the kernel reads in place of rel_index: the table reversed (so that a warp's reads run along the
 # keys) and padded with its end values by at least a tile on each side (so that no read needs a mask),
-# with whether it is monotone (which the uniform-tile shortcut needs). Built once per rel_index: the
-# cache holds the source tensor, so its memory cannot be reused by another while the entry lives.
+# with whether it is monotone (which the uniform-tile shortcut needs). Built once per rel_index and
+# kept while its version counter stands: the cache holds the source tensor, so its memory cannot be
+# reused by another while the entry lives. (A write that bypasses the counter, through ``.data`` or a
+# NumPy alias, is not seen; an inference tensor has no counter, so it is not cached.)
 REL_PAD = 256  # >= every BLOCK_M and BLOCK_N of LAUNCH and _CONFIGS
+WIDE_OFFSETS = 2 ** 31  # a table offset from here on takes the kernel's 64-bit path (tests lower it)
 _REL_CACHE: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
+_REL_LOCK = threading.Lock()
 
 
 def _kernel_rel_table(rel_index: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    # an inference tensor has no version counter, so an in-place change could not be seen: no cache
     key = None if rel_index.is_inference() else (
         rel_index.untyped_storage().data_ptr(), rel_index.storage_offset(), rel_index.shape[0],
-        rel_index.stride(0), rel_index.device, rel_index._version)
-    hit = _REL_CACHE.get(key) if key is not None else None
-    if hit is not None:
-        _REL_CACHE.move_to_end(key)
-        return hit[1], hit[2]
+        rel_index.stride(0), rel_index.dtype, rel_index.device, rel_index._version)
+    with _REL_LOCK:
+        hit = _REL_CACHE.get(key) if key is not None else None
+        if hit is not None:
+            _REL_CACHE.move_to_end(key)
+            return hit[1], hit[2]
     rev = rel_index.flip(0).to(torch.int32)
     table = torch.cat([rev[:1].expand(REL_PAD), rev, rev[-1:].expand(REL_PAD)]).contiguous()
     monotone = bool((rev[1:] <= rev[:-1]).all())  # (one synchronisation per table, not per call)
     if key is not None:
-        _REL_CACHE[key] = (rel_index, table, monotone)
-        while len(_REL_CACHE) > 32:
-            _REL_CACHE.popitem(last=False)
+        with _REL_LOCK:
+            _REL_CACHE[key] = (rel_index, table, monotone)
+            while len(_REL_CACHE) > 32:
+                _REL_CACHE.popitem(last=False)
     return table, monotone
 
 
@@ -225,7 +242,9 @@ def deberta_attention(q, k, v, c2p=None, p2c=None, rel_index=None, qpos=None, ke
             table (``TRANSPOSED_TABLES``: the gathers of tiles far from the diagonal, where the
             bucket index barely changes, then read neighbouring addresses);
         rel_index: int32 ``[2 LK - 1]``, ``rel_index[r + LK - 1] = clamp(bucket(r) + S, 0, 2S - 1)``;
-        qpos: int32 ``[B, LQ]`` absolute query positions (None: ``0..LQ-1``);
+        qpos: int32 ``[B, LQ]`` absolute query positions (None: ``0..LQ-1``), in ``[0, LK)``: the
+            kernel clamps them there (a guard on its reads; it does not check them, which would
+            cost a synchronisation, so an out-of-range position gives the nearest one's result);
         key_mask: ``[B, LK]``, nonzero where a key is a real token (None: no padding).
     Returns ``[B, H, LQ, D]`` in q's dtype.
     """
@@ -245,18 +264,23 @@ def deberta_attention(q, k, v, c2p=None, p2c=None, rel_index=None, qpos=None, ke
         grid = lambda meta: (B * H, triton.cdiv(LQ, meta["BLOCK_M"]))  # noqa: E731
     else:
         grid = (B * H, triton.cdiv(LQ, _launch_config(q.dtype)[0]))
+    # 32-bit offsets inside one (batch, head) slice of each table, unless one could pass 2^31
+    wide = any(t is not None and (t.shape[2] - 1) * t.stride(2) + (t.shape[3] - 1) * t.stride(3) >= WIDE_OFFSETS
+               for t in (c2p, p2c))
     with on_device(q):
         _launch(grid, q, k, v, c, p, rel, x, m, out, c2p is not None, p2c is not None, qpos is not None,
-                key_mask is not None, monotone)
+                key_mask is not None, monotone, wide)
     return out
 
 
-def _launch(grid, q, k, v, c, p, rel, x, m, out, has_c2p, has_p2c, has_qpos, has_mask, monotone):
+def _launch(grid, q, k, v, c, p, rel, x, m, out, has_c2p, has_p2c, has_qpos, has_mask, monotone, wide):
     H, LQ, D = q.shape[1], q.shape[2], q.shape[3]
     LK = k.shape[2]
     tuned = _AUTOTUNE and not _INTERPRET
     kernel = _tuned_fwd if tuned else _deberta_attention_fwd
     bm, bn, warps, *stages = _launch_config(q.dtype)
+    if max(bm, bn) > REL_PAD:  # (the index table's padding must cover a tile past either end)
+        raise ValueError(f"deberta_attention: a {bm} x {bn} tile needs REL_PAD >= {max(bm, bn)}, it is {REL_PAD}")
     tiles = {} if tuned else {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps,
                               **({"num_stages": stages[0]} if stages else {})}
     kernel[grid](
@@ -266,13 +290,14 @@ def _launch(grid, q, k, v, c, p, rel, x, m, out, has_c2p, has_p2c, has_qpos, has
         c.stride(0), c.stride(1), c.stride(2), c.stride(3), p.stride(0), p.stride(1), p.stride(2), p.stride(3),
         m.stride(0), out.stride(0), out.stride(1), out.stride(2), x.stride(0),
         H, LQ, LK, D, LK - 1 + REL_PAD, _length_bucket(q.shape[0] * H, LQ, LK),
-        HAS_C2P=has_c2p, HAS_P2C=has_p2c, HAS_QPOS=has_qpos, HAS_MASK=has_mask, MONOTONE=monotone,
+        HAS_C2P=has_c2p, HAS_P2C=has_p2c, HAS_QPOS=has_qpos, HAS_MASK=has_mask, MONOTONE=monotone, WIDE=wide,
         **tiles, BLOCK_D=max(16, triton.next_power_of_2(D)), DOT_F32=_INTERPRET,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
 
 
 # the same kernel behind Triton's autotuner (used only with set_autotune(True) on a GPU)
+assert all(max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= REL_PAD for c in _CONFIGS)
 _tuned_fwd = triton.autotune(_CONFIGS, key=["D", "L_BUCKET", "HAS_C2P", "HAS_P2C", "HAS_QPOS", "HAS_MASK",
-                                             "MONOTONE"])(
+                                             "MONOTONE", "WIDE"])(
     _deberta_attention_fwd)

@@ -115,15 +115,23 @@ def test_backbone_with_column_major_tables(tiny):
 
 
 def _tiles_by_bucket(idx, LQ, LK, qpos, dtype):
-    """How many of the kernel's tiles (its launch for ``dtype``) have one bucket everywhere, and how
-    many have several: the uniform-tile shortcut serves the first kind only."""
-    from sppo_fast.kernels.deberta_attention import LAUNCH
+    """How many of the kernel's tiles (its launch for ``dtype``) take the uniform-tile shortcut, by
+    the kernel's own rule (the padded, reversed table at the tile's two corner distances, with rows
+    past LQ and masked query rows counted as the kernel counts them), and how many do not."""
+    from sppo_fast.kernels.deberta_attention import LAUNCH, REL_PAD, _kernel_rel_table
 
+    table, monotone = _kernel_rel_table(idx)
+    assert monotone  # DeBERTa's bucketing: the shortcut is on
     bm, bn = LAUNCH[dtype][:2]
-    rows = qpos[0].long() if qpos is not None else torch.arange(LQ)
-    grid = idx[rows[:, None] - torch.arange(LK)[None, :] + LK - 1]
-    one = sum(grid[i:i + bm, j:j + bn].unique().numel() == 1 for i in range(0, LQ, bm) for j in range(0, LK, bn))
-    return int(one), -(-LQ // bm) * -(-LK // bn) - int(one)
+    zero = LK - 1 + REL_PAD
+    one = several = 0
+    for m0 in range(0, LQ, bm):
+        rows = torch.arange(m0, m0 + bm)
+        pos = rows if qpos is None else torch.where(rows < LQ, qpos[0, rows.clamp(max=LQ - 1)].long(), 0)
+        for n0 in range(0, LK, bn):
+            same = table[n0 + bn - 1 - int(pos.min()) + zero] == table[n0 - int(pos.max()) + zero]
+            one, several = one + int(same), several + int(not same)
+    return one, several
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -150,6 +158,17 @@ def test_uniform_tiles_shortcut(dtype, case):
         out, ref, truth = out.cpu()[keep], ref[keep], truth[keep]
     atol = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
     assert_as_accurate(out.cpu(), ref, truth, atol=atol, what=f"uniform tiles {case} {dtype}")
+
+
+@pytest.mark.parametrize("case", ["subset", "padded"])
+def test_wide_table_offsets(monkeypatch, case):
+    """Tables whose offsets within one (batch, head) could pass 2^31 (a [L, B, H, 2S] layout seen as
+    [B, H, L, 2S] at large B H) take 64-bit offsets; 32-bit ones wrapped there. Such a table does not
+    fit a test, so the threshold is lowered to send ordinary ones down that path."""
+    from sppo_fast.kernels import deberta_attention as kda
+
+    monkeypatch.setattr(kda, "WIDE_OFFSETS", 0)
+    test_uniform_tiles_shortcut(torch.float32, case)
 
 
 def test_index_table_cache_sees_in_place_changes_and_inference_tensors():

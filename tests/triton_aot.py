@@ -118,19 +118,20 @@ def main() -> None:
     spills = []
     for dt, torch_dt in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)):
         block_m, block_n, warps = deberta_attention.LAUNCH[torch_dt]
-        for rel, qpos, mask, columns, monotone in ((True, False, True, False, True), (True, True, True, False, True),
-                                                   (False, False, True, False, True), (True, False, True, True, True),
-                                                   (True, False, False, False, False)):
+        for rel, qpos, mask, columns, monotone, wide in (
+                (True, False, True, False, True, False), (True, True, True, False, True, True),
+                (False, False, True, False, True, False), (True, False, True, True, True, False),
+                (True, False, False, False, False, False)):
             table_strides = {"s_cs": "i32", "s_ps": "i32"} if columns else {"s_cs": "constexpr", "s_ps": "constexpr"}
             usage = _compile(deberta_attention._deberta_attention_fwd,
                      {"Q": f"*{dt}", "K": f"*{dt}", "V": f"*{dt}", "C2P": f"*{dt}", "P2C": f"*{dt}",
                       "REL": "*i32", "QPOS": "*i32", "KMASK": "*i8", "OUT": f"*{dt}",
-                      **{k: "i64" for k in strides}, **table_strides, "H": "i32", "LQ": "i32", "LK": "i32", "D": "i32",
+                      **{k: "i32" for k in strides}, **table_strides, "H": "i32", "LQ": "i32", "LK": "i32", "D": "i32",
                       "REL_ZERO": "i32", "L_BUCKET": "i32", "HAS_C2P": "constexpr", "HAS_P2C": "constexpr",
-                      "HAS_QPOS": "constexpr", "HAS_MASK": "constexpr", "MONOTONE": "constexpr",
+                      "HAS_QPOS": "constexpr", "HAS_MASK": "constexpr", "MONOTONE": "constexpr", "WIDE": "constexpr",
                       "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr",
                       "DOT_F32": "constexpr", "PRECISION": "constexpr"},
-                     {"HAS_C2P": rel, "HAS_P2C": rel, "HAS_QPOS": qpos, "HAS_MASK": mask, "MONOTONE": monotone,
+                     {"HAS_C2P": rel, "HAS_P2C": rel, "HAS_QPOS": qpos, "HAS_MASK": mask, "MONOTONE": monotone, "WIDE": wide,
                       "BLOCK_M": block_m, "BLOCK_N": block_n,
                       "BLOCK_D": 64, "DOT_F32": False, "PRECISION": "ieee" if dt == "fp32" else "tf32",
                       **({} if columns else {"s_cs": 1, "s_ps": 1})},
@@ -139,7 +140,7 @@ def main() -> None:
             n += 1
             if usage is not None:
                 what = (f"{dt} rel={rel} qpos={qpos} mask={mask}" + (" column-major tables" if columns else "")
-                        + ("" if monotone else " non-monotone index"))
+                        + ("" if monotone else " non-monotone index") + (" 64-bit table offsets" if wide else ""))
                 loop = sorted(hot_loop_paths(usage[2]))  # (the shorter side is the uniform tiles')
                 per = " / ".join(f"{x * warps * 32 / (block_m * block_n):.1f}" for x in loop)
                 print(f"attention {what}: {usage[0]} registers, {usage[1]} stack bytes, "
