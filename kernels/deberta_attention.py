@@ -50,11 +50,20 @@ LAUNCH = {torch.float16: (64, 64, 4), torch.bfloat16: (64, 64, 4), torch.float32
 # Not yet measured, so LAUNCH above stays the default; the GPU benchmark times both (provider
 # "triton-autotune"). Never in the interpreter (its timings mean nothing).
 _AUTOTUNE = os.environ.get("SPPO_FAST_ATTN_AUTOTUNE") == "1"
-_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st, maxnreg=r)
-            for m, n, w, st, r in ((64, 64, 4, 3, None), (64, 64, 4, 2, None), (64, 64, 4, 1, None),
-                                   (64, 64, 4, 2, 128), (128, 64, 8, 3, None), (128, 64, 8, 2, 128),
-                                   (128, 32, 4, 3, None), (256, 64, 8, 2, None), (64, 32, 4, 3, None),
-                                   (32, 16, 4, 3, None))]
+
+
+def _config(m, n, w, st, r):
+    try:
+        return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st, maxnreg=r)
+    except TypeError:  # a Triton without maxnreg: the candidates that need it are left out
+        return None if r else triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+
+
+_CONFIGS = [c for c in (_config(*x) for x in ((64, 64, 4, 3, None), (64, 64, 4, 2, None), (64, 64, 4, 1, None),
+                                              (64, 64, 4, 2, 128), (128, 64, 8, 3, None), (128, 64, 8, 2, 128),
+                                              (128, 32, 4, 3, None), (256, 64, 8, 2, None), (64, 32, 4, 3, None),
+                                              (32, 16, 4, 3, None)))
+            if c is not None]
 # (sm_90 build, 16 bits: 64 x 64 over 4 warps takes 168 registers and 48-64 KB of shared memory with 2-3
 # stages, so three programs an SM; one stage saves 10% of the instructions; maxnreg=128 with 2 stages
 # fits four programs at a 16-byte spill. Which wins is for the GPU to say.)
