@@ -171,6 +171,30 @@ def test_kernels_compile_for_sm90():
             assert uniform < general < 45, line
 
 
+def test_sass_census_of_the_attention(tmp_path):
+    """benchmarks/sass_attention.py, the static sweep behind the attention's launch: one launch, its
+    rows written, the census consistent with the compile test's (no spill, a uniform-tile branch)."""
+    import csv
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "sass.csv"
+    script = Path(__file__).parents[1] / "benchmarks" / "sass_attention.py"
+    r = subprocess.run([sys.executable, str(script), "--launches", "64x64w4", "--out", str(out)],
+                       capture_output=True, text=True, env=env, timeout=600)
+    if r.returncode != 0 and "could not read the cubin" in r.stderr + r.stdout:
+        pytest.skip("Triton's bundled cuobjdump cannot read the cubin here")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = {(x["mode"], x["metric"]): float(x["value"]) for x in csv.DictReader(out.open())}
+    assert rows[("rel", "stack")] == 0 and rows[("no-rel", "stack")] == 0
+    assert 0 < rows[("rel", "instructions_uniform_tile")] < rows[("rel", "instructions_general_tile")]
+    assert rows[("no-rel", "instructions")] < rows[("rel", "instructions_uniform_tile")]
+    assert rows[("rel", "programs_per_sm")] >= 2
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's NumPy on log(0), -inf - -inf
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
 def test_ignore_index_values_and_all_neg_inf_rows(dtype, gen):

@@ -31,6 +31,12 @@ def _compile(fn, signature, constexprs, num_warps=4, divisible=()):
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in divisible}
     kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
                             target=TARGET, options={"num_warps": num_warps})
+    return _read_cubin(kernel)
+
+
+def _read_cubin(kernel):
+    """(registers, stack bytes a thread, SASS text) of a compiled kernel, or None where Triton's
+    bundled cuobjdump is missing or cannot read it."""
     if not os.path.exists(CUOBJDUMP) or "cubin" not in kernel.asm:
         return None
     try:
