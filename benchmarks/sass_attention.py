@@ -5,13 +5,14 @@ programs per SM, and the key loop's instructions per score, for a list of launch
     python benchmarks/sass_attention.py --launches 64x64w4s1 128x64w8 --dtype fp16
 
 Each launch is compiled as Triton's launcher would compile it for PairRM's shapes (16-byte aligned
-tensors, strides typed 32-bit and marked divisible by 16, head size 64; ``tests/triton_aot.py``'s
-``_compile``) and disassembled with Triton's bundled ``cuobjdump``. The instruction count is static:
+tensors, strides typed 32-bit and marked divisible by 16, head size 64: ``tests/triton_aot.py``'s
+``attention_build``, which its compile test uses too) and disassembled with Triton's bundled
+``cuobjdump``. The instruction count is static:
 instructions a thread issues per iteration of the key loop, divided by the scores a thread owns
 (BLOCK_M x BLOCK_N / threads), on each side of the uniform-tile branch. The fused attention is bound
 by issue and latency rather than by its tensor cores, so this is a proxy for time where no GPU is at
-hand; it says nothing of memory stalls, which only a GPU run measures. Programs per SM: the least of
-the register file (65536, in 256-register steps per warp), shared memory (227 KB) and 32 warps.
+hand; it says nothing of memory stalls, which only a GPU run measures. Programs per SM: the least that
+the register file, shared memory and the warp and program limits allow (``_programs_per_sm``).
 Rows go to ``benchmarks/results/deberta_attention-sass-sm90.csv`` (``harness.Row``; the device is
 "sm_90 build (no GPU)").
 """
@@ -34,10 +35,12 @@ DEFAULT_LAUNCHES = ["64x64w4", "64x64w4s2", "64x64w4s1", "128x64w8", "128x32w4",
 
 
 def _programs_per_sm(registers: int, warps: int, shared: int) -> int:
+    """sm_90: a 65536-register file allocated in 256-register steps per warp; 228 KB of shared memory,
+    1 KB of it reserved per program; at most 64 warps and 32 programs."""
     per_warp = -(-registers * 32 // 256) * 256
     by_regs = 65536 // (per_warp * warps)
-    by_smem = (227 * 1024) // max(shared + 1024, 1)  # (1 KB a program reserved by the driver)
-    return max(0, min(by_regs, by_smem, 32 // warps))
+    by_smem = (228 * 1024) // (shared + 1024)
+    return max(0, min(by_regs, by_smem, 64 // warps, 32))
 
 
 def main() -> None:
@@ -59,19 +62,7 @@ def main() -> None:
     env["device"] = "sm_90 build (no GPU)"
     env["torch"] = f"{env['torch']}, triton {triton.__version__}"
     dt = args.dtype
-    strides = ["s_qb", "s_qh", "s_qm", "s_kb", "s_kh", "s_kn", "s_vb", "s_vh", "s_vn", "s_cb", "s_ch", "s_cm",
-               "s_pb", "s_ph", "s_pn", "s_mb", "s_ob", "s_oh", "s_om", "s_xb"]
-    signature = {"Q": f"*{dt}", "K": f"*{dt}", "V": f"*{dt}", "C2P": f"*{dt}", "P2C": f"*{dt}", "REL": "*i32",
-                 "QPOS": "*i32", "KMASK": "*i8", "OUT": f"*{dt}", **{k: "i32" for k in strides},
-                 "s_cs": "constexpr", "s_ps": "constexpr", "H": "i32", "LQ": "i32", "LK": "i32", "D": "i32",
-                 "REL_ZERO": "i32", "L_BUCKET": "i32"}
-    signature.update({k: "constexpr" for k in ("HAS_C2P", "HAS_P2C", "HAS_QPOS", "HAS_MASK", "MONOTONE", "WIDE",
-                                               "BLOCK_M", "BLOCK_N", "BLOCK_D", "DOT_F32", "PRECISION")})
     fn = kda._deberta_attention_fwd
-    divisible = [n for n, t in signature.items() if t.startswith("*")] + [
-        "s_qb", "s_qh", "s_qm", "s_kb", "s_kh", "s_kn", "s_vb", "s_vh", "s_vn", "s_cb", "s_ch", "s_cm", "s_pb",
-        "s_ph", "s_pn", "s_ob", "s_oh", "s_om", "D"]
-    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in divisible}
     rows = []
     print(f"{'launch':<12}{'terms':<8}{'regs':>6}{'stack':>7}{'smem KB':>9}{'prog/SM':>9}  instructions a score")
     for spec in args.launches:
@@ -81,9 +72,8 @@ def main() -> None:
         bm, bn, warps = (int(g) for g in m.groups()[:3])
         options = {"num_warps": warps, **({"num_stages": int(m.group(4))} if m.group(4) else {})}
         for rel in (True, False):
-            constexprs = {"HAS_C2P": rel, "HAS_P2C": rel, "HAS_QPOS": False, "HAS_MASK": True, "MONOTONE": True,
-                          "WIDE": False, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": 64, "DOT_F32": False,
-                          "PRECISION": "ieee" if dt == "fp32" else "tf32", "s_cs": 1, "s_ps": 1}
+            signature, constexprs, divisible = aot.attention_build(dt, bm, bn, rel=rel)
+            attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in divisible}
             kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
                                     target=aot.TARGET, options=options)
             usage = aot._read_cubin(kernel)

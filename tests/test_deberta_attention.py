@@ -125,12 +125,16 @@ def _tiles_by_bucket(idx, LQ, LK, qpos, dtype):
     bm, bn = LAUNCH[dtype][:2]
     zero = LK - 1 + REL_PAD
     one = several = 0
-    for m0 in range(0, LQ, bm):
-        rows = torch.arange(m0, m0 + bm)
-        pos = rows if qpos is None else torch.where(rows < LQ, qpos[0, rows.clamp(max=LQ - 1)].long(), 0)
-        for n0 in range(0, LK, bn):
-            same = table[n0 + bn - 1 - int(pos.min()) + zero] == table[n0 - int(pos.max()) + zero]
-            one, several = one + int(same), several + int(not same)
+    for b in range(1 if qpos is None else qpos.shape[0]):
+        for m0 in range(0, LQ, bm):
+            rows = torch.arange(m0, m0 + bm)
+            if qpos is None:
+                pos = rows
+            else:  # (the kernel clamps positions into [0, LK); rows past LQ count as position 0)
+                pos = torch.where(rows < LQ, qpos[b, rows.clamp(max=LQ - 1)].long(), 0).clamp(0, LK - 1)
+            for n0 in range(0, LK, bn):
+                same = table[n0 + bn - 1 - int(pos.min()) + zero] == table[n0 - int(pos.max()) + zero]
+                one, several = one + int(same), several + int(not same)
     return one, several
 
 
@@ -160,15 +164,41 @@ def test_uniform_tiles_shortcut(dtype, case):
     assert_as_accurate(out.cpu(), ref, truth, atol=atol, what=f"uniform tiles {case} {dtype}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", ["subset", "padded"])
-def test_wide_table_offsets(monkeypatch, case):
+def test_wide_table_offsets(monkeypatch, case, dtype):
     """Tables whose offsets within one (batch, head) could pass 2^31 (a [L, B, H, 2S] layout seen as
     [B, H, L, 2S] at large B H) take 64-bit offsets; 32-bit ones wrapped there. Such a table does not
-    fit a test, so the threshold is lowered to send ordinary ones down that path."""
+    fit a test, so the threshold is lowered: the wrapper must choose the wide path exactly when a
+    table's last offset reaches it (row-major tables and transposed views alike), and the wide path
+    must agree with float64 truth."""
     from sppo_fast.kernels import deberta_attention as kda
 
-    monkeypatch.setattr(kda, "WIDE_OFFSETS", 0)
-    test_uniform_tiles_shortcut(torch.float32, case)
+    chosen = []
+    launch = kda._launch
+    monkeypatch.setattr(kda, "_launch", lambda *a: (chosen.append(a[-1]), launch(*a))[1])
+    shapes = {"subset": (1, 2, 20, 190, 16, 4), "padded": (2, 1, 150, 150, 16, 4)}[case]
+    B, H, LQ, LK, D, S = shapes
+    q, k, v, c2p, p2c, idx, qpos, mask = random_case(*shapes, subset=case == "subset", padded=case == "padded")
+    dev = TRITON_DEVICE
+    last = LK * 2 * S - 1  # the largest offset in one (batch, head) of the larger table, P2C [LK, 2S]
+    for columns in (False, True):
+        c, p = (t.to(dev, dtype) for t in (c2p, p2c))
+        if columns:
+            c, p = (t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in (c, p))
+        args = (q.to(dev, dtype), k.to(dev, dtype), v.to(dev, dtype), c, p, idx.to(dev),
+                qpos.to(dev) if qpos is not None else None, mask.to(dev) if mask is not None else None)
+        for threshold, wide in ((last + 1, False), (last, True)):
+            monkeypatch.setattr(kda, "WIDE_OFFSETS", threshold)
+            out = deberta_attention(*args)
+            assert chosen[-1] is wide, (columns, threshold)
+        truth = dense(q, k, v, c2p, p2c, idx, qpos, mask, torch.float64)
+        ref = dense(q, k, v, c2p, p2c, idx, qpos, mask, dtype)
+        if mask is not None:
+            keep = mask.bool()[:, None, :, None].expand_as(truth)
+            out, ref, truth = out.cpu()[keep], ref[keep], truth[keep]
+        atol = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+        assert_as_accurate(out.cpu(), ref, truth, atol=atol, what=f"wide offsets {case} {dtype} columns={columns}")
 
 
 def test_index_table_cache_sees_in_place_changes_and_inference_tensors():

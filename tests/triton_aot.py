@@ -82,6 +82,33 @@ def hot_loop_paths(sass: str) -> tuple[int, ...]:
     return (len(body),)
 
 
+ATTENTION_STRIDES = ["s_qb", "s_qh", "s_qm", "s_kb", "s_kh", "s_kn", "s_vb", "s_vh", "s_vn", "s_cb", "s_ch",
+                     "s_cm", "s_cs", "s_pb", "s_ph", "s_pn", "s_ps", "s_mb", "s_ob", "s_oh", "s_om", "s_xb"]
+
+
+def attention_build(dt, block_m, block_n, *, rel=True, qpos=False, mask=True, columns=False, monotone=True,
+                    wide=False):
+    """(signature, constexprs, divisible arguments) of the fused attention as Triton's launcher
+    builds it for PairRM's shapes: 16-byte aligned tensors, head size 64, strides below 2^31 typed
+    i32, those that are multiples of 16 (the model's and the row-major tables') marked so, and those
+    equal to 1 (the tables' stride along 2S, or along L for the transposed views of
+    ``columns``) made constants, as the launcher makes them."""
+    ones = {"s_cm": 1, "s_pn": 1} if columns else {"s_cs": 1, "s_ps": 1}
+    signature = {"Q": f"*{dt}", "K": f"*{dt}", "V": f"*{dt}", "C2P": f"*{dt}", "P2C": f"*{dt}", "REL": "*i32",
+                 "QPOS": "*i32", "KMASK": "*i8", "OUT": f"*{dt}",
+                 **{k: "constexpr" if k in ones else "i32" for k in ATTENTION_STRIDES},
+                 "H": "i32", "LQ": "i32", "LK": "i32", "D": "i32", "REL_ZERO": "i32", "L_BUCKET": "i32"}
+    flags = {"HAS_C2P": rel, "HAS_P2C": rel, "HAS_QPOS": qpos, "HAS_MASK": mask, "MONOTONE": monotone,
+             "WIDE": wide, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": 64, "DOT_F32": False,
+             "PRECISION": "ieee" if dt == "fp32" else "tf32"}
+    signature.update({k: "constexpr" for k in flags})
+    divisible = [n for n, t in signature.items() if t.startswith("*")] + [
+        "s_qb", "s_qh", "s_qm", "s_kb", "s_kh", "s_kn", "s_vb", "s_vh", "s_vn", "s_ob", "s_oh", "s_om", "D"]
+    if not columns:
+        divisible += ["s_cb", "s_ch", "s_cm", "s_pb", "s_ph", "s_pn"]
+    return signature, {**flags, **ones}, divisible
+
+
 def main() -> None:
     n = 0
     for dt in ("fp32", "bf16", "fp16", "fp64"):
@@ -113,36 +140,17 @@ def main() -> None:
                       "cpl_ptr": "*fp64", "tied_ptr": "*i8", "K": "i32", "sb": "i64", "si": "i64", "sj": "i64",
                       "DIRECT": "constexpr"}, {"DIRECT": direct}, num_warps=1)
             n += 1
-    strides = ["s_qb", "s_qh", "s_qm", "s_kb", "s_kh", "s_kn", "s_vb", "s_vh", "s_vn", "s_cb", "s_ch", "s_cm",
-               "s_pb", "s_ph", "s_pn", "s_mb", "s_ob", "s_oh", "s_om", "s_xb"]
-    # what PairRM's shapes give at run time: 16-byte aligned tensors, head size 64, model and table
-    # strides multiples of 16 (the length-dependent ones, and the transposed tables' stride, not)
-    divisible = ["Q", "K", "V", "C2P", "P2C", "REL", "QPOS", "KMASK", "OUT", "s_qb", "s_qh", "s_qm", "s_kb",
-                 "s_kh", "s_kn", "s_vb", "s_vh", "s_vn", "s_ob", "s_oh", "s_om", "D"]
-    # the tables' stride along 2S: 1 for row-major tables (Triton specialises an int equal to 1 into
-    # a constant, as below), a runtime value for the transposed views of TRANSPOSED_TABLES
     spills = []
     for dt, torch_dt in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)):
         block_m, block_n, warps = deberta_attention.LAUNCH[torch_dt]
         for rel, qpos, mask, columns, monotone, wide in (
-                (True, False, True, False, True, False), (True, True, True, False, True, True),
+                (True, False, True, False, True, False), (True, True, True, False, True, False),
                 (False, False, True, False, True, False), (True, False, True, True, True, False),
-                (True, False, False, False, False, False)):
-            table_strides = {"s_cs": "i32", "s_ps": "i32"} if columns else {"s_cs": "constexpr", "s_ps": "constexpr"}
-            usage = _compile(deberta_attention._deberta_attention_fwd,
-                     {"Q": f"*{dt}", "K": f"*{dt}", "V": f"*{dt}", "C2P": f"*{dt}", "P2C": f"*{dt}",
-                      "REL": "*i32", "QPOS": "*i32", "KMASK": "*i8", "OUT": f"*{dt}",
-                      **{k: "i32" for k in strides}, **table_strides, "H": "i32", "LQ": "i32", "LK": "i32", "D": "i32",
-                      "REL_ZERO": "i32", "L_BUCKET": "i32", "HAS_C2P": "constexpr", "HAS_P2C": "constexpr",
-                      "HAS_QPOS": "constexpr", "HAS_MASK": "constexpr", "MONOTONE": "constexpr", "WIDE": "constexpr",
-                      "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr",
-                      "DOT_F32": "constexpr", "PRECISION": "constexpr"},
-                     {"HAS_C2P": rel, "HAS_P2C": rel, "HAS_QPOS": qpos, "HAS_MASK": mask, "MONOTONE": monotone, "WIDE": wide,
-                      "BLOCK_M": block_m, "BLOCK_N": block_n,
-                      "BLOCK_D": 64, "DOT_F32": False, "PRECISION": "ieee" if dt == "fp32" else "tf32",
-                      **({} if columns else {"s_cs": 1, "s_ps": 1})},
-                     num_warps=warps, divisible=divisible + ([] if columns else ["s_cb", "s_ch", "s_cm", "s_pb",
-                                                                                  "s_ph", "s_pn"]))
+                (True, False, False, False, False, False), (True, True, True, False, True, True)):
+            signature, constexprs, divisible = attention_build(
+                dt, block_m, block_n, rel=rel, qpos=qpos, mask=mask, columns=columns, monotone=monotone, wide=wide)
+            usage = _compile(deberta_attention._deberta_attention_fwd, signature, constexprs, num_warps=warps,
+                             divisible=divisible)
             n += 1
             if usage is not None:
                 what = (f"{dt} rel={rel} qpos={qpos} mask={mask}" + (" column-major tables" if columns else "")
@@ -154,8 +162,7 @@ def main() -> None:
                 if usage[1]:
                     spills.append(what)
     print(f"compiled {n} kernel variants for sm_90")
-    # the fused attention's launch (deberta_attention.LAUNCH) must keep everything in registers:
-    # spilling is what the 4-warp launch did (336 bytes a thread in 16 bits, 8.6 KB in float32)
+    # the fused attention's launch (deberta_attention.LAUNCH) must keep everything in registers
     print("attention launches that spill:", ", ".join(spills) if spills else "none")
 
 
