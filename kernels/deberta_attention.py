@@ -306,7 +306,8 @@ def _launch(grid, q, k, v, c, p, rel, x, m, out, has_c2p, has_p2c, has_qpos, has
 
 
 # the same kernel behind Triton's autotuner (used only with set_autotune(True) on a GPU)
-assert all(max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= REL_PAD for c in _CONFIGS)
+if any(max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) > REL_PAD for c in _CONFIGS):  # (not an assert: -O)
+    raise RuntimeError("deberta_attention: an autotune tile is wider than the index table's padding")
 _tuned_fwd = triton.autotune(_CONFIGS, key=["D", "L_BUCKET", "HAS_C2P", "HAS_P2C", "HAS_QPOS", "HAS_MASK",
                                              "MONOTONE", "WIDE"])(
     _deberta_attention_fwd)
