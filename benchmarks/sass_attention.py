@@ -58,7 +58,15 @@ def main() -> None:
     import triton_aot as aot
     from sppo_fast.kernels import deberta_attention as kda
 
-    env = environment()
+    try:
+        env = environment()
+    except (AttributeError, ImportError, RuntimeError):  # (no native extension: only the ISA is missing)
+        import time
+
+        import torch
+
+        env = {"isa": "", "threads": torch.get_num_threads(), "torch": torch.__version__, "sppo_fast": "",
+               "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S")}
     env["device"] = "sm_90 build (no GPU)"
     env["torch"] = f"{env['torch']}, triton {triton.__version__}"
     dt = args.dtype

@@ -38,10 +38,10 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # The fixed launch, by input dtype: (BLOCK_M, BLOCK_N, num_warps). Chosen from the sm_90 build
 # (tests/triton_aot.py compiles it as the launcher specialises it at run time, and counts the hot
-# loop's instructions): 64 x 64 over 4 warps issues 21 (uniform tiles) to 27 instructions a score at
-# 168 registers, no spill, so three programs fit an SM (128 x 64 over 8 warps: 20 to 26 at 208
-# registers, one program an SM). The kernel timed on the H100 issued 65 at this launch. float32's
-# dot runs on the FMA units (~200 a score whatever the tile); 32 x 16 over 4 warps does not spill.
+# loop's instructions): 64 x 64 over 4 warps issues 21 (uniform tiles) to 27 instructions a score,
+# no spill: 168 registers with Triton 3.9 (three programs an SM), 252 with 3.6 (two, as the kernel
+# timed on the H100, which issued 65 with 3.9's build and 59 with 3.6's). float32's dot runs on the
+# FMA units (~200 a score whatever the tile); 32 x 16 over 4 warps does not spill.
 LAUNCH = {torch.float16: (64, 64, 4), torch.bfloat16: (64, 64, 4), torch.float32: (32, 16, 4)}
 
 # Opt-in (SPPO_FAST_ATTN_AUTOTUNE=1, or set_autotune(True)): let Triton's autotuner pick the tile
@@ -60,13 +60,14 @@ def _config(m, n, w, st, r):
 
 
 _CONFIGS = [c for c in (_config(*x) for x in ((64, 64, 4, 3, None), (64, 64, 4, 2, None), (64, 64, 4, 1, None),
-                                              (64, 64, 4, 2, 128), (128, 64, 8, 3, None), (128, 64, 8, 2, 128),
-                                              (128, 32, 4, 3, None), (256, 64, 8, 2, None), (64, 32, 4, 3, None),
-                                              (32, 16, 4, 3, None)))
+                                              (64, 64, 4, 2, 128), (64, 64, 4, 1, 168), (128, 64, 8, 3, None),
+                                              (128, 64, 8, 2, 128), (128, 32, 4, 3, None), (256, 64, 8, 2, None),
+                                              (64, 32, 4, 3, None), (32, 16, 4, 3, None)))
             if c is not None]
-# (sm_90 build, 16 bits: 64 x 64 over 4 warps takes 168 registers and 48-64 KB of shared memory with 2-3
-# stages, so three programs an SM; one stage saves 10% of the instructions; maxnreg=128 with 2 stages
-# fits four programs at a 16-byte spill. Which wins is for the GPU to say.)
+# (sm_90 builds, 16 bits, benchmarks/sass_attention.py. Triton 3.9: 64 x 64 over 4 warps takes 168
+# registers, so three programs an SM. Triton 3.6, the GPU machine's: 252, so two; maxnreg=168 makes
+# that three at a 40-80 byte spill, and 64 x 32 takes 168 at 30% more instructions. One stage saves a
+# few instructions and half the shared memory. Which wins is for the GPU to say.)
 
 
 # Opt-in (SPPO_FAST_ATTN_TABLES=transposed, or set_transposed_tables(True)): sppo_fast.deberta builds

@@ -161,6 +161,7 @@ def test_kernels_compile_for_sm90():
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     assert "compiled 34 kernel variants for sm_90" in r.stdout  # 16 log-prob/pairwise + 18 attention
+    print(r.stdout)  # (the census: registers, spills and instructions a score, by Triton version)
     if "stack bytes" in r.stdout:  # Triton's bundled cuobjdump read the cubins
         assert "attention launches that spill: none" in r.stdout, r.stdout
         for dt in ("bf16", "fp16"):
