@@ -36,8 +36,8 @@ from . import check_attention_inputs, on_device
 # Triton's interpreter multiplies 16-bit tl.dot operands wrongly: upcast there.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-# The fixed launch, by input dtype: (BLOCK_M, BLOCK_N, num_warps). Chosen from the sm_90 build
-# (tests/triton_aot.py compiles it as the launcher specialises it at run time, and counts the hot
+# The fixed launch, by input dtype: (BLOCK_M, BLOCK_N, num_warps[, num_stages]). Chosen from the sm_90
+# build (tests/triton_aot.py compiles it as the launcher specialises it at run time, and counts the hot
 # loop's instructions): 64 x 64 over 4 warps issues 21 (uniform tiles) to 27 instructions a score,
 # no spill: 168 registers with Triton 3.9 (three programs an SM), 252 with 3.6 (two, as the kernel
 # timed on the H100, which issued 65 with 3.9's build and 59 with 3.6's). float32's dot runs on the

@@ -157,8 +157,9 @@ def main() -> None:
                         + ("" if monotone else " non-monotone index") + (" 64-bit table offsets" if wide else ""))
                 loop = sorted(hot_loop_paths(usage[2]))  # (the shorter side is the uniform tiles')
                 per = " / ".join(f"{x * warps * 32 / (block_m * block_n):.1f}" for x in loop)
+                sides = " (uniform / general tiles)" if len(loop) == 2 else ""
                 print(f"attention {what}: {usage[0]} registers, {usage[1]} stack bytes, "
-                      f"{per} instructions a score in the key loop" + (" (uniform / general tiles)" if len(loop) == 2 else ""))
+                      f"{per} instructions a score in the key loop{sides}")
                 if usage[1]:
                     (opt_in_spills if columns else spills).append(f"{what} ({usage[1]} bytes)")
     print(f"compiled {n} kernel variants for sm_90 (Triton {triton.__version__})")
