@@ -134,15 +134,12 @@ def main() -> None:
 def _with_launch(spec: str, call, dtype):
     """``call`` with the fused kernel's fixed launch for ``dtype`` set to ``spec`` ("64x64w4", or
     "64x64w4s1" with the number of pipeline stages)."""
-    import re
-
     from sppo_fast.kernels import deberta_attention as kda
 
-    m = re.fullmatch(r"(\d+)x(\d+)w(\d+)(?:s(\d+))?", spec)
-    if not m:
-        raise SystemExit(f"--launches: expected BLOCK_MxBLOCK_NwWARPS[sSTAGES] such as 64x64w4 or 64x64w4s1, "
-                         f"got {spec!r}")
-    launch = tuple(int(g) for g in m.groups() if g is not None)
+    try:
+        launch = kda.parse_launch(spec)
+    except ValueError as exc:
+        raise SystemExit(f"--launches: {exc}") from None
 
     def run():
         saved = kda.LAUNCH[dtype]

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -74,11 +73,11 @@ def main() -> None:
     rows = []
     print(f"{'launch':<12}{'terms':<8}{'regs':>6}{'stack':>7}{'smem KB':>9}{'prog/SM':>9}  instructions a score")
     for spec in args.launches:
-        m = re.fullmatch(r"(\d+)x(\d+)w(\d+)(?:s(\d+))?", spec)
-        if not m:
-            raise SystemExit(f"--launches: expected BLOCK_MxBLOCK_NwWARPS[sSTAGES], got {spec!r}")
-        bm, bn, warps = (int(g) for g in m.groups()[:3])
-        options = {"num_warps": warps, **({"num_stages": int(m.group(4))} if m.group(4) else {})}
+        try:
+            bm, bn, warps, *stages = kda.parse_launch(spec)
+        except ValueError as exc:
+            raise SystemExit(f"--launches: {exc}") from None
+        options = {"num_warps": warps, **({"num_stages": stages[0]} if stages else {})}
         for rel in (True, False):
             signature, constexprs, divisible = aot.attention_build(dt, bm, bn, rel=rel)
             attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in divisible}

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import os
+import re
 import threading
 
 import torch
@@ -43,6 +44,21 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # timed on the H100, which issued 65 with 3.9's build and 59 with 3.6's). float32's dot runs on the
 # FMA units (~200 a score whatever the tile); 32 x 16 over 4 warps does not spill.
 LAUNCH = {torch.float16: (64, 64, 4), torch.bfloat16: (64, 64, 4), torch.float32: (32, 16, 4)}
+
+
+def parse_launch(spec: str) -> tuple[int, ...]:
+    """``"64x64w4"`` -> ``(64, 64, 4)``; ``"64x64w4s1"`` -> ``(64, 64, 4, 1)`` (BLOCK_M x BLOCK_N,
+    warps, and optionally pipeline stages)."""
+    m = re.fullmatch(r"(\d+)x(\d+)w(\d+)(?:s(\d+))?", spec.strip())
+    if not m:
+        raise ValueError(f"an attention launch is BLOCK_MxBLOCK_NwWARPS[sSTAGES], such as 64x64w4 or "
+                         f"64x64w4s1; got {spec!r}")
+    return tuple(int(g) for g in m.groups() if g is not None)
+
+
+# SPPO_FAST_ATTN_LAUNCH=64x32w4 (say): the 16-bit launch, without editing LAUNCH (for timing one)
+if os.environ.get("SPPO_FAST_ATTN_LAUNCH"):
+    LAUNCH[torch.float16] = LAUNCH[torch.bfloat16] = parse_launch(os.environ["SPPO_FAST_ATTN_LAUNCH"])
 
 # Opt-in (SPPO_FAST_ATTN_AUTOTUNE=1, or set_autotune(True)): let Triton's autotuner pick the tile
 # shape, warps and pipeline stages on the GPU, once per head size, set of terms and power-of-two
@@ -260,7 +276,6 @@ def deberta_attention(q, k, v, c2p=None, p2c=None, rel_index=None, qpos=None, ke
     """
     check_attention_inputs(q, k, v, c2p, p2c, rel_index, qpos, key_mask, any_table_layout=True)
     B, H, LQ, D = q.shape
-    LK = k.shape[2]
     out = torch.empty(B, H, LQ, D, device=q.device, dtype=q.dtype)
     dummy = q
     c = c2p if c2p is not None else dummy

@@ -201,6 +201,27 @@ def test_wide_table_offsets(monkeypatch, case, dtype):
         assert_as_accurate(out.cpu(), ref, truth, atol=atol, what=f"wide offsets {case} {dtype} columns={columns}")
 
 
+def test_launch_from_the_environment():
+    """SPPO_FAST_ATTN_LAUNCH sets the 16-bit launch (for timing one without editing LAUNCH); a
+    malformed one is refused at import, naming the format."""
+    import os
+    import subprocess
+    import sys
+
+    from sppo_fast.kernels.deberta_attention import parse_launch
+
+    assert parse_launch("64x32w4") == (64, 32, 4) and parse_launch(" 64x64w4s1 ") == (64, 64, 4, 1)
+    code = ("import torch; from sppo_fast.kernels import deberta_attention as k; "
+            "print(k.LAUNCH[torch.bfloat16], k.LAUNCH[torch.float16], k.LAUNCH[torch.float32])")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "SPPO_FAST_ATTN_LAUNCH": "64x32w4s1"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split("\n")[0] == "(64, 32, 4, 1) (64, 32, 4, 1) (32, 16, 4)"
+    env["SPPO_FAST_ATTN_LAUNCH"] = "64by32"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode != 0 and "BLOCK_MxBLOCK_NwWARPS" in r.stderr
+
+
 def test_index_table_cache_sees_in_place_changes_and_inference_tensors():
     """The kernel's reversed, padded copy of rel_index is cached per tensor: an in-place change to the
     index must reach the kernel, and an index made under torch.inference_mode (no version counter)
