@@ -120,6 +120,11 @@ step "PairRM ranking, DeBERTa-v3-large shapes (#6, #7)" 150 sh -c "python benchm
 step "fused_linear_sppo_loss V=32000 (#5)" 110 bash -c "bench_linear 32000 ${LINEAR_32000:-}"
 step "DeBERTa attention, large shapes, bf16 (#7)" 90 sh -c "TRITON_PRINT_AUTOTUNING=1 python benchmarks/bench_deberta_attention.py --cuda --model large --launches 64x64w4s1 64x64w4s2 64x32w4 128x64w8 \
   --out '$OUT_DIR/deberta_attention-large-cuda.csv' > '$OUT_DIR/bench-attention.log' 2>&1; s=\$?; tail -26 '$OUT_DIR/bench-attention.log'; exit \$s"
+# the ranking again with the narrower tile (three programs an SM in Triton 3.6, at more instructions):
+# whether occupancy or instructions bound the attention inside the whole forward
+step "PairRM ranking, attention launch 64x32w4 (#6)" 45 sh -c "SPPO_FAST_ATTN_LAUNCH=64x32w4 python benchmarks/bench_pairrm.py \
+  --cuda --model large --prompts 32 --providers sppo-fast --out '$OUT_DIR/pairrm-large-cuda-launch64x32w4.csv' \
+  > '$OUT_DIR/bench-pairrm-64x32w4.log' 2>&1; s=\$?; tail -3 '$OUT_DIR/bench-pairrm-64x32w4.log'; exit \$s"
 # the vocabulary pass's slabs (recompute mode, #5's default): the widest slab's budget (64 MiB by
 # default: 2048 columns at N = 16384, 26 slabs) and the narrowest slab, one cuda row each
 step "fused_linear_sppo_loss slab sweep" 80 bash -c "for o in '--vocab-pass-mib 256' '--vocab-pass-mib 1024' \
