@@ -174,9 +174,9 @@ def _deberta_attention_fwd(
             # REL is the padded, reversed index table: REL[j - i + REL_ZERO] = idx(i - j), so a warp's
             # reads run along the keys and none needs a mask (the masked version of the old kernel
             # was laid out against the dot: 64-bit pointers through shared memory, the softmax twice).
-            # The relative terms enter as the accumulator of q k^T. (A dot of its own in each branch
-            # saves 3 instructions a score on general tiles but takes 208 registers: two programs an
-            # SM instead of three. Folding the key mask into the terms costs more than the select.)
+            # The relative terms enter as the accumulator of q k^T. (A dot of its own in each branch,
+            # with the uniform tile's two columns added after it, issues more instructions in the
+            # Triton 3.6 and 3.9 builds; so does folding the key mask into the terms.)
             if WIDE:
                 p_rows = p_base + tl.minimum(offs_n, LK - 1).to(tl.int64) * s_pn
             else:
