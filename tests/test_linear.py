@@ -47,6 +47,13 @@ def _tol(k: str, dtype: torch.dtype) -> tuple[float, float]:
     inputs."""
     if dtype in (torch.bfloat16, torch.float16) and k in ("loss", "policy"):
         return (1e-3, 1e-5) if k == "policy" else (1e-3, 1e-3)
+    if dtype == torch.float32 and k.startswith("d_"):
+        # float32 gradients: sums of ~1000 products in another order than the reference's. Their
+        # excess over the reference's own error, as a share of the largest entry: at most 8.7e-7 over
+        # 2160 runs (60 seeds x every case here), and 1.2e-6 for seed 3127311254 (d_hidden,
+        # accumulate, sppo_single, bias), which failed CI at a bound of 1e-6: 16 ulps of the largest
+        # entry leaves room for that tail
+        return 1e-6, 2e-6
     t = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
     return t, t
 
