@@ -2,13 +2,13 @@
 # The GPU check: run once per session on the lent GPU machine (H100 / H200); it stops starting new
 # steps after BUDGET seconds (default 540), so that the whole run stays inside the 600 s of one device call.
 #   bash benchmarks/gpu_check.sh [OUT_DIR]      (default: $OUT, else benchmarks/results/gpu)
-# In order: build with CUDA; the tests that use the GPU; three SPPO iterations on the GPU; profiles
-# (torch.profiler) of fused_linear_sppo_loss and of PairRM ranking; the open issues' benchmarks
-# (PairRM ranking against LLM-Blender with a sweep of the bucket budget; fused_linear_sppo_loss at
-# N = 16384, H = 4096, V = 32000, bf16, against the three GEMMs, the eager reference, Liger-Kernel and
-# cut-cross-entropy when their wheels were carried over; DeBERTa-v3-large attention at L = 1024, 2048
-# and 4096 against Hugging Face's eager attention and FlashDeBERTa; V = 128256); fused_sppo_loss
-# (N = 16384, bf16); the CUDA tests under compute-sanitizer memcheck. The CSVs, profiles and logs are
+# In order: build with CUDA; the tests that use the GPU; DeBERTa-v3-large attention at L = 1024, 2048
+# and 4096 against Hugging Face's eager attention and FlashDeBERTa; PairRM ranking against LLM-Blender
+# with a sweep of the bucket budget, and again at another attention launch; a torch.profiler table of
+# the ranking; three SPPO iterations on the GPU; fused_linear_sppo_loss at N = 16384, H = 4096,
+# V = 32000, bf16, against the three GEMMs, the eager reference, Liger-Kernel and cut-cross-entropy
+# when their wheels were carried over, its profile, a sweep of its slabs and V = 128256;
+# fused_sppo_loss (N = 16384, bf16); the CUDA tests under compute-sanitizer memcheck. The CSVs, profiles and logs are
 # bundled after every step, however the script ends, into OUT_DIR/gpu_check.tar.gz, with summary.txt
 # beside it: the device tool brings back at most 8 files. A short table is printed last. Commit the
 # CSVs under benchmarks/results/ with the card's name.
@@ -77,8 +77,8 @@ for m in mods:
 print("not importable:", "; ".join(missing) if missing else "none")
 PY
 
-# The open issues' targets first, then the GPU tests, then the rest: a step that would pass the
-# budget is cut short, and the lower ones are skipped.
+# The steps run in the order of what matters most (below): a step that would pass the budget is cut
+# short, and the lower ones are skipped.
 bench_linear() {  # V [PROVIDERS...]
   local V=$1; shift
   python benchmarks/bench_fused_linear.py --cuda --B 8 --T 1024 --H 4096 --V "$V" --dtype bfloat16 \
@@ -96,20 +96,17 @@ export -f bench_sppo bench_linear
 export OUT_DIR PYTHONUNBUFFERED=1
 
 # The order follows what the last GPU session (H100, 2026-11-27) left open: its fixes and the attention
-# kernel rewritten since (the tests) and the whole pipeline first, then profiles for the two misses
-# (#5's default mode against Liger-Kernel, #6's 10x), then the issues' benchmarks again. The attention
+# kernel rewritten since (the tests), then what closes #7 and measures #6 with that kernel (the
+# attention, the ranking twice, the ranking's profile), then the pipeline, #5 and the rest (the last
+# call ran out of its 540 s before the attention step, and needed a second call). The attention
 # step times the default launch (64x64w4, 3 stages: 20-28 instructions a score in Triton 3.6's sm_90
 # build, against 59 for the kernel timed on 2026-11-27) beside fewer stages, a narrower tile (three
 # programs an SM in 3.6 instead of two) and a wider one.
 XDIST=$(python -c "import xdist" 2>/dev/null && echo "-n 8")
 step "GPU tests" 150 sh -c "SPPO_FAST_GPU_TESTS_ONLY=1 python -m pytest -q $XDIST -m 'not slow' -rfEs ${TESTS:-tests} > '$OUT_DIR/pytest.log' 2>&1; \
   s=\$?; grep -E '^(FAILED|ERROR)' '$OUT_DIR/pytest.log' | head -15; tail -2 '$OUT_DIR/pytest.log'; exit \$s"
-step "three SPPO iterations on the GPU (tiny policy, tiny PairRM)" 45 sh -c "python -m sppo_fast demo --quiet \
-  --set runs_dir=/tmp/gpu_runs ranker=pairrm-tiny > '$OUT_DIR/demo.log' 2>&1; s=\$?; tail -6 '$OUT_DIR/demo.log'; exit \$s"
-step "profile fused_linear_sppo_loss (recompute) V=32000" 40 sh -c "python benchmarks/profile_gpu.py linear \
-  --out '$OUT_DIR/profile-linear.txt' > '$OUT_DIR/profile-linear.log' 2>&1; s=\$?; sed -n 4,14p '$OUT_DIR/profile-linear.txt'; exit \$s"
-step "profile PairRM ranking" 60 sh -c "python benchmarks/profile_gpu.py pairrm \
-  --out '$OUT_DIR/profile-pairrm.txt' > '$OUT_DIR/profile-pairrm.log' 2>&1; s=\$?; sed -n 4,14p '$OUT_DIR/profile-pairrm.txt'; exit \$s"
+step "DeBERTa attention, large shapes, bf16 (#7)" 90 sh -c "TRITON_PRINT_AUTOTUNING=1 python benchmarks/bench_deberta_attention.py --cuda --model large --launches 64x64w4s1 64x64w4s2 64x32w4 128x64w8 \
+  --out '$OUT_DIR/deberta_attention-large-cuda.csv' > '$OUT_DIR/bench-attention.log' 2>&1; s=\$?; tail -26 '$OUT_DIR/bench-attention.log'; exit \$s"
 # LLM-Blender at batch size 1 (the yardstick of the scores), the engine at its default and three other
 # budgets, then LLM-Blender's batch size 4 (its best, 1.04 prompts/s on the H100)
 step "PairRM ranking, DeBERTa-v3-large shapes (#6, #7)" 150 sh -c "python benchmarks/bench_pairrm.py --cuda --model large \
@@ -117,14 +114,18 @@ step "PairRM ranking, DeBERTa-v3-large shapes (#6, #7)" 150 sh -c "python benchm
   --providers llm-blender sppo-fast sppo-fast-transposed sppo-fast-autotune \
   --sweep-budgets 16777216 33554432 134217728 --out '$OUT_DIR/pairrm-large-cuda.csv' > '$OUT_DIR/bench-pairrm.log' 2>&1; \
   s=\$?; tail -12 '$OUT_DIR/bench-pairrm.log'; exit \$s"
-step "fused_linear_sppo_loss V=32000 (#5)" 110 bash -c "bench_linear 32000 ${LINEAR_32000:-}"
-step "DeBERTa attention, large shapes, bf16 (#7)" 90 sh -c "TRITON_PRINT_AUTOTUNING=1 python benchmarks/bench_deberta_attention.py --cuda --model large --launches 64x64w4s1 64x64w4s2 64x32w4 128x64w8 \
-  --out '$OUT_DIR/deberta_attention-large-cuda.csv' > '$OUT_DIR/bench-attention.log' 2>&1; s=\$?; tail -26 '$OUT_DIR/bench-attention.log'; exit \$s"
 # the ranking again with the narrower tile (three programs an SM in Triton 3.6, at more instructions):
 # whether occupancy or instructions bound the attention inside the whole forward
 step "PairRM ranking, attention launch 64x32w4 (#6)" 45 sh -c "SPPO_FAST_ATTN_LAUNCH=64x32w4 python benchmarks/bench_pairrm.py \
   --cuda --model large --prompts 32 --providers sppo-fast --out '$OUT_DIR/pairrm-large-cuda-launch64x32w4.csv' \
   > '$OUT_DIR/bench-pairrm-64x32w4.log' 2>&1; s=\$?; tail -3 '$OUT_DIR/bench-pairrm-64x32w4.log'; exit \$s"
+step "profile PairRM ranking" 60 sh -c "python benchmarks/profile_gpu.py pairrm \
+  --out '$OUT_DIR/profile-pairrm.txt' > '$OUT_DIR/profile-pairrm.log' 2>&1; s=\$?; sed -n 4,14p '$OUT_DIR/profile-pairrm.txt'; exit \$s"
+step "three SPPO iterations on the GPU (tiny policy, tiny PairRM)" 45 sh -c "python -m sppo_fast demo --quiet \
+  --set runs_dir=/tmp/gpu_runs ranker=pairrm-tiny > '$OUT_DIR/demo.log' 2>&1; s=\$?; tail -6 '$OUT_DIR/demo.log'; exit \$s"
+step "fused_linear_sppo_loss V=32000 (#5)" 110 bash -c "bench_linear 32000 ${LINEAR_32000:-}"
+step "profile fused_linear_sppo_loss (recompute) V=32000" 40 sh -c "python benchmarks/profile_gpu.py linear \
+  --out '$OUT_DIR/profile-linear.txt' > '$OUT_DIR/profile-linear.log' 2>&1; s=\$?; sed -n 4,14p '$OUT_DIR/profile-linear.txt'; exit \$s"
 # the vocabulary pass's slabs (recompute mode, #5's default): the widest slab's budget (64 MiB by
 # default: 2048 columns at N = 16384, 26 slabs) and the narrowest slab, one cuda row each
 step "fused_linear_sppo_loss slab sweep" 80 bash -c "for o in '--vocab-pass-mib 256' '--vocab-pass-mib 1024' \
