@@ -18,6 +18,19 @@ pytest.importorskip("triton")
 from sppo_fast.kernels.deberta_attention import deberta_attention  # noqa: E402
 
 
+ATOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
+
+
+def _assert_real_rows(out, ref, truth, mask, *, atol, what):
+    """The kernel's output against float64 truth, no further off than the same-dtype reference plus
+    ``atol``, on the rows of real queries only (padded ones are never read)."""
+    out = out.cpu()
+    if mask is not None:
+        keep = mask.bool()[:, None, :, None].expand_as(truth)
+        out, ref, truth = out[keep], ref[keep], truth[keep]
+    assert_as_accurate(out, ref, truth, atol=atol, what=what)
+
+
 @pytest.fixture(scope="module")
 def tiny():
     model, tok = prm.tiny_pairrm(seed=0)
@@ -38,7 +51,7 @@ def test_kernel_against_dense_truth(dtype, case):
     dev = TRITON_DEVICE
     out = deberta_attention(*(t.to(dev, dtype) for t in (q, k, v, c2p, p2c)), idx.to(dev),
                             qpos.to(dev) if qpos is not None else None, mask.to(dev) if mask is not None else None)
-    atol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}[dtype]
+    atol = ATOL[dtype]
     if case == "huge" and dtype != torch.float32:
         # scores ~1e3, where a 16-bit ulp is 0.5-4: the softmax is near one-hot and which input
         # rounding wins decides the output; the point here is that nothing overflows
@@ -49,10 +62,7 @@ def test_kernel_against_dense_truth(dtype, case):
         # the scores; an H100 gave 3.9e-5 against the reference's 4.1e-6 (a wrong bucket or a lost
         # term errs by O(1))
         atol = 1e-4
-    if mask is not None:  # rows of padded queries are never read; compare real ones
-        keep = mask.bool()[:, None, :, None].expand_as(truth)
-        out, ref, truth = out.cpu()[keep], ref[keep], truth[keep]
-    assert_as_accurate(out.cpu(), ref, truth, atol=atol, what=f"{case} {dtype}")
+    _assert_real_rows(out, ref, truth, mask, atol=atol, what=f"{case} {dtype}")
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (the interpreter does not autotune)")
@@ -74,11 +84,7 @@ def test_autotuned_launch_matches_float64_truth(dtype, case):
         out = deberta_attention(*args).cpu()
     finally:
         kda.set_autotune(False)
-    if mask is not None:
-        keep = mask.bool()[:, None, :, None].expand_as(truth)
-        out, ref, truth = out[keep], ref[keep], truth[keep]
-    atol = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
-    assert_as_accurate(out, ref, truth, atol=atol, what=f"autotuned {case} {dtype}")
+    _assert_real_rows(out, ref, truth, mask, atol=ATOL[dtype], what=f"autotuned {case} {dtype}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -96,11 +102,7 @@ def test_column_major_tables(dtype, case):
     assert c_t.stride(-2) == 1 and c_t.stride(-1) == c_t.shape[-2]  # column-major, as deberta.py makes them
     out = deberta_attention(q.to(dev, dtype), k.to(dev, dtype), v.to(dev, dtype), c_t, p_t, idx.to(dev),
                             qpos.to(dev) if qpos is not None else None, mask.to(dev) if mask is not None else None)
-    if mask is not None:
-        keep = mask.bool()[:, None, :, None].expand_as(truth)
-        out, ref, truth = out.cpu()[keep], ref[keep], truth[keep]
-    atol = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
-    assert_as_accurate(out.cpu(), ref, truth, atol=atol, what=f"column-major {case} {dtype}")
+    _assert_real_rows(out, ref, truth, mask, atol=ATOL[dtype], what=f"column-major {case} {dtype}")
 
 
 def test_backbone_with_column_major_tables(tiny):
@@ -157,11 +159,7 @@ def test_uniform_tiles_shortcut(dtype, case):
     dev = TRITON_DEVICE
     out = deberta_attention(*(t.to(dev, dtype) for t in (q, k, v, c2p, p2c)), idx.to(dev),
                             qpos.to(dev) if qpos is not None else None, mask.to(dev) if mask is not None else None)
-    if mask is not None:
-        keep = mask.bool()[:, None, :, None].expand_as(truth)
-        out, ref, truth = out.cpu()[keep], ref[keep], truth[keep]
-    atol = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
-    assert_as_accurate(out.cpu(), ref, truth, atol=atol, what=f"uniform tiles {case} {dtype}")
+    _assert_real_rows(out, ref, truth, mask, atol=ATOL[dtype], what=f"uniform tiles {case} {dtype}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -194,11 +192,7 @@ def test_wide_table_offsets(monkeypatch, case, dtype):
             assert chosen[-1] is wide, (columns, threshold)
         truth = dense(q, k, v, c2p, p2c, idx, qpos, mask, torch.float64)
         ref = dense(q, k, v, c2p, p2c, idx, qpos, mask, dtype)
-        if mask is not None:
-            keep = mask.bool()[:, None, :, None].expand_as(truth)
-            out, ref, truth = out.cpu()[keep], ref[keep], truth[keep]
-        atol = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
-        assert_as_accurate(out.cpu(), ref, truth, atol=atol, what=f"wide offsets {case} {dtype} columns={columns}")
+        _assert_real_rows(out, ref, truth, mask, atol=ATOL[dtype], what=f"wide offsets {case} {dtype} columns={columns}")
 
 
 def test_launch_from_the_environment():
