@@ -11,7 +11,9 @@ Providers (same module weights, same inputs, relative-position embeddings alread
 - ``triton``: the fused kernel (CUDA only): no [L, L] tensor; ``triton-autotune``: the same with
   Triton's autotuner choosing tiles, warps and stages (opt-in, ``SPPO_FAST_ATTN_AUTOTUNE=1``);
   ``triton-transposed``: with the position tables built as [2S, L] (opt-in,
-  ``SPPO_FAST_ATTN_TABLES=transposed``); ``--launches``: at given fixed launches;
+  ``SPPO_FAST_ATTN_TABLES=transposed``); ``--launches``: at given fixed launches; with
+  ``--padded``, ``triton`` masks by the rows' lengths (as the ranker does: right padding) and
+  ``triton-general-mask`` by loading the key mask;
 - ``cpp``: the CPU kernel in ``sppo_fast._C`` (CPU only): no [L, L] tensor;
 - ``flashdeberta``: FlashDeBERTa's attention when the package is installed (``pip install flashdeberta``).
 Rows: median time (ms, 20/80% quantiles) and, on CUDA, peak memory beyond the inputs (MiB).
@@ -73,17 +75,19 @@ def main() -> None:
         if args.padded:
             mask2[-1, L - L // 10:] = 0
         key_mask = mask2.bool() if args.padded else None
+        key_len = mask2.sum(1, dtype=torch.int32) if args.padded else None  # right padding, as the engine's
         ext = enc.get_attention_mask(mask2)
         rel_pos = build_relative_position(x, x, bucket_size=config.position_buckets,
                                           max_position=enc.max_relative_positions)
         calls = {
             "hf": lambda: attn(x, ext, relative_pos=rel_pos, rel_embeddings=rel_emb)[0],
             "torch": lambda: deberta.attention(attn, x, rel_emb, key_mask, None, "torch"),
-            "triton": lambda: deberta.attention(attn, x, rel_emb, key_mask, None, "triton"),
+            "triton": lambda: deberta.attention(attn, x, rel_emb, key_mask, None, "triton", key_len),
+            "triton-general-mask": lambda: deberta.attention(attn, x, rel_emb, key_mask, None, "triton"),
             "triton-autotune": lambda: _with_switch("set_autotune", lambda: deberta.attention(
-                attn, x, rel_emb, key_mask, None, "triton")),
+                attn, x, rel_emb, key_mask, None, "triton", key_len)),
             "triton-transposed": lambda: _with_switch("set_transposed_tables", lambda: deberta.attention(
-                attn, x, rel_emb, key_mask, None, "triton")),
+                attn, x, rel_emb, key_mask, None, "triton", key_len)),
             "cpp": lambda: deberta.attention(attn, x, rel_emb, key_mask, None, "cpp"),
         }
         for spec in args.launches:

@@ -47,6 +47,9 @@ def main() -> None:
     p.add_argument("--launches", nargs="*", default=DEFAULT_LAUNCHES,
                    help="BLOCK_MxBLOCK_NwWARPS[sSTAGES], e.g. 64x64w4 or 64x64w4s1 (default: a sweep)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--mask", default="len", choices=["len", "mask", "none"],
+                   help="padding as key lengths (the ranker's right-padded batches, default), as a general "
+                        "key mask, or none")
     p.add_argument("--out", type=Path, default=HERE / "results" / "deberta_attention-sass-sm90.csv")
     args = p.parse_args()
     os.environ.pop("TRITON_INTERPRET", None)
@@ -79,7 +82,8 @@ def main() -> None:
             raise SystemExit(f"--launches: {exc}") from None
         options = {"num_warps": warps, **({"num_stages": stages[0]} if stages else {})}
         for rel in (True, False):
-            signature, constexprs, divisible = aot.attention_build(dt, bm, bn, rel=rel)
+            mask = {"len": "len", "mask": True, "none": False}[args.mask]
+            signature, constexprs, divisible = aot.attention_build(dt, bm, bn, rel=rel, mask=mask)
             attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in divisible}
             kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
                                     target=aot.TARGET, options=options)
@@ -94,7 +98,7 @@ def main() -> None:
             terms = "rel" if rel else "no-rel"
             print(f"{spec:<12}{terms:<8}{regs:>6}{stack:>7}{shared / 1024:>9.0f}{progs:>9}  "
                   + " / ".join(f"{x:.1f}" for x in per) + ("  (uniform / general tiles)" if len(per) == 2 else ""))
-            shape = f"{dt} D=64 mask"
+            shape = f"{dt} D=64 mask={args.mask}"
             base = dict(op="deberta_attention-sass", provider=spec, mode=terms, shape=shape, **env)
             rows += [Row(metric="registers", value=regs, unit="per thread", **base),
                      Row(metric="stack", value=stack, unit="bytes per thread", **base),

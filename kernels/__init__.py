@@ -16,7 +16,8 @@ def on_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
-def check_attention_inputs(q, k, v, c2p, p2c, rel_index, qpos, key_mask, *, any_table_layout=False) -> None:
+def check_attention_inputs(q, k, v, c2p, p2c, rel_index, qpos, key_mask, *, any_table_layout=False,
+                           key_len=None) -> None:
     """The inputs of the fused DeBERTa attention (Triton's, or the CPU kernel in ``sppo_fast._C``):
     shapes, dtypes, devices and the unit strides the kernels assume, named when wrong. With
     ``any_table_layout`` (Triton's kernel) the ``[L, 2S]`` tables may be column-major (views of
@@ -26,12 +27,13 @@ def check_attention_inputs(q, k, v, c2p, p2c, rel_index, qpos, key_mask, *, any_
     B, H, LQ, D = q.shape
     LK = k.shape[2] if k.dim() == 4 else -1
     want = {"k": (B, H, LK, D), "v": (B, H, LK, D), "qpos": (B, LQ), "key_mask": (B, LK),
-            "rel_index": (2 * LK - 1,)}
+            "rel_index": (2 * LK - 1,), "key_len": (B,)}
     if c2p is not None:
         want["c2p"] = (B, H, LQ, c2p.shape[-1])
     if p2c is not None:
         want["p2c"] = (B, H, LK, p2c.shape[-1])
-    given = {"k": k, "v": v, "c2p": c2p, "p2c": p2c, "rel_index": rel_index, "qpos": qpos, "key_mask": key_mask}
+    given = {"k": k, "v": v, "c2p": c2p, "p2c": p2c, "rel_index": rel_index, "qpos": qpos, "key_mask": key_mask,
+             "key_len": key_len}
     for name, t in given.items():
         if t is None:
             continue
@@ -49,7 +51,9 @@ def check_attention_inputs(q, k, v, c2p, p2c, rel_index, qpos, key_mask, *, any_
         t = given[name]
         if t is not None and t.dtype != q.dtype:
             raise ValueError(f"{name}: expected q's dtype {q.dtype}, got {t.dtype}")
-    for name in ("rel_index", "qpos"):
+    if key_mask is not None and key_len is not None:
+        raise ValueError("key_mask and key_len: pass one of them (key_len is a right-padded batch's mask)")
+    for name in ("rel_index", "qpos", "key_len"):
         t = given[name]
         if t is not None and t.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"{name}: expected int32 or int64, got {t.dtype}")

@@ -11,8 +11,8 @@ c2p because the log-bucketing is odd, ``bucket(-r) = -bucket(r)``). One program 
 queries and walks the keys in blocks, flash-attention style: ``q k^T`` by ``tl.dot``, with the two
 relative terms as its accumulator, gathered from the ``[L, 2S]`` tables with the index read from a
 table of ``idx(r)`` (exactly Hugging Face's float32 bucketing, built once on the host, reversed and
-padded here so the reads run along the keys and need no mask), the padding mask, and an online
-softmax in float32; the ``[BLOCK_M, BLOCK_N]`` scores live only in registers. Far from the diagonal
+padded here so the reads run along the keys and need no mask), the padding mask (for a right-padded
+batch, the rows' lengths: a compare in the last key block only), and an online softmax in float32; the ``[BLOCK_M, BLOCK_N]`` scores live only in registers. Far from the diagonal
 every distance of a tile falls in the same (clamped) bucket; the kernel sees that from the tile's two
 corners and reads one column of each table instead of gathering. Memory is linear in L: the two
 tables, the index and the output.
@@ -39,10 +39,11 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # The fixed launch, by input dtype: (BLOCK_M, BLOCK_N, num_warps[, num_stages]). Chosen from the sm_90
 # build (tests/triton_aot.py compiles it as the launcher specialises it at run time, and counts the hot
-# loop's instructions): 64 x 64 over 4 warps issues 21 (uniform tiles) to 27 instructions a score,
-# no spill: 168 registers with Triton 3.9 (three programs an SM), 252 with 3.6 (two, as the kernel
-# timed on the H100, which issued 65 with 3.9's build and 59 with 3.6's). float32's dot runs on the
-# FMA units (~200 a score whatever the tile); 32 x 16 over 4 warps does not spill.
+# loop's instructions): 64 x 64 over 4 warps issues 16-18 (uniform tiles) to 24-25 instructions a
+# score with right padding given as key lengths (the ranker's), 168 registers and no spill in both
+# Triton 3.6 and 3.9: three programs an SM (the kernel timed on the H100 issued 59 in 3.6's build
+# at 230 registers, two programs an SM). float32's dot runs on the FMA units (~200 a score whatever
+# the tile); 32 x 16 over 4 warps does not spill.
 LAUNCH = {torch.float16: (64, 64, 4), torch.bfloat16: (64, 64, 4), torch.float32: (32, 16, 4)}
 
 
@@ -80,10 +81,10 @@ _CONFIGS = [c for c in (_config(*x) for x in ((64, 64, 4, 3, None), (64, 64, 4, 
                                               (128, 64, 8, 2, 128), (128, 32, 4, 3, None), (256, 64, 8, 2, None),
                                               (64, 32, 4, 3, None), (32, 16, 4, 3, None)))
             if c is not None]
-# (sm_90 builds, 16 bits, benchmarks/sass_attention.py. Triton 3.9: 64 x 64 over 4 warps takes 168
-# registers, so three programs an SM. Triton 3.6, the GPU machine's: 252, so two; maxnreg=168 makes
-# that three at a 40-80 byte spill, and 64 x 32 takes 168 at 30% more instructions. One stage saves a
-# few instructions and half the shared memory. Which wins is for the GPU to say.)
+# (sm_90 builds, 16 bits, benchmarks/sass_attention.py: 64 x 64 over 4 warps takes 168 registers in
+# Triton 3.6 and 3.9, three programs an SM; one stage takes 128-140 and half the shared memory (four
+# programs an SM in 3.9); 64 x 32 fits four at 15-25% more instructions a score; 128 x 64 over 8
+# warps issues a few percent fewer, one program an SM. Which wins is for the GPU to say.)
 
 
 # Opt-in (SPPO_FAST_ATTN_TABLES=transposed, or set_transposed_tables(True)): sppo_fast.deberta builds
@@ -121,12 +122,12 @@ def set_autotune(enabled: bool) -> None:
 
 @triton.jit
 def _deberta_attention_fwd(
-    Q, K, V, C2P, P2C, REL, QPOS, KMASK, OUT,
+    Q, K, V, C2P, P2C, REL, QPOS, KMASK, KLEN, OUT,
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
     s_cb, s_ch, s_cm, s_cs, s_pb, s_ph, s_pn, s_ps, s_mb, s_ob, s_oh, s_om, s_xb,
     H, LQ, LK, D, REL_ZERO, L_BUCKET,
     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, HAS_QPOS: tl.constexpr, HAS_MASK: tl.constexpr,
-    MONOTONE: tl.constexpr, WIDE: tl.constexpr,
+    HAS_KLEN: tl.constexpr, MONOTONE: tl.constexpr, WIDE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -153,6 +154,13 @@ def _deberta_attention_fwd(
         c_rows = C2P + b * s_cb + h * s_ch + tl.minimum(offs_m, LQ - 1).to(tl.int64) * s_cm
     else:
         c_rows = C2P + b * s_cb + h * s_ch + (tl.minimum(offs_m, LQ - 1) * s_cm).to(tl.int32)
+    # keys past the row's length (a right-padded batch, KLEN) are masked by a compare: one per
+    # column, where a general mask (KMASK) costs a byte load, its address and a test per column
+    # that a thread holds (16 of them at 64 x 64 over 4 warps: ~2.5 instructions a score)
+    if HAS_KLEN:
+        k_end = tl.minimum(tl.load(KLEN + b), LK)
+    else:
+        k_end = LK
     q_lo = tl.min(qpos, 0)
     q_hi = tl.max(qpos, 0)
     # running max starts at a large finite negative number: fully masked blocks give 0, not NaN
@@ -209,10 +217,11 @@ def _deberta_attention_fwd(
             s = tl.dot(q, tl.trans(k), acc=bias, input_precision=PRECISION)
         else:
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        key_ok = n_ok
         if HAS_MASK:
-            key_ok = key_ok & (tl.load(KMASK + b * s_mb + offs_n, mask=n_ok, other=0) != 0)
-        s = tl.where(key_ok[None, :], s, float("-inf"))
+            key_ok = n_ok & (tl.load(KMASK + b * s_mb + offs_n, mask=n_ok, other=0) != 0)
+            s = tl.where(key_ok[None, :], s, float("-inf"))
+        elif start + BLOCK_N > k_end:  # (uniform branch: only the blocks that reach past the keys)
+            s = tl.where((offs_n < k_end)[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.math.exp2((m_i - m_new) * 1.4426950408889634)
         p = tl.math.exp2(s * 1.4426950408889634 - (m_new * 1.4426950408889634)[:, None])
@@ -257,7 +266,7 @@ def _kernel_rel_table(rel_index: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return table, monotone
 
 
-def deberta_attention(q, k, v, c2p=None, p2c=None, rel_index=None, qpos=None, key_mask=None):
+def deberta_attention(q, k, v, c2p=None, p2c=None, rel_index=None, qpos=None, key_mask=None, key_len=None):
     """``softmax(q k^T + c2p + p2c, masked) @ v`` without materialising any [LQ, LK] tensor.
 
     Args (``B`` batch, ``H`` heads, ``LQ`` queries, ``LK`` keys, ``D`` head size, ``S`` buckets):
@@ -271,10 +280,12 @@ def deberta_attention(q, k, v, c2p=None, p2c=None, rel_index=None, qpos=None, ke
         qpos: int32 ``[B, LQ]`` absolute query positions (None: ``0..LQ-1``), in ``[0, LK)``: the
             kernel clamps them there (a guard on its reads; it does not check them, which would
             cost a synchronisation, so an out-of-range position gives the nearest one's result);
-        key_mask: ``[B, LK]``, nonzero where a key is a real token (None: no padding).
+        key_mask: ``[B, LK]``, nonzero where a key is a real token (None: no padding);
+        key_len: int ``[B]``, the same for a right-padded batch, cheaper: keys ``j >= key_len[b]``
+            are padding (values past ``LK`` count as ``LK``). At most one of the two.
     Returns ``[B, H, LQ, D]`` in q's dtype.
     """
-    check_attention_inputs(q, k, v, c2p, p2c, rel_index, qpos, key_mask, any_table_layout=True)
+    check_attention_inputs(q, k, v, c2p, p2c, rel_index, qpos, key_mask, any_table_layout=True, key_len=key_len)
     B, H, LQ, D = q.shape
     out = torch.empty(B, H, LQ, D, device=q.device, dtype=q.dtype)
     dummy = q
@@ -285,6 +296,7 @@ def deberta_attention(q, k, v, c2p=None, p2c=None, rel_index=None, qpos=None, ke
         return out
     rel, monotone = _kernel_rel_table(rel_index) if rel_index is not None else (dummy, False)
     x = qpos if qpos is not None else rel
+    n = key_len.to(torch.int32).contiguous() if key_len is not None else rel
     if _AUTOTUNE and not _INTERPRET:
         grid = lambda meta: (B * H, triton.cdiv(LQ, meta["BLOCK_M"]))  # noqa: E731
     else:
@@ -293,12 +305,12 @@ def deberta_attention(q, k, v, c2p=None, p2c=None, rel_index=None, qpos=None, ke
     wide = any(t is not None and (t.shape[2] - 1) * t.stride(2) + (t.shape[3] - 1) * t.stride(3) >= WIDE_OFFSETS
                for t in (c2p, p2c))
     with on_device(q):
-        _launch(grid, q, k, v, c, p, rel, x, m, out, c2p is not None, p2c is not None, qpos is not None,
-                key_mask is not None, monotone, wide)
+        _launch(grid, q, k, v, c, p, rel, x, m, n, out, c2p is not None, p2c is not None, qpos is not None,
+                key_mask is not None, key_len is not None, monotone, wide)
     return out
 
 
-def _launch(grid, q, k, v, c, p, rel, x, m, out, has_c2p, has_p2c, has_qpos, has_mask, monotone, wide):
+def _launch(grid, q, k, v, c, p, rel, x, m, n, out, has_c2p, has_p2c, has_qpos, has_mask, has_klen, monotone, wide):
     H, LQ, D = q.shape[1], q.shape[2], q.shape[3]
     LK = k.shape[2]
     tuned = _AUTOTUNE and not _INTERPRET
@@ -309,13 +321,14 @@ def _launch(grid, q, k, v, c, p, rel, x, m, out, has_c2p, has_p2c, has_qpos, has
     tiles = {} if tuned else {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps,
                               **({"num_stages": stages[0]} if stages else {})}
     kernel[grid](
-        q, k, v, c, p, rel, x, m, out,
+        q, k, v, c, p, rel, x, m, n, out,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         c.stride(0), c.stride(1), c.stride(2), c.stride(3), p.stride(0), p.stride(1), p.stride(2), p.stride(3),
         m.stride(0), out.stride(0), out.stride(1), out.stride(2), x.stride(0),
         H, LQ, LK, D, LK - 1 + REL_PAD, _length_bucket(q.shape[0] * H, LQ, LK),
-        HAS_C2P=has_c2p, HAS_P2C=has_p2c, HAS_QPOS=has_qpos, HAS_MASK=has_mask, MONOTONE=monotone, WIDE=wide,
+        HAS_C2P=has_c2p, HAS_P2C=has_p2c, HAS_QPOS=has_qpos, HAS_MASK=has_mask, HAS_KLEN=has_klen,
+        MONOTONE=monotone, WIDE=wide,
         **tiles, BLOCK_D=max(16, triton.next_power_of_2(D)), DOT_F32=_INTERPRET,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
@@ -325,5 +338,5 @@ def _launch(grid, q, k, v, c, p, rel, x, m, out, has_c2p, has_p2c, has_qpos, has
 if any(max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) > REL_PAD for c in _CONFIGS):  # (not an assert: -O)
     raise RuntimeError("deberta_attention: an autotune tile is wider than the index table's padding")
 _tuned_fwd = triton.autotune(_CONFIGS, key=["D", "L_BUCKET", "HAS_C2P", "HAS_P2C", "HAS_QPOS", "HAS_MASK",
-                                             "MONOTONE", "WIDE"])(
+                                             "HAS_KLEN", "MONOTONE", "WIDE"])(
     _deberta_attention_fwd)

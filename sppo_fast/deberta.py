@@ -91,13 +91,15 @@ def _heads(x: Tensor, H: int) -> Tensor:
 
 
 def attention(attn, hidden: Tensor, rel_embeddings: Tensor, key_mask: Optional[Tensor],
-              rows: Optional[Tensor] = None, impl: str = "torch") -> Tensor:
+              rows: Optional[Tensor] = None, impl: str = "torch", key_len: Optional[Tensor] = None) -> Tensor:
     """One ``DisentangledSelfAttention`` (``attn``) forward: ``[B, L, D] -> [B, Lq, D]``.
 
     ``key_mask [B, L]`` bool (``None``: no padding); ``rows [B, Lq]`` the query positions to compute
     (``None``: all). ``impl``: ``"torch"`` (gathers on ``[B, H, Lq, L]`` tensors), or a fused kernel
     with no ``[Lq, L]`` tensor: ``"triton"`` (:mod:`sppo_fast.kernels.deberta_attention`, CUDA) or
-    ``"cpp"`` (the CPU kernel in ``sppo_fast._C``, float32/float64).
+    ``"cpp"`` (the CPU kernel in ``sppo_fast._C``, float32/float64). ``key_len [B]``: where
+    ``key_mask`` is right padding, its rows' lengths (Triton's kernel then masks by a compare, and
+    only in the last key block, instead of loading the mask).
     """
     B, L, _ = hidden.shape
     H = attn.num_attention_heads
@@ -108,7 +110,7 @@ def attention(attn, hidden: Tensor, rel_embeddings: Tensor, key_mask: Optional[T
     k = _heads(attn.key_proj(hidden), H)
     v = _heads(attn.value_proj(hidden), H)
     if impl in ("triton", "cpp"):
-        return _fused_attention(attn, q, k, v, rel_embeddings, key_mask, rows, scale, impl)
+        return _fused_attention(attn, q, k, v, rel_embeddings, key_mask, rows, scale, impl, key_len)
     scores = q @ k.transpose(-1, -2)  # [B, H, Lq, L]
     if attn.relative_attention and types:
         span = attn.pos_ebd_size
@@ -135,7 +137,7 @@ def attention(attn, hidden: Tensor, rel_embeddings: Tensor, key_mask: Optional[T
 
 def _fused_attention(attn, q: Tensor, k: Tensor, v: Tensor, rel_embeddings: Tensor,
                      key_mask: Optional[Tensor], rows: Optional[Tensor], scale: float,
-                     impl: str = "triton") -> Tensor:
+                     impl: str = "triton", key_len: Optional[Tensor] = None) -> Tensor:
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, rel_embeddings)):
         raise RuntimeError(f"attn_impl {impl!r}: the fused attention kernels are inference only (no "
                            "gradient); use 'torch' or 'hf' to differentiate, or run under torch.no_grad()")
@@ -163,10 +165,13 @@ def _fused_attention(attn, q: Tensor, k: Tensor, v: Tensor, rel_embeddings: Tens
             pos_q = pos_q * (1.0 / scale)
             p2c = (pos_q @ k.transpose(-1, -2)).transpose(-1, -2) if transposed else k @ pos_q.transpose(-1, -2)
     qpos = rows.to(torch.int32).contiguous() if rows is not None else None
-    mask = key_mask.to(torch.int8).contiguous() if key_mask is not None else None
     v = v.to(q.dtype)
     k = k.to(q.dtype)
-    ctx = deberta_attention(q, k, v, c2p, p2c, rel_index, qpos, mask)  # [B, H, Lq, d]
+    if impl == "triton" and key_len is not None and key_mask is not None:
+        ctx = deberta_attention(q, k, v, c2p, p2c, rel_index, qpos, key_len=key_len)  # [B, H, Lq, d]
+    else:
+        mask = key_mask.to(torch.int8).contiguous() if key_mask is not None else None
+        ctx = deberta_attention(q, k, v, c2p, p2c, rel_index, qpos, mask)
     return ctx.transpose(1, 2).reshape(B, Lq, -1)
 
 
@@ -181,13 +186,15 @@ ENCODE_IMPLS = ("torch", "triton", "cpp")
 
 def encode(backbone, input_ids: Tensor, attention_mask: Tensor,
            query_positions: Optional[Tensor] = None, impl: str = "torch",
-           padded: Optional[bool] = None) -> Tensor:
+           padded: Optional[bool | str] = None) -> Tensor:
     """Final hidden states of ``backbone`` (a ``DebertaV2Model``) in eval mode.
 
     Returns ``[B, L, D]``, or ``[B, Q, D]`` at ``query_positions [B, Q]`` (the last layer is then
     computed only there). Equals ``backbone(input_ids, attention_mask).last_hidden_state`` (gathered).
     ``impl``: the attention, ``"torch"``, ``"triton"`` or ``"cpp"`` (see :func:`attention`). ``padded``:
-    whether any key is masked out, if the caller knows (else found out here, one host sync).
+    whether any key is masked out (``True``/``False``), or ``"right"`` where moreover every row of
+    the mask is ones then zeros (right padding, which the Triton kernel masks more cheaply), if the
+    caller knows; ``None``: found out here (one host sync).
     """
     if impl not in ENCODE_IMPLS:
         raise ValueError(f"impl: expected one of {ENCODE_IMPLS}, got {impl!r}")
@@ -195,16 +202,24 @@ def encode(backbone, input_ids: Tensor, attention_mask: Tensor,
     if getattr(enc, "conv", None) is not None or getattr(backbone, "z_steps", 0) > 1:
         raise NotImplementedError("DeBERTa convolution layers and z_steps are not supported; use the "
                                   "Hugging Face attention implementation")
+    if padded not in (None, True, False, "right"):
+        raise ValueError(f"padded: expected None, True, False or 'right', got {padded!r}")
     mask = attention_mask.bool()
-    if padded is None:
-        padded = not bool(mask.all())  # one host sync, which saves an [L, L] pass where nothing is masked
+    lengths = None
+    if padded is None or padded == "right":
+        lengths = mask.sum(1, dtype=torch.int32)
+    if padded is None:  # one host sync, which saves an [L, L] pass where nothing is masked
+        cols = torch.arange(mask.shape[1], device=mask.device)
+        some, right = torch.stack([~mask.all(), (mask == (cols < lengths[:, None])).all()]).tolist()
+        padded = ("right" if right else True) if some else False
     key_mask = mask if padded else None
+    key_len = lengths if padded == "right" else None
     h = backbone.embeddings(input_ids=input_ids, mask=attention_mask)
     rel_emb = enc.get_rel_embedding()
     n = len(enc.layer)
     for i, layer in enumerate(enc.layer):
         rows = query_positions if i == n - 1 else None
-        ctx = attention(layer.attention.self, h, rel_emb, key_mask, rows, impl)
+        ctx = attention(layer.attention.self, h, rel_emb, key_mask, rows, impl, key_len)
         residual = h if rows is None else torch.gather(h, 1, rows[..., None].expand(-1, -1, h.shape[-1]))
         a = layer.attention.output(ctx, residual)
         h = layer.output(layer.intermediate(a), a)

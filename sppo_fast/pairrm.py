@@ -139,7 +139,7 @@ class PairRM(DebertaV2PreTrainedModel):
         self.post_init()
 
     def pair_logits(self, input_ids: Tensor, attention_mask: Tensor, positions: Tensor, *,
-                    attn_impl: Optional[str] = None, padded: Optional[bool] = None) -> Tensor:
+                    attn_impl: Optional[str] = None, padded: Optional[bool | str] = None) -> Tensor:
         """``M`` for each row: ``input_ids, attention_mask [N, L]``, ``positions [N, 3]`` (the
         indices of the source, candidate-1 and candidate-2 markers). Returns ``[N]`` float32
         (float64 for a float64 model).
@@ -150,7 +150,8 @@ class PairRM(DebertaV2PreTrainedModel):
         with the CPU attention kernel of ``sppo_fast._C``, float32/float64) or ``"hf"``
         (Hugging Face's eager forward, as LLM-Blender runs it). Same weights, same result up to float rounding. Default: ``"torch"``
         in eval mode, ``"hf"`` in training mode (the inference path has no dropout). ``padded``: whether
-        the mask has any 0, if the caller knows (saves a host sync; see :func:`sppo_fast.deberta.encode`).
+        the mask has any 0, or ``"right"`` for right padding, if the caller knows (saves a host sync;
+        see :func:`sppo_fast.deberta.encode`).
         """
         if attn_impl is None:
             attn_impl = "hf" if self.training else "torch"
@@ -578,7 +579,8 @@ class PairRMRanker:
     def _forward(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> Tensor:
         """float32 logits ``[rows]``, left on the device (no host sync)."""
         dev = self.device
-        padded = not bool(mask.all())  # known here on the host: no device sync for it
+        # known here on the host, no device sync: every row is right-padded (see _run_rows)
+        padded = "right" if not mask.all() else False
         t = [torch.from_numpy(x).to(dev, non_blocking=True) for x in (ids, mask, pos)]
         with torch.inference_mode(), torch.autocast(dev.type, dtype=self.autocast_dtype or torch.float32,
                                                     enabled=self.autocast_dtype is not None):

@@ -264,6 +264,35 @@ def test_kernel_without_relative_terms_and_all_masked_keys():
     torch.testing.assert_close(out[0].double(), truth[0], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("subset", [False, True])
+def test_key_lengths_equal_the_right_padding_mask(dtype, subset):
+    """``key_len`` (a right-padded batch, the ranker's: masked by a compare in the last key block
+    only) gives the key mask's result bit for bit, held to float64 truth too: lengths on a block's
+    first and last key, one key, every key, past LK (counts as LK) and none (zeros, finite)."""
+    from sppo_fast.kernels import deberta_attention as kda
+
+    bn = kda._launch_config(dtype)[1]
+    L = 2 * bn + 22  # three key blocks, the last one partial
+    lengths = torch.tensor([L, bn, bn + 1, 1, 2 * bn - 1, L + 5, 0])
+    B = len(lengths)
+    q, k, v, c2p, p2c, idx, qpos, _ = random_case(B, 2, 5 if subset else L, L, 32, 16, subset=subset, seed=3)
+    mask = (torch.arange(L)[None] < lengths[:, None]).to(torch.int8)
+    dev = TRITON_DEVICE
+    args = [t.to(dev, dtype) for t in (q, k, v, c2p, p2c)] + [idx.to(dev), qpos.to(dev) if subset else None]
+    by_len = deberta_attention(*args, key_len=lengths.to(dev, torch.int32)).cpu()
+    by_mask = deberta_attention(*args, key_mask=mask.to(dev)).cpu()
+    assert torch.equal(by_len, by_mask)
+    assert torch.equal(deberta_attention(*args, key_len=lengths.to(dev)).cpu(), by_len)  # int64 lengths
+    assert torch.isfinite(by_len).all() and (by_len[-1] == 0).all()  # no key at all
+    live = slice(0, B - 1)
+    truth = dense(q[live], k[live], v[live], c2p[live], p2c[live], idx, qpos[live] if subset else None,
+                  mask[live], torch.float64)
+    ref = dense(q[live], k[live], v[live], c2p[live], p2c[live], idx, qpos[live] if subset else None,
+                mask[live], dtype)
+    assert_as_accurate(by_len[live], ref, truth, atol=ATOL[dtype], what=f"key_len {dtype}")
+
+
 def test_kernel_names_inputs_it_cannot_read():
     """Strides, shapes and dtypes the kernel would misread raise, naming the input (a stride-2
     key mask used to give a silently wrong output)."""
@@ -290,6 +319,12 @@ def test_kernel_names_inputs_it_cannot_read():
         deberta_attention(q, k, v, c2p)
     with pytest.raises(ValueError, match="c2p: the last dimension must be contiguous .* transposed view"):
         deberta_attention(q, k, v, torch.cat([c2p, c2p], -1)[..., ::2], p2c, idx)  # neither dim unit-stride
+    with pytest.raises(ValueError, match="key_mask and key_len: pass one of them"):
+        deberta_attention(q, k, v, c2p, p2c, idx, key_mask=mask[:, :17], key_len=torch.ones(2, device=dev))
+    with pytest.raises(ValueError, match=r"key_len: expected shape \(2,\)"):
+        deberta_attention(q, k, v, c2p, p2c, idx, key_len=torch.ones(3, dtype=torch.int32, device=dev))
+    with pytest.raises(ValueError, match="key_len: expected int32 or int64"):
+        deberta_attention(q, k, v, c2p, p2c, idx, key_len=torch.ones(2, device=dev))
     assert deberta_attention(q[:0], k[:0], v[:0], c2p[:0], p2c[:0], idx).shape == (0, 2, 17, 32)
 
 
@@ -334,6 +369,44 @@ def test_backbone_with_fused_attention(tiny, config, impl="triton"):
     rows = torch.arange(len(lengths))[:, None]
     assert_as_accurate(fused[valid], hf32[valid], truth[valid], atol=2e-5, what=config)
     assert_as_accurate(pooled, hf32[rows, pos], truth[rows, pos], atol=2e-5, what=f"{config} pooled")
+
+
+def test_encode_masks_right_padding_by_length(tiny, monkeypatch):
+    """``encode`` hands Triton's kernel the lengths of a right-padded mask (found out, or told
+    ``padded="right"``) and the mask itself otherwise (told ``padded=True``, or a mask with a hole,
+    as Hugging Face allows): the same hidden states either way, held to float64 truth."""
+    from sppo_fast.kernels import deberta_attention as kda
+
+    model, m64, ids, mask, _ = deberta_case(tiny, "pairrm", (90, 41, 70))
+    seen = []
+    real = kda.deberta_attention
+
+    def spy(*args, key_mask=None, key_len=None, **kw):
+        if len(args) > 7:  # (the mask, passed positionally)
+            args, key_mask = args[:7], args[7]
+        seen.append("len" if key_len is not None else "mask" if key_mask is not None else "none")
+        return real(*args, key_mask=key_mask, key_len=key_len, **kw)
+
+    monkeypatch.setattr(kda, "deberta_attention", spy)
+    dev = TRITON_DEVICE
+    enc = model.pretrained_model.to(dev)
+    holed = mask.clone()
+    holed[1, 10] = 0  # a key masked inside the row: not right padding
+    out = {}
+    with torch.no_grad():
+        for name, m, padded in (("found", mask, None), ("told", mask, "right"), ("mask", mask, True),
+                                ("holed", holed, None)):
+            seen.clear()
+            out[name] = deberta.encode(enc, ids.to(dev), m.to(dev), impl="triton", padded=padded).cpu().double()
+            assert set(seen) == {"len" if name in ("found", "told") else "mask"}, (name, seen)
+        truth = m64.pretrained_model(input_ids=ids, attention_mask=holed).last_hidden_state
+        hf32 = model.pretrained_model.cpu()(input_ids=ids, attention_mask=holed).last_hidden_state.double()
+    assert torch.equal(out["found"], out["told"]) and torch.equal(out["found"], out["mask"])
+    valid = holed.bool()  # (the masked query's own row is never read: Hugging Face zeroes its attention)
+    assert_as_accurate(out["holed"][valid], hf32[valid], truth[valid], atol=2e-5, what="mask with a hole")
+    assert (out["holed"][valid] - out["mask"][valid]).abs().max() > 1e-3  # the hole did change the result
+    with pytest.raises(ValueError, match="padded: expected None, True, False or 'right'"):
+        deberta.encode(enc, ids.to(dev), mask.to(dev), impl="triton", padded="left")
 
 
 def test_ranker_with_fused_attention_matches(tiny):

@@ -61,25 +61,47 @@ _BRANCH = re.compile(r"^(@!?U?P\w+\s+)?BRA\s+(0x[0-9a-f]+)")
 
 def hot_loop_paths(sass: str) -> tuple[int, ...]:
     """Instructions a thread issues per iteration of the kernel's longest loop, along each side of
-    the first if/else inside it (one number when there is none). A static proxy for the kernel's
-    cost where, as in the fused attention, it is bound by issue rather than by the tensor cores."""
+    the first if/else inside it (one number when there is none), taking the shortest way through
+    any other branch of the iteration (in the fused attention: skipping the padding mask, which
+    only the last key block runs). A static proxy for the kernel's cost where, as in the fused
+    attention, it is bound by issue rather than by the tensor cores."""
     code = [(int(a, 16), t) for a, t in _SASS_LINE.findall(sass)]
     back = [(int(m.group(2), 16), a) for a, t in code if (m := _BRANCH.match(t)) and int(m.group(2), 16) < a]
     if not back:
         return ()
     lo, hi = max(back, key=lambda r: r[1] - r[0])
     body = [(a, t) for a, t in code if lo <= a <= hi]
-    for a, t in body:
+    at = {a: n for n, (a, _) in enumerate(body)}
+
+    def shortest(n: int, forced: dict) -> int:
+        """Instructions from body[n] to the end of the iteration, the shortest way (``forced``:
+        the branches whose way is fixed, index -> taken)."""
+        count = 0
+        while n < len(body):
+            count += 1
+            m = _BRANCH.match(body[n][1])
+            target = int(m.group(2), 16) if m else -1
+            if not m or not lo < target <= hi or target <= body[n][0]:
+                n += 1  # not a branch, or the loop's own back edge (the iteration's last instruction)
+                continue
+            if not m.group(1):  # an unconditional jump forward
+                n = at[target]
+                continue
+            if n in forced:
+                n = at[target] if forced[n] else n + 1
+                continue
+            return count + min(shortest(at[target], forced), shortest(n + 1, forced))
+        return count
+
+    for n, (a, t) in enumerate(body):
         m = _BRANCH.match(t)
-        if m and m.group(1) and a < int(m.group(2), 16) <= hi:  # a forward conditional branch: the if
+        if m and m.group(1) and a < int(m.group(2), 16) <= hi:  # a forward conditional branch
             target = int(m.group(2), 16)
             first = [(b, u) for b, u in body if a < b < target]
             end = _BRANCH.match(first[-1][1]) if first else None
-            if end and not end.group(1):  # the first side ends by jumping over the second
-                second = [b for b, _ in body if target <= b < int(end.group(2), 16)]
-                return len(body) - len(second), len(body) - len(first)
-            break
-    return (len(body),)
+            if end and not end.group(1):  # an if/else: its first side jumps over the second
+                return shortest(0, {n: False}), shortest(0, {n: True})
+    return (shortest(0, {}),)
 
 
 ATTENTION_STRIDES = ["s_qb", "s_qh", "s_qm", "s_kb", "s_kh", "s_kn", "s_vb", "s_vh", "s_vn", "s_cb", "s_ch",
@@ -92,13 +114,15 @@ def attention_build(dt, block_m, block_n, *, rel=True, qpos=False, mask=True, co
     builds it for PairRM's shapes: 16-byte aligned tensors, head size 64, strides below 2^31 typed
     i32, those that are multiples of 16 (the model's and the row-major tables') marked so, and those
     equal to 1 (the tables' stride along 2S, or along L for the transposed views of
-    ``columns``) made constants, as the launcher makes them."""
+    ``columns``) made constants, as the launcher makes them. ``mask``: True (a general key mask),
+    ``"len"`` (a right-padded batch's key lengths, the ranker's) or False (no padding)."""
     ones = {"s_cm": 1, "s_pn": 1} if columns else {"s_cs": 1, "s_ps": 1}
     signature = {"Q": f"*{dt}", "K": f"*{dt}", "V": f"*{dt}", "C2P": f"*{dt}", "P2C": f"*{dt}", "REL": "*i32",
-                 "QPOS": "*i32", "KMASK": "*i8", "OUT": f"*{dt}",
+                 "QPOS": "*i32", "KMASK": "*i8", "KLEN": "*i32", "OUT": f"*{dt}",
                  **{k: "constexpr" if k in ones else "i32" for k in ATTENTION_STRIDES},
                  "H": "i32", "LQ": "i32", "LK": "i32", "D": "i32", "REL_ZERO": "i32", "L_BUCKET": "i32"}
-    flags = {"HAS_C2P": rel, "HAS_P2C": rel, "HAS_QPOS": qpos, "HAS_MASK": mask, "MONOTONE": monotone,
+    flags = {"HAS_C2P": rel, "HAS_P2C": rel, "HAS_QPOS": qpos, "HAS_MASK": mask is True,
+             "HAS_KLEN": mask == "len", "MONOTONE": monotone,
              "WIDE": wide, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": 64, "DOT_F32": False,
              "PRECISION": "ieee" if dt == "fp32" else "tf32"}
     signature.update({k: "constexpr" for k in flags})
@@ -143,10 +167,12 @@ def main() -> None:
     spills, opt_in_spills = [], []
     for dt, torch_dt in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)):
         block_m, block_n, warps = deberta_attention.LAUNCH[torch_dt]
+        # (mask "len": the ranker's right-padded batches; True: a general key mask)
         for rel, qpos, mask, columns, monotone, wide in (
-                (True, False, True, False, True, False), (True, True, True, False, True, False),
-                (False, False, True, False, True, False), (True, False, True, True, True, False),
-                (True, False, False, False, False, False), (True, True, True, False, True, True)):
+                (True, False, "len", False, True, False), (True, True, "len", False, True, False),
+                (True, False, True, False, True, False), (False, False, "len", False, True, False),
+                (True, False, "len", True, True, False), (True, False, False, False, False, False),
+                (True, True, "len", False, True, True)):
             signature, constexprs, divisible = attention_build(
                 dt, block_m, block_n, rel=rel, qpos=qpos, mask=mask, columns=columns, monotone=monotone, wide=wide)
             usage = _compile(deberta_attention._deberta_attention_fwd, signature, constexprs, num_warps=warps,
