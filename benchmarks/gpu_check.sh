@@ -99,9 +99,9 @@ export OUT_DIR PYTHONUNBUFFERED=1
 # kernel rewritten since (the tests), then what closes #7 and measures #6 with that kernel (the
 # attention, the ranking twice, the ranking's profile), then the pipeline, #5 and the rest (the last
 # call ran out of its 540 s before the attention step, and needed a second call). The attention
-# step times the default launch (64x64w4, 3 stages: 20-28 instructions a score in Triton 3.6's sm_90
-# build, against 59 for the kernel timed on 2026-11-27) beside fewer stages, a narrower tile (three
-# programs an SM in 3.6 instead of two) and a wider one.
+# step times the default launch (64x64w4, 3 stages: 16-25 instructions a score in Triton 3.6's sm_90
+# build at 168 registers, three programs an SM, against 59 at 230 registers, two, for the kernel
+# timed on 2026-11-27) beside one and two stages, a narrower tile and a wider one.
 XDIST=$(python -c "import xdist" 2>/dev/null && echo "-n 8")
 step "GPU tests" 150 sh -c "SPPO_FAST_GPU_TESTS_ONLY=1 python -m pytest -q $XDIST -m 'not slow' -rfEs ${TESTS:-tests} > '$OUT_DIR/pytest.log' 2>&1; \
   s=\$?; grep -E '^(FAILED|ERROR)' '$OUT_DIR/pytest.log' | head -15; tail -2 '$OUT_DIR/pytest.log'; exit \$s"
@@ -114,8 +114,14 @@ step "PairRM ranking, DeBERTa-v3-large shapes (#6, #7)" 150 sh -c "python benchm
   --providers llm-blender sppo-fast sppo-fast-transposed sppo-fast-autotune \
   --sweep-budgets 16777216 33554432 134217728 --out '$OUT_DIR/pairrm-large-cuda.csv' > '$OUT_DIR/bench-pairrm.log' 2>&1; \
   s=\$?; tail -12 '$OUT_DIR/bench-pairrm.log'; exit \$s"
-# the ranking again with the narrower tile (three programs an SM in Triton 3.6, at more instructions):
-# whether occupancy or instructions bound the attention inside the whole forward
+# a padded batch at a PairRM pair's length, as the ranker's buckets: the key lengths (the default)
+# against the loaded key mask, and the launches with four programs an SM (one stage; 64 x 32)
+step "DeBERTa attention, padded batch of 4, L=1350 (#6)" 40 sh -c "python benchmarks/bench_deberta_attention.py --cuda \
+  --model large --batch 4 --padded --lengths 1350 --providers hf triton triton-general-mask --launches 64x64w4s1 64x32w4 \
+  --out '$OUT_DIR/deberta_attention-large-b4-padded-cuda.csv' > '$OUT_DIR/bench-attention-b4.log' 2>&1; s=\$?; \
+  tail -8 '$OUT_DIR/bench-attention-b4.log'; exit \$s"
+# the ranking again with the narrower tile (four programs an SM, at more instructions): whether
+# occupancy or instructions bound the attention inside the whole forward
 step "PairRM ranking, attention launch 64x32w4 (#6)" 45 sh -c "SPPO_FAST_ATTN_LAUNCH=64x32w4 python benchmarks/bench_pairrm.py \
   --cuda --model large --prompts 32 --providers sppo-fast --out '$OUT_DIR/pairrm-large-cuda-launch64x32w4.csv' \
   > '$OUT_DIR/bench-pairrm-64x32w4.log' 2>&1; s=\$?; tail -3 '$OUT_DIR/bench-pairrm-64x32w4.log'; exit \$s"
