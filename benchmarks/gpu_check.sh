@@ -115,7 +115,8 @@ step "PairRM ranking, DeBERTa-v3-large shapes (#6, #7)" 150 sh -c "python benchm
   --sweep-budgets 16777216 33554432 134217728 --out '$OUT_DIR/pairrm-large-cuda.csv' > '$OUT_DIR/bench-pairrm.log' 2>&1; \
   s=\$?; tail -12 '$OUT_DIR/bench-pairrm.log'; exit \$s"
 # a padded batch at a PairRM pair's length, as the ranker's buckets: the key lengths (the default)
-# against the loaded key mask, and the launches with four programs an SM (one stage; 64 x 32)
+# against the loaded key mask, and two launches with more programs an SM (one stage: four in Triton
+# 3.9, three in 3.6; 64 x 32: four)
 step "DeBERTa attention, padded batch of 4, L=1350 (#6)" 40 sh -c "python benchmarks/bench_deberta_attention.py --cuda \
   --model large --batch 4 --padded --lengths 1350 --providers hf triton triton-general-mask --launches 64x64w4s1 64x32w4 \
   --out '$OUT_DIR/deberta_attention-large-b4-padded-cuda.csv' > '$OUT_DIR/bench-attention-b4.log' 2>&1; s=\$?; \

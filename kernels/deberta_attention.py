@@ -12,7 +12,8 @@ queries and walks the keys in blocks, flash-attention style: ``q k^T`` by ``tl.d
 relative terms as its accumulator, gathered from the ``[L, 2S]`` tables with the index read from a
 table of ``idx(r)`` (exactly Hugging Face's float32 bucketing, built once on the host, reversed and
 padded here so the reads run along the keys and need no mask), the padding mask (for a right-padded
-batch, the rows' lengths: a compare in the last key block only), and an online softmax in float32; the ``[BLOCK_M, BLOCK_N]`` scores live only in registers. Far from the diagonal
+batch, the rows' lengths: a compare, in the key blocks past a row's end only), and an online softmax
+in float32; the ``[BLOCK_M, BLOCK_N]`` scores live only in registers. Far from the diagonal
 every distance of a tile falls in the same (clamped) bucket; the kernel sees that from the tile's two
 corners and reads one column of each table instead of gathering. Memory is linear in L: the two
 tables, the index and the output.
@@ -39,9 +40,9 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # The fixed launch, by input dtype: (BLOCK_M, BLOCK_N, num_warps[, num_stages]). Chosen from the sm_90
 # build (tests/triton_aot.py compiles it as the launcher specialises it at run time, and counts the hot
-# loop's instructions): 64 x 64 over 4 warps issues 16-18 (uniform tiles) to 24-25 instructions a
-# score with right padding given as key lengths (the ranker's), 168 registers and no spill in both
-# Triton 3.6 and 3.9: three programs an SM (the kernel timed on the H100 issued 59 in 3.6's build
+# loop's instructions): 64 x 64 over 4 warps issues 16-18 (uniform tiles) to 24-25 (3.6) or 23.6
+# (3.9) instructions a score with right padding given as key lengths (the ranker's), 168 registers
+# and no spill in both Triton 3.6 and 3.9: three programs an SM (the kernel timed on the H100 issued 59 in 3.6's build
 # at 230 registers, two programs an SM). float32's dot runs on the FMA units (~200 a score whatever
 # the tile); 32 x 16 over 4 warps does not spill.
 LAUNCH = {torch.float16: (64, 64, 4), torch.bfloat16: (64, 64, 4), torch.float32: (32, 16, 4)}
@@ -83,7 +84,7 @@ _CONFIGS = [c for c in (_config(*x) for x in ((64, 64, 4, 3, None), (64, 64, 4, 
             if c is not None]
 # (sm_90 builds, 16 bits, benchmarks/sass_attention.py: 64 x 64 over 4 warps takes 168 registers in
 # Triton 3.6 and 3.9, three programs an SM; one stage takes 128-140 and half the shared memory (four
-# programs an SM in 3.9); 64 x 32 fits four at 15-25% more instructions a score; 128 x 64 over 8
+# programs an SM in 3.9, three in 3.6); 64 x 32 fits four at 15-30% more instructions a score; 128 x 64 over 8
 # warps issues a few percent fewer, one program an SM. Which wins is for the GPU to say.)
 
 
@@ -154,9 +155,10 @@ def _deberta_attention_fwd(
         c_rows = C2P + b * s_cb + h * s_ch + tl.minimum(offs_m, LQ - 1).to(tl.int64) * s_cm
     else:
         c_rows = C2P + b * s_cb + h * s_ch + (tl.minimum(offs_m, LQ - 1) * s_cm).to(tl.int32)
-    # keys past the row's length (a right-padded batch, KLEN) are masked by a compare: one per
-    # column, where a general mask (KMASK) costs a byte load, its address and a test per column
-    # that a thread holds (16 of them at 64 x 64 over 4 warps: ~2.5 instructions a score)
+    # keys past the row's length (a right-padded batch, KLEN) are masked by a compare, and only in
+    # the blocks that reach past the row's end, where a general mask (KMASK) costs a byte load, its
+    # address, a test and the selects for every key column a thread holds, in every block (16
+    # columns at 64 x 64 over 4 warps: ~3.4 instructions a score)
     if HAS_KLEN:
         k_end = tl.minimum(tl.load(KLEN + b), LK)
     else:
@@ -208,7 +210,9 @@ def _deberta_attention_fwd(
                 # (the hint that no two keys' index addresses are known to be adjacent gives the index
                 # load the gathers' layout in Triton 3.6, which otherwise moves the gathers' 64-bit
                 # pointers between two layouts through shared memory: 252 registers, two programs an
-                # SM, instead of 168 and three; Triton 3.9 builds the same code either way)
+                # SM, instead of 168 and three; Triton 3.9 builds the same code either way. With a
+                # loaded key mask, 3.6's general tiles then issue 29.5 instructions a score, not 27.5,
+                # at 166 registers instead of 252)
                 idx = tl.load((REL + REL_ZERO + tl.max_contiguous(offs_n, 1))[None, :] - qpos[:, None])
                 if WIDE:
                     idx = idx.to(tl.int64)
@@ -300,7 +304,8 @@ def deberta_attention(q, k, v, c2p=None, p2c=None, rel_index=None, qpos=None, ke
         return out
     rel, monotone = _kernel_rel_table(rel_index) if rel_index is not None else (dummy, False)
     x = qpos if qpos is not None else rel
-    n = key_len.to(torch.int32).contiguous() if key_len is not None else rel
+    # (clamped here: an int64 length past 2^31 would wrap in int32)
+    n = key_len.clamp(0, k.shape[2]).to(torch.int32).contiguous() if key_len is not None else rel
     if _AUTOTUNE and not _INTERPRET:
         grid = lambda meta: (B * H, triton.cdiv(LQ, meta["BLOCK_M"]))  # noqa: E731
     else:

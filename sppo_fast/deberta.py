@@ -99,7 +99,7 @@ def attention(attn, hidden: Tensor, rel_embeddings: Tensor, key_mask: Optional[T
     with no ``[Lq, L]`` tensor: ``"triton"`` (:mod:`sppo_fast.kernels.deberta_attention`, CUDA) or
     ``"cpp"`` (the CPU kernel in ``sppo_fast._C``, float32/float64). ``key_len [B]``: where
     ``key_mask`` is right padding, its rows' lengths (Triton's kernel then masks by a compare, and
-    only in the last key block, instead of loading the mask).
+    only in the key blocks past a row's end, instead of loading the mask); trusted, not checked.
     """
     B, L, _ = hidden.shape
     H = attn.num_attention_heads
@@ -167,7 +167,10 @@ def _fused_attention(attn, q: Tensor, k: Tensor, v: Tensor, rel_embeddings: Tens
     qpos = rows.to(torch.int32).contiguous() if rows is not None else None
     v = v.to(q.dtype)
     k = k.to(q.dtype)
-    if impl == "triton" and key_len is not None and key_mask is not None:
+    if key_len is not None and key_mask is None:
+        raise ValueError("key_len without key_mask: pass the mask too (key_len only says that it is "
+                         "right padding, which Triton's kernel masks more cheaply)")
+    if impl == "triton" and key_len is not None:
         ctx = deberta_attention(q, k, v, c2p, p2c, rel_index, qpos, key_len=key_len)  # [B, H, Lq, d]
     else:
         mask = key_mask.to(torch.int8).contiguous() if key_mask is not None else None
@@ -193,8 +196,8 @@ def encode(backbone, input_ids: Tensor, attention_mask: Tensor,
     computed only there). Equals ``backbone(input_ids, attention_mask).last_hidden_state`` (gathered).
     ``impl``: the attention, ``"torch"``, ``"triton"`` or ``"cpp"`` (see :func:`attention`). ``padded``:
     whether any key is masked out (``True``/``False``), or ``"right"`` where moreover every row of
-    the mask is ones then zeros (right padding, which the Triton kernel masks more cheaply), if the
-    caller knows; ``None``: found out here (one host sync).
+    the mask is ones then zeros (right padding, which the Triton kernel masks more cheaply; trusted,
+    not checked), if the caller knows; ``None``: found out here (one host sync).
     """
     if impl not in ENCODE_IMPLS:
         raise ValueError(f"impl: expected one of {ENCODE_IMPLS}, got {impl!r}")

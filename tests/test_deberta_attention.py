@@ -265,15 +265,16 @@ def test_kernel_without_relative_terms_and_all_masked_keys():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("subset", [False, True])
-def test_key_lengths_equal_the_right_padding_mask(dtype, subset):
-    """``key_len`` (a right-padded batch, the ranker's: masked by a compare in the last key block
-    only) gives the key mask's result bit for bit, held to float64 truth too: lengths on a block's
-    first and last key, one key, every key, past LK (counts as LK) and none (zeros, finite)."""
+@pytest.mark.parametrize("subset,last_block", [(False, "partial"), (True, "partial"), (False, "full")])
+def test_key_lengths_equal_the_right_padding_mask(dtype, subset, last_block):
+    """``key_len`` (a right-padded batch, the ranker's: masked by a compare, in the key blocks past a
+    row's end only) gives the key mask's result bit for bit, held to float64 truth too: lengths on a
+    block's first and last key, one key, every key, past LK (counts as LK, also past 2^31) and none
+    (zeros, finite); keys a whole number of blocks, or not."""
     from sppo_fast.kernels import deberta_attention as kda
 
     bn = kda._launch_config(dtype)[1]
-    L = 2 * bn + 22  # three key blocks, the last one partial
+    L = 2 * bn + (22 if last_block == "partial" else bn)  # ("partial": 150 keys in 64s, 54 in 16s)
     lengths = torch.tensor([L, bn, bn + 1, 1, 2 * bn - 1, L + 5, 0])
     B = len(lengths)
     q, k, v, c2p, p2c, idx, qpos, _ = random_case(B, 2, 5 if subset else L, L, 32, 16, subset=subset, seed=3)
@@ -284,6 +285,9 @@ def test_key_lengths_equal_the_right_padding_mask(dtype, subset):
     by_mask = deberta_attention(*args, key_mask=mask.to(dev)).cpu()
     assert torch.equal(by_len, by_mask)
     assert torch.equal(deberta_attention(*args, key_len=lengths.to(dev)).cpu(), by_len)  # int64 lengths
+    huge = lengths.clone()
+    huge[-2] = 2 ** 32 + 1  # (an int64 length that int32 would wrap to 1)
+    assert torch.equal(deberta_attention(*args, key_len=huge.to(dev)).cpu(), by_len)
     assert torch.isfinite(by_len).all() and (by_len[-1] == 0).all()  # no key at all
     live = slice(0, B - 1)
     truth = dense(q[live], k[live], v[live], c2p[live], p2c[live], idx, qpos[live] if subset else None,
@@ -407,9 +411,18 @@ def test_encode_masks_right_padding_by_length(tiny, monkeypatch):
     assert (out["holed"][valid] - out["mask"][valid]).abs().max() > 1e-3  # the hole did change the result
     with pytest.raises(ValueError, match="padded: expected None, True, False or 'right'"):
         deberta.encode(enc, ids.to(dev), mask.to(dev), impl="triton", padded="left")
+    h = torch.randn(3, 90, model.config.hidden_size, device=dev)
+    with pytest.raises(ValueError, match="key_len without key_mask"):  # (it would mask nothing)
+        with torch.no_grad():
+            deberta.attention(enc.encoder.layer[0].attention.self, h, enc.encoder.get_rel_embedding(), None,
+                              impl="triton", key_len=mask.sum(1).to(dev))
 
 
-def test_ranker_with_fused_attention_matches(tiny):
+def test_ranker_with_fused_attention_matches(tiny, monkeypatch):
+    """The ranker's padded buckets reach Triton's kernel as key lengths (no host sync to find out),
+    and its result matches the lean torch path."""
+    from sppo_fast.kernels import deberta_attention as kda
+
     model, tok = tiny
     p = ["a short question", "another prompt, a little longer than the first one"]
     c = [["yes", "no", "it depends on the weather"], ["first answer", "", "a third, longer answer here"]]
@@ -417,7 +430,16 @@ def test_ranker_with_fused_attention_matches(tiny):
     m = prm.PairRM(model.config).eval()
     m.load_state_dict(model.state_dict())
     m.to(dev)
+    seen = []
+    real = kda.deberta_attention
+
+    def spy(*args, key_mask=None, key_len=None, **kw):
+        seen.append("len" if key_len is not None else "mask" if key_mask is not None or len(args) > 7 else "none")
+        return real(*args, key_mask=key_mask, key_len=key_len, **kw)
+
+    monkeypatch.setattr(kda, "deberta_attention", spy)
     fused = prm.PairRMRanker(m, tok, progress=False, attn_impl="triton", autocast_dtype=None).pair_matrix(p, c)
+    assert "len" in seen and "mask" not in seen, set(seen)
     ref = prm.PairRMRanker(model, tok, progress=False, attn_impl="torch").pair_matrix(p, c)
     assert ref.abs().max() > 0.05  # O(1) weights: not vacuous
     torch.testing.assert_close(fused, ref, atol=2e-5, rtol=0)

@@ -5,6 +5,7 @@ only works in the interpreter (a non-constexpr global, a loop-carried value that
 unsupported cast) fails here with Triton's compile error, on any machine.
 """
 
+import functools
 import os
 import re
 import subprocess
@@ -63,7 +64,7 @@ def hot_loop_paths(sass: str) -> tuple[int, ...]:
     """Instructions a thread issues per iteration of the kernel's longest loop, along each side of
     the first if/else inside it (one number when there is none), taking the shortest way through
     any other branch of the iteration (in the fused attention: skipping the padding mask, which
-    only the last key block runs). A static proxy for the kernel's cost where, as in the fused
+    only the key blocks past a row's end run). A static proxy for the kernel's cost where, as in the fused
     attention, it is bound by issue rather than by the tensor cores."""
     code = [(int(a, 16), t) for a, t in _SASS_LINE.findall(sass)]
     back = [(int(m.group(2), 16), a) for a, t in code if (m := _BRANCH.match(t)) and int(m.group(2), 16) < a]
@@ -73,35 +74,40 @@ def hot_loop_paths(sass: str) -> tuple[int, ...]:
     body = [(a, t) for a, t in code if lo <= a <= hi]
     at = {a: n for n, (a, _) in enumerate(body)}
 
-    def shortest(n: int, forced: dict) -> int:
-        """Instructions from body[n] to the end of the iteration, the shortest way (``forced``:
-        the branches whose way is fixed, index -> taken)."""
-        count = 0
-        while n < len(body):
-            count += 1
-            m = _BRANCH.match(body[n][1])
-            target = int(m.group(2), 16) if m else -1
-            if not m or not lo < target <= hi or target <= body[n][0]:
-                n += 1  # not a branch, or the loop's own back edge (the iteration's last instruction)
-                continue
-            if not m.group(1):  # an unconditional jump forward
-                n = at[target]
-                continue
-            if n in forced:
-                n = at[target] if forced[n] else n + 1
-                continue
-            return count + min(shortest(at[target], forced), shortest(n + 1, forced))
-        return count
+    def shortest_from(forced: dict):
+        """``shortest(n)``: instructions from body[n] to the end of the iteration, the shortest way
+        (``forced``: the branches whose way is fixed, index -> taken); memoised, so that a chain of
+        guarded regions costs linear time."""
+        @functools.lru_cache(maxsize=None)
+        def shortest(n: int) -> int:
+            count = 0
+            while n < len(body):
+                count += 1
+                m = _BRANCH.match(body[n][1])
+                target = int(m.group(2), 16) if m else -1
+                if not m or not lo < target <= hi or target <= body[n][0]:
+                    n += 1  # not a branch, or the loop's own back edge (the iteration's last instruction)
+                    continue
+                if not m.group(1):  # an unconditional jump forward
+                    n = at[target]
+                    continue
+                if n in forced:
+                    n = at[target] if forced[n] else n + 1
+                    continue
+                return count + min(shortest(at[target]), shortest(n + 1))
+            return count
+        return shortest
 
     for n, (a, t) in enumerate(body):
         m = _BRANCH.match(t)
-        if m and m.group(1) and a < int(m.group(2), 16) <= hi:  # a forward conditional branch
+        if m and m.group(1) and a < int(m.group(2), 16) <= hi:  # the first forward conditional branch
             target = int(m.group(2), 16)
             first = [(b, u) for b, u in body if a < b < target]
             end = _BRANCH.match(first[-1][1]) if first else None
-            if end and not end.group(1):  # an if/else: its first side jumps over the second
-                return shortest(0, {n: False}), shortest(0, {n: True})
-    return (shortest(0, {}),)
+            if end and not end.group(1) and int(end.group(2), 16) > target:  # an if/else: its first side
+                return shortest_from({n: False})(0), shortest_from({n: True})(0)  # jumps over the second
+            break
+    return (shortest_from({})(0),)
 
 
 ATTENTION_STRIDES = ["s_qb", "s_qh", "s_qm", "s_kb", "s_kh", "s_kn", "s_vb", "s_vh", "s_vn", "s_cb", "s_ch",
