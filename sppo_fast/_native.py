@@ -10,6 +10,7 @@ dtypes, devices and label ranges.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -17,13 +18,29 @@ from torch import Tensor
 
 from .reference import PairwiseResult
 
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot run here (not built, no device, or not implemented yet)."""
+
+
 try:
     from . import _C
-except ImportError as exc:  # pragma: no cover - exercised only on a broken install
+except ImportError as exc:
     _C = None
     _IMPORT_ERROR: Optional[BaseException] = exc
 else:
     _IMPORT_ERROR = None
+
+
+def _source_tree() -> Optional[Path]:
+    """The checkout this package was imported from, where that is a source tree (its
+    ``pyproject.toml`` and ``csrc/`` beside it) holding no built extension."""
+    here = Path(__file__).resolve().parent
+    root = here.parent
+    if (root / "pyproject.toml").is_file() and (root / "csrc").is_dir() and not any(here.glob("_C*")):
+        return root
+    return None
 
 # Must match csrc/ops.h.
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
@@ -34,16 +51,28 @@ def available() -> bool:
 
 
 def unavailable_reason() -> str:
+    tree = _source_tree()
+    if tree is not None:  # (Python's own message then speaks of a circular import)
+        return (f"sppo_fast was imported from its source tree {tree}, which holds no built extension "
+                f"(sppo_fast._C): run from another directory to use the installed package, or install "
+                f"this checkout in editable mode (pip install --no-build-isolation -e .)")
     return f"sppo_fast._C failed to import: {_IMPORT_ERROR}"
+
+
+def _require() -> None:
+    if _C is None:
+        raise BackendUnavailableError(unavailable_reason())
 
 
 def cpu_isa() -> str:
     """Instruction set the CPU kernels use now: ``"avx512"``, ``"avx2"`` or ``"base"``."""
+    _require()
     return _C.cpu_isa()
 
 
 def set_cpu_isa(name: str) -> None:
     """Force the CPU kernels onto ``"base"``, ``"avx2"`` or ``"avx512"`` (tests and benchmarks)."""
+    _require()
     if not _C.cpu_set_isa(name):
         raise ValueError(f"isa: {name!r} is unknown or not supported by this CPU "
                          f"(best here: {_C.cpu_best_isa()!r})")
@@ -51,6 +80,8 @@ def set_cpu_isa(name: str) -> None:
 
 def cuda_status() -> tuple[bool, int, str]:
     """``(compiled, device_count, reason)`` for the CUDA part of the extension."""
+    if _C is None:
+        return False, 0, unavailable_reason()
     n, why = _C.cuda_device_count()
     return bool(_C.cuda_compiled()), int(n), why
 

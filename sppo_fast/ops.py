@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from . import _native, _triton, reference
+from ._native import BackendUnavailableError
 from .reference import LOSS_TYPES, PAIRWISE_MODES, PairwiseResult
 
 __all__ = [
@@ -45,9 +46,6 @@ __all__ = [
 BACKENDS = ("auto", "reference", "cpp", "triton", "cuda")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
-
-class BackendUnavailableError(RuntimeError):
-    """The requested backend cannot run here (not built, no device, or not implemented yet)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,10 +174,12 @@ def _check_probs(name: str, p: Optional[Tensor], n: int, device: torch.device) -
         return
     _check_logps(name, p, n, device)
     if n and bool((p.isnan() | (p < 0) | (p > 1)).any()):  # one host sync on a GPU
-        nan = int(p.isnan().sum())
-        raise ValueError(f"{name}: probabilities must lie in [0, 1] and not be NaN; "
-                         f"got {nan} NaN, min {float(p.nan_to_num(0.5).min()):.6g}, "
-                         f"max {float(p.nan_to_num(0.5).max()):.6g}")
+        isnan = p.isnan()
+        nan = int(isnan.sum())
+        real = p[~isnan]
+        rng = (f", min {float(real.min()):.6g}, max {float(real.max()):.6g} of the others" if real.numel()
+               else " (all of them)")
+        raise ValueError(f"{name}: probabilities must lie in [0, 1] and not be NaN; got {nan} NaN{rng}")
 
 
 def _check_loss_args(loss_type: str, beta: float, n: int, device: torch.device,

@@ -107,3 +107,37 @@ def test_nan_on_diagonal_is_ignored():
     cmp = torch.zeros(1, 3, 3)
     cmp[0, 1, 1] = float("nan")
     assert torch.isfinite(sppo_fast.pairrm_aggregate(cmp).probs).all()
+
+
+def test_source_tree_without_extension_says_so(tmp_path):
+    """Python run inside a checkout imports its ``sppo_fast/`` folder, which holds no built
+    extension: the fallback warning and ``cpu_isa()`` name that (not Python's "circular import")."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = Path(sppo_fast.__file__).parent
+    shutil.copytree(src, tmp_path / "sppo_fast", ignore=shutil.ignore_patterns("_C*", "__pycache__"))
+    (tmp_path / "pyproject.toml").write_text("")
+    (tmp_path / "csrc").mkdir()
+    code = """
+import sys, warnings
+sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in type(f).__module__.lower()]
+import sppo_fast, torch
+assert sppo_fast.__file__.startswith(sys.argv[1]), sppo_fast.__file__
+try:
+    sppo_fast.cpu_isa()
+except sppo_fast.BackendUnavailableError as exc:
+    print("cpu_isa:", exc)
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter("always")
+    sppo_fast.sequence_logps(torch.randn(2, 3, 5), torch.randint(0, 5, (2, 3)))
+print("warning:", w[0].message if w else None)
+"""
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for line in ("cpu_isa:", "warning:"):
+        out = next(x for x in r.stdout.splitlines() if x.startswith(line))
+        assert f"imported from its source tree {tmp_path}" in out and "pip install" in out, out
