@@ -42,6 +42,24 @@ def _config(args):
         raise UsageError(f"config error: {exc}") from None
 
 
+def _fields_help() -> str:
+    """The config fields and their values under the default preset, for ``--help``."""
+    import textwrap
+
+    from .pipeline.config import load_config
+
+    def flat(d: dict, prefix: str = "") -> list[str]:
+        out = []
+        for k, v in d.items():
+            out += flat(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}={v}"]
+        return out
+
+    body = textwrap.fill("  ".join(flat(load_config("tiny").to_dict())), width=100, initial_indent="  ",
+                         subsequent_indent="  ", break_on_hyphens=False)
+    return ("config fields (--set FIELD=VALUE, or a YAML file's keys; values of the tiny preset, "
+            "see sppo_fast/pipeline/config.py):\n" + body)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sppo-fast", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -49,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .pipeline.config import PRESETS
 
     out = "Writes to <runs_dir>/<name>/ (default runs/demo/; --set runs_dir=... name=...)."
+    fields = _fields_help()
     for name, help_, more in (
             ("demo", "3 SPPO iterations of the embedded default on this machine",
              "A tiny policy, the shipped prompts and a hash ranker: about 20 s of work on a 2-core CPU. " + out),
@@ -64,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
             ("eval", "win rate of policy A against policy B on the held-out prompts",
              "Both policies answer the first eval_prompts prompts of the source; the ranker judges. "
              "Prints the win rate; writes nothing.")):
-        s = sub.add_parser(name, help=help_, description=f"{help_[0].upper()}{help_[1:]}. {more}")
+        s = sub.add_parser(name, help=help_, description=f"{help_[0].upper()}{help_[1:]}. {more}",
+                           epilog=fields, formatter_class=argparse.RawDescriptionHelpFormatter)
         s.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
                        help="starting settings (default: tiny; mistral-7b: the released SPPO recipe)")
         s.add_argument("--config", type=Path, default=None, help="YAML file of config fields")
@@ -88,6 +108,10 @@ def main(argv=None) -> int:
     """Errors in what the user gave (ValueError, TypeError, OSError) print one line and exit 2; Ctrl-C
     exits 130 (every stage resumes); ``--debug`` shows the traceback instead."""
     args = build_parser().parse_args(argv)
+    if not args.debug:  # a warning as one line, as the errors are (not a file path and a source line)
+        import warnings
+
+        warnings.showwarning = _show_warning
     try:
         return _run(args)
     except KeyboardInterrupt:
@@ -103,11 +127,22 @@ def main(argv=None) -> int:
         return 2
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"sppo-fast: warning: {message}", file=file or sys.stderr)
+
+
 def _run(args) -> int:
     cfg = _config(args)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # loading bars of tiny checkpoints drown ours
+    if args.quiet:
+        try:
+            import datasets
+
+            datasets.disable_progress_bars()  # ("Generating train split" of a prompt file)
+        except ImportError:
+            pass
     from .pipeline import iterate as it
 
     progress = not args.quiet

@@ -192,8 +192,12 @@ def test_local_paths_that_do_not_exist_are_not_sent_to_the_hub(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="PairRM '.*/no/pairrm': no such file or folder"):
         load_pairrm(str(tmp_path / "no" / "pairrm"))
-    with pytest.raises(FileNotFoundError, match="prompt set '.*/p.jsonl': no such file or folder"):
+    with pytest.raises(FileNotFoundError, match="prompt file '.*/p.jsonl': no such file"):
         load_prompts(str(tmp_path / "p.jsonl"))
+    with pytest.raises(FileNotFoundError, match="prompt file 'nofile.jsonl': no such file"):
+        load_prompts("nofile.jsonl")  # (a bare file name, which is also a hub name's form: never the hub)
+    with pytest.raises(ValueError, match="prompts: no such file or folder 'nofile.jsonl'; built in"):
+        load_config("tiny", overrides={"prompts": "nofile.jsonl"})
     (tmp_path / "h.csv").write_text("prompt\n")
     with pytest.raises(ValueError, match="no prompts in"):
         load_prompts(str(tmp_path / "h.csv"))
@@ -270,3 +274,96 @@ def test_ranking_rejects_infinite_logits_and_a_bare_prompt_string():
     model, tok = tiny_pairrm(seed=0)
     with pytest.raises(TypeError, match="prompts is a str"):
         PairRMRanker(model, tok, progress=False).rank("hi", [["a", "b"], ["c", "d"]])
+
+
+def test_malformed_inputs_are_one_line_errors(tmp_path, capsys):
+    """A YAML file that does not parse, a JSONL file with a bad line and a run name that is not a
+    folder name: one line naming the problem, exit status 2, no traceback."""
+    (tmp_path / "broken.yaml").write_text("k: [3\n")
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["demo", "--quiet", "--config", str(tmp_path / "broken.yaml")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "broken.yaml: not valid YAML at line 2, column 1" in err and "Traceback" not in err
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\n{"prompt": \n')
+    assert cli.main(["demo", "--quiet", "--set", f"runs_dir={tmp_path}", f"prompts={tmp_path / 'bad.jsonl'}"]) == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl: line 2 is not valid JSON (Expecting value" in err and len(err.strip().splitlines()) == 1
+    (tmp_path / "bad.json").write_text('[{"prompt": "a"}, ')
+    assert cli.main(["demo", "--quiet", "--set", f"runs_dir={tmp_path}", f"prompts={tmp_path / 'bad.json'}"]) == 2
+    err = capsys.readouterr().err
+    assert "bad.json: cannot be read as .json" in err and len(err.strip().splitlines()) == 1
+    for name in ("", "..", "../x", "a/b"):
+        with pytest.raises(SystemExit) as exc:
+            cli.main(["demo", "--quiet", "--set", f"runs_dir={tmp_path}", f"name={name}"])
+        assert exc.value.code == 2 and "name: expected a folder name inside runs_dir" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown config field 'beta'; did you mean 'train.beta'"):
+        load_config("tiny", overrides={"beta": "0.1"})
+    with pytest.raises(ValueError, match="unknown config field 'zzz'; fields: device, .*train.<backend, "):
+        load_config("tiny", overrides={"zzz": "1"})
+
+
+def test_bad_prompts_are_found_before_any_work_and_the_fix_is_accepted(tmp_path, capsys):
+    """A held-out prompt that is empty, or a missing column, used to surface after an iteration's
+    work, or after the run folder had recorded the settings, so that the corrected command was
+    refused as 'other settings'. Now nothing is written until the prompts read cleanly."""
+    base = ["--quiet", "--set", f"runs_dir={tmp_path}", "iterations=1", "prompts_per_iteration=2", "k=2",
+            "max_new_tokens=4", "eval_prompts=2"]
+    held = tmp_path / "held.jsonl"
+    held.write_text("\n".join(json.dumps({"prompt": p}) for p in ["first", "", "third", "fourth", "fifth"]))
+    assert cli.main(["demo", *base, f"prompts={held}"]) == 2
+    assert "held.jsonl: prompt 1 is empty" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()
+    q = tmp_path / "q.jsonl"
+    q.write_text("\n".join(json.dumps({"question": f"question {i}"}) for i in range(6)))
+    assert cli.main(["generate", *base, f"prompts={q}"]) == 2
+    assert "no column 'prompt'; columns: ['question']" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()
+    assert cli.main(["generate", *base, f"prompts={q}", "prompt_field=question"]) == 0
+    assert (tmp_path / "demo" / "iter-1" / "generations.parquet").exists()
+
+
+def test_help_lists_the_config_fields(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["iterate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "config fields (--set FIELD=VALUE" in text
+    for field in ("name=demo", "prompts=shipped", "eval_prompts=48", "train.learning_rate=0.0003", "train.beta=0.1"):
+        assert field in text, field
+
+
+def test_eval_of_an_iteration_folder_points_at_its_model(tmp_path, capsys):
+    it.run_iteration(small(tmp_path, prompts_per_iteration="2", k="2", max_new_tokens="4"), 1, progress=False,
+                     until="generate")  # (writes iter-0/model, the starting policy)
+    folder = tmp_path / "demo" / "iter-0"
+    assert cli.main(["eval", "--quiet", "--a", str(folder), "--b", str(folder / "model"),
+                     "--set", f"runs_dir={tmp_path}", "eval_prompts=2"]) == 2
+    assert f"{folder} is an iteration's folder, not a model: its policy is {folder / 'model'}" in capsys.readouterr().err
+
+
+def test_warnings_print_as_one_line(tmp_path, capsys):
+    f = tmp_path / "p.jsonl"
+    f.write_text("\n".join(json.dumps({"prompt": f"question {i}"}) for i in range(5)))
+    assert cli.main(["generate", "--quiet", "--set", f"runs_dir={tmp_path}", f"prompts={f}", "eval_prompts=2",
+                     "prompts_per_iteration=4", "k=2", "max_new_tokens=4"]) == 0
+    err = capsys.readouterr().err
+    assert "sppo-fast: warning: " in err and "repeats prompts" in err and "warnings.warn" not in err
+    assert "Generating train split" not in err  # --quiet hides the datasets bars too
+
+
+def test_a_run_answers_the_held_out_prompts_once_per_policy(tmp_path, monkeypatch):
+    """Every iteration is compared with iteration 0: its answers are made once, not once per
+    comparison (the same answers: a sample depends on its prompt, index and seed only)."""
+    real = it.generate
+    answered = []
+
+    def spy(model, tok, prompts, **kw):
+        if str(kw.get("desc", "")).startswith("evaluating"):
+            answered.append(kw["desc"].split(" = ", 1)[1])
+        return real(model, tok, prompts, **kw)
+
+    monkeypatch.setattr(it, "generate", spy)
+    summary = it.iterate(small(tmp_path, iterations="2", prompts_per_iteration="4", k="2", max_new_tokens="4"),
+                         progress=False)
+    run = tmp_path / "demo"
+    assert sorted(answered) == sorted(str(run / f"iter-{t}" / "model") for t in (0, 1, 2))
+    assert len(summary["iterations"]) == 3

@@ -193,6 +193,14 @@ def test_iterations_raise_the_win_rate_and_resume(tmp_path, monkeypatch):
     assert (tmp_path / "killed" / "demo" / "iter-2" / "generations.parquet").stat().st_mtime_ns == gen_before
     assert [r["win_rate_vs_iter0"] for r in resumed["iterations"]] == rates
     assert [r["final_loss"] for r in resumed["iterations"]] == [r["final_loss"] for r in whole["iterations"]]
+    # a rerun of the finished run answers nothing again: the win rates are kept per iteration
+    # (iter-t/winrate.json, with the settings and both policies' identities they were made with)
+    loads = []
+    monkeypatch.setattr(it, "load_policy", lambda path, device, dtype=None: loads.append(path))
+    again = it.iterate(small(tmp_path / "whole"), progress=False)
+    assert [r["win_rate_vs_iter0"] for r in again["iterations"]] == rates and loads == []
+    kept = json.loads((run / "iter-2" / "winrate.json").read_text())
+    assert kept["win_rate"] == rates[2] and kept["settings"]["against"].startswith(str(run / "iter-0" / "model"))
 
 
 def test_generation_and_ranking_resume_from_finished_chunks(tmp_path, monkeypatch):

@@ -81,6 +81,12 @@ def test_fused_and_reference_paths_agree_for_20_steps(tok, tmp_path):
     _, fused = run(tok, tmp_path, "fused")
     _, ref = run(tok, tmp_path, "ref", loss_path="reference")
     assert len(fused) == len(ref) == 20
+    # the logged rate is the one each step used: warmup 1e-3 x 1/2, 2/2 (10% of 20 steps), then a
+    # linear decay that reaches 0 only after the last step (a rate read after the schedule's step
+    # was the next step's: 2/2 at step 1, 0.0 at the last)
+    f = tr._lr_lambda(20, 0.1)
+    assert [m["lr"] for m in fused] == pytest.approx([1e-3 * f(m["step"] - 1) for m in fused])
+    assert fused[0]["lr"] == pytest.approx(5e-4) and fused[-1]["lr"] > 0
     losses = [m["loss"] for m in fused]
     assert max(losses) > 1.2 * min(losses)  # training moved the loss: the comparison is not vacuous
     for a, b in zip(fused, ref):

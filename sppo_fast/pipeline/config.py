@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 from .. import _io
 from ..reference import PAIRWISE_MODES
-from .prompts import SHIPPED_PROMPTS
+from .prompts import PROMPT_FILE_TYPES, SHIPPED_PROMPTS
 from .train import _FREE_TO_CHANGE as TRAIN_FREE_TO_CHANGE
 from .train import TrainConfig
 
@@ -45,6 +45,8 @@ class SPPOConfig:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
     def __post_init__(self):
+        if not self.name or self.name in (".", "..") or "/" in self.name or "\\" in self.name:
+            raise ValueError(f"name: expected a folder name inside runs_dir (no '/'), got {self.name!r}")
         if isinstance(self.train, dict):
             try:
                 self.train = TrainConfig(**self.train)
@@ -56,9 +58,11 @@ class SPPOConfig:
             raise ValueError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         for f, builtin in (("model", ("tiny",)), ("ranker", ("hash", "pairrm-tiny")), ("prompts", ("shipped",))):
             value = getattr(self, f).replace("{iteration}", "1")  # per-iteration sets: set 1 stands for all
-            if value not in builtin and not Path(value).exists() and not _io.looks_like_hub_name(value):
-                raise ValueError(f"{f}: no such file or folder {value!r} (and not a hub name like 'org/name'); "
-                                 f"built in: {', '.join(builtin)}")
+            a_file = f == "prompts" and Path(value).suffix.lower() in PROMPT_FILE_TYPES  # (never a hub name)
+            if value not in builtin and not Path(value).exists() and (a_file or not _io.looks_like_hub_name(value)):
+                raise ValueError(f"{f}: no such file or folder {value!r}"
+                                 + ("" if a_file else " (and not a hub name like 'org/name')")
+                                 + f"; built in: {', '.join(builtin)}")
         if self.prompts == "shipped" and self.eval_prompts >= len(SHIPPED_PROMPTS):
             raise ValueError(f"eval_prompts={self.eval_prompts} holds out every one of the {len(SHIPPED_PROMPTS)} "
                              f"shipped prompts: none would be left for training")
@@ -151,7 +155,13 @@ def load_config(preset: str = "tiny", path: Optional[str | os.PathLike] = None,
     fields = dataclasses.asdict(SPPOConfig())
     fields = _merge(fields, PRESETS[preset])
     if path is not None:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as exc:  # (one line: where and what, not PyYAML's traceback)
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ValueError(f"{path}: not valid YAML{where}: {what}") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of config fields")
         _set_all(fields, data, f"{path}: ")
@@ -171,6 +181,19 @@ def _set_all(fields: dict, data: dict, where: str, prefix: str = "") -> None:
             _set(fields, prefix + k, v, where)
 
 
+def _suggest(fields: dict, key: str) -> str:
+    """``"; did you mean 'train.beta'?"`` or the list of fields, for an unknown ``key``."""
+    import difflib
+
+    names = sorted(_flat(fields))
+    close = difflib.get_close_matches(key, names, n=3, cutoff=0.6)
+    close += [n for n in names if n.endswith("." + key) and n not in close]  # 'beta' for 'train.beta'
+    if close:
+        return "; did you mean " + " or ".join(repr(c) for c in close) + "?"
+    return "; fields: " + ", ".join(n for n in names if "." not in n) + ", train.<" + ", ".join(
+        n.split(".", 1)[1] for n in names if n.startswith("train.")) + ">"
+
+
 def _set(fields: dict, key: str, value: Any, where: str = "") -> None:
     """``fields[a][b] = value`` for ``key = "a.b"``, coerced to the field's type, or a ValueError
     naming the field and the value."""
@@ -178,10 +201,10 @@ def _set(fields: dict, key: str, value: Any, where: str = "") -> None:
     node = fields
     for p in parts[:-1]:
         if not isinstance(node.get(p), dict):
-            raise ValueError(f"{where}unknown config field {key!r}")
+            raise ValueError(f"{where}unknown config field {key!r}{_suggest(fields, key)}")
         node = node[p]
     if parts[-1] not in node:
-        raise ValueError(f"{where}unknown config field {key!r}")
+        raise ValueError(f"{where}unknown config field {key!r}{_suggest(fields, key)}")
     try:
         node[parts[-1]] = _coerce(value, node[parts[-1]])
     except ValueError as exc:

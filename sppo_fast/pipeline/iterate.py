@@ -22,6 +22,7 @@ import os
 import time
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -81,6 +82,9 @@ def load_policy(path: str | Path, device: torch.device, dtype: torch.dtype | Non
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = dtype or policy_dtype(device)
+    folder = Path(path)
+    if folder.is_dir() and not (folder / "config.json").exists() and (folder / "model" / "config.json").exists():
+        raise ValueError(f"{path} is an iteration's folder, not a model: its policy is {folder / 'model'}")
     model = _io.local_or_hub(path, "model", lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=dtype))
     return model.to(device), AutoTokenizer.from_pretrained(path)
 
@@ -214,6 +218,20 @@ def iteration_prompts(cfg: SPPOConfig, t: int) -> list[str]:
     return prompts
 
 
+def check_prompts(cfg: SPPOConfig, iterations) -> None:
+    """Read the prompts that iterations ``iterations`` will generate from (those whose generations
+    are not written yet) and, with ``eval_prompts``, the held-out ones: a missing column, an empty or
+    non-string prompt or an unreadable file is found before any work, and before the run folder
+    records these settings (which would then refuse the corrected ones)."""
+    if cfg.eval_prompts and not (cfg.run_dir / "summary.json").exists():
+        held_out_prompts(cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the stage itself warns about small sources)
+        for t in iterations:
+            if not (cfg.run_dir / f"iter-{t}" / "generations.parquet").exists():
+                iteration_prompts(cfg, t)
+
+
 STAGES = ("generate", "rank", "train")
 RANK_CHUNK = 512  # prompts per ranking shard
 VLLM_CHUNK = 512  # prompts per generation shard with vLLM (k samples each, one vLLM call)
@@ -235,6 +253,7 @@ def run_iteration(cfg: SPPOConfig, t: int, *, ranker=None, progress: bool = True
         raise ValueError(f"until: expected one of {STAGES}, got {until!r}")
     if not isinstance(t, int) or t < 1:
         raise ValueError(f"iteration must be >= 1 (iteration 1 trains from the starting policy), got {t!r}")
+    check_prompts(cfg, [t])
     check_run_config(cfg)
     device = _device(cfg)
     run = cfg.run_dir
@@ -330,28 +349,59 @@ def run_iteration(cfg: SPPOConfig, t: int, *, ranker=None, progress: bool = True
 
 
 def evaluate(cfg: SPPOConfig, model_a: Path, model_b: Path, *, ranker=None, samples: int = 2,
-             progress: bool = False) -> float:
+             progress: bool = False, answers: Optional[dict] = None) -> float:
     """Win rate of policy A against policy B on the held-out prompts under the ranker: each prompt
-    answered ``samples`` times by each (same seeds), both orders compared, ties count one half."""
+    answered ``samples`` times by each (same seeds), both orders compared, ties count one half.
+    ``answers``: a dict that keeps each policy's answers by its path, for later calls (a run
+    compares every iteration with the same iteration 0)."""
     device = _device(cfg)
     if not cfg.eval_prompts:
         raise ValueError("eval_prompts is 0: no held-out prompts to evaluate on")
     prompts = held_out_prompts(cfg)
     ranker = ranker or make_ranker(cfg, device)
-    outs = []
+    answers = {} if answers is None else answers
     for which, path in (("A", model_a), ("B", model_b)):
-        model, tok = load_policy(path, device)
-        outs.append(generate(model, tok, prompts, k=samples, temperature=cfg.temperature, top_p=cfg.top_p,
-                             top_k=cfg.top_k, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 7,
-                             progress=progress, desc=f"evaluating: {which} = {path}",
-                             batch_size=cfg.generation_batch_size))
+        if str(path) not in answers:
+            model, tok = load_policy(path, device)
+            answers[str(path)] = generate(
+                model, tok, prompts, k=samples, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 7, progress=progress,
+                desc=f"evaluating: {which} = {path}", batch_size=cfg.generation_batch_size)
+            del model
+    outs = [answers[str(model_a)], answers[str(model_b)]]
     rates = [win_rate(ranker, prompts, [a[s] for a in outs[0]], [b[s] for b in outs[1]]) for s in range(samples)]
     return sum(rates) / len(rates)
+
+
+def _policy_id(path: Path) -> str:
+    """A saved policy's identity: its path and the digest of its training record (or config)."""
+    for name in ("trainer_state.json", "config.json"):
+        if (Path(path) / name).is_file():
+            return f"{path}: {_io.digest((Path(path) / name).read_text())}"
+    return str(path)
+
+
+def _evaluate_once(cfg: SPPOConfig, t: int, model: Path, base: Path, ranker, answers: dict, progress: bool) -> float:
+    """Iteration t's win rate against iteration 0, kept in ``iter-t/winrate.json`` for a rerun of a
+    finished run (the run folder's settings are fixed; the ranker's identity is checked too)."""
+    path = cfg.run_dir / f"iter-{t}" / "winrate.json"
+    key = {"policy": _policy_id(model), "against": _policy_id(base), "ranker": ranker_fingerprint(ranker),
+           "eval_prompts": cfg.eval_prompts,
+           "prompts": cfg.prompts, "seed": cfg.seed, "temperature": cfg.temperature, "top_p": cfg.top_p,
+           "top_k": cfg.top_k, "max_new_tokens": cfg.max_new_tokens}
+    if path.exists():
+        kept = json.loads(path.read_text())
+        if kept.get("settings") == key:
+            return kept["win_rate"]
+    wr = evaluate(cfg, model, base, ranker=ranker, progress=progress, answers=answers)
+    _io.write_json({"win_rate": wr, "settings": key}, path)
+    return wr
 
 
 def iterate(cfg: SPPOConfig, *, progress: bool = True, ranker=None) -> dict:
     """Run ``cfg.iterations`` iterations end to end, then the win rate of each iteration's policy
     against iteration 0 on held-out prompts; writes summary.json, winrate.png and loss.png."""
+    check_prompts(cfg, range(1, cfg.iterations + 1))
     check_run_config(cfg)
     run = cfg.run_dir
     device = _device(cfg)
@@ -362,12 +412,13 @@ def iterate(cfg: SPPOConfig, *, progress: bool = True, ranker=None) -> dict:
         if progress:
             print(f"== SPPO iteration {t}/{cfg.iterations}")
         models.append(run_iteration(cfg, t, ranker=ranker, progress=progress))
-    rows = []
+    rows, answers = [], {}
     for t, m in enumerate(models):
         info = _ranking_info(run / f"iter-{t}") if t else {}
         last = json.loads((m / "trainer_state.json").read_text())["summary"]["last"] if t else {}
         # None: not evaluated (no held-out prompts), not a tie
-        wr = (evaluate(cfg, m, models[0], ranker=ranker, progress=progress) if t else 0.5) if cfg.eval_prompts else None
+        wr = ((_evaluate_once(cfg, t, m, models[0], ranker, answers, progress) if t else 0.5)
+              if cfg.eval_prompts else None)
         rows.append({"iteration": t, "win_rate_vs_iter0": wr, "tied_prompts": info.get("tied", 0),
                      "train_records": info.get("records", 0), "final_loss": last.get("loss"),
                      "reward_margin": last.get("rewards/margins")})

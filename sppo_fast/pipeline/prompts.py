@@ -9,6 +9,8 @@ Parquet files with a prompt column.
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 from typing import Optional
 
@@ -36,6 +38,23 @@ _TOPICS = (
     "reviewing code",
 )
 SHIPPED_PROMPTS: tuple[str, ...] = tuple(f.format(t=t) for t in _TOPICS for f in _FORMS)
+# local prompt files, by suffix: the datasets builder that reads them
+PROMPT_FILE_TYPES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def _check_json_lines(path: Path) -> None:
+    """The first line of a JSON-lines file that is not one JSON object, named."""
+    with path.open("rb") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except ValueError as exc:
+                raise ValueError(f"{path}: line {n} is not valid JSON ({exc})") from None
+            if not isinstance(value, dict):
+                raise ValueError(f"{path}: line {n} is a JSON {type(value).__name__}, not an object with a "
+                                 f"prompt field")
 
 
 def load_prompts(source: str = "shipped", *, split: str = "train", field: str = "prompt",
@@ -51,17 +70,33 @@ def load_prompts(source: str = "shipped", *, split: str = "train", field: str = 
         import datasets
 
         path = Path(source)
+        if not path.exists() and path.suffix.lower() in PROMPT_FILE_TYPES:  # a file, not a hub name
+            raise FileNotFoundError(f"prompt file {source!r}: no such file")
         if path.is_file():
-            kind = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}.get(path.suffix)
+            kind = PROMPT_FILE_TYPES.get(path.suffix.lower())
             if kind is None:
                 raise ValueError(f"{source}: unsupported prompt file type {path.suffix!r} "
                                  "(use .json, .jsonl, .csv or .parquet)")
             if not path.read_bytes().strip():
                 raise ValueError(f"no prompts in {source} (an empty file)")
+            if path.suffix.lower() == ".jsonl":
+                _check_json_lines(path)
+            quiet = logging.getLogger("datasets")
+            level = quiet.level
+            quiet.setLevel(logging.CRITICAL)  # (a parse error is also logged, as a second message)
             try:
                 ds = datasets.load_dataset(kind, data_files=str(path), split="train")
-            except ValueError as exc:  # a CSV with a header alone: 'Instruction "train" corresponds to no data'
-                raise ValueError(f"no prompts in {source}" if "no data" in str(exc) else f"{source}: {exc}") from exc
+            except Exception as exc:  # noqa: BLE001 - datasets wraps the parser's error in its own
+                cause = exc
+                while cause.__cause__ is not None or cause.__context__ is not None:
+                    cause = cause.__cause__ or cause.__context__
+                if "no data" in str(exc):  # a CSV with a header alone: 'Instruction "train" corresponds to no data'
+                    raise ValueError(f"no prompts in {source}") from exc
+                first = next((x for x in str(cause).splitlines() if x.strip()), type(cause).__name__)
+                raise ValueError(f"{source}: cannot be read as {path.suffix} ({type(cause).__name__}: "
+                                 f"{first})") from exc
+            finally:
+                quiet.setLevel(level)
         else:  # a hub dataset, for users who are online
             ds = _io.local_or_hub(source, "prompt set", lambda name: datasets.load_dataset(name, split=split))
         if field not in ds.column_names:

@@ -362,6 +362,7 @@ def train(model, tokenizer, records: Sequence[dict], out_dir: str | os.PathLike,
             (loss / len(micro)).backward()
             tokens += b["n_tokens"]
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        lr = sched.get_last_lr()[0]  # the rate this step uses (read after sched.step() it is the next one's)
         opt.step()
         sched.step()
         step += 1
@@ -371,7 +372,7 @@ def train(model, tokenizer, records: Sequence[dict], out_dir: str | os.PathLike,
             if world > 1:  # means over equal shares: the global batch's means
                 dist.all_reduce(vals)
                 vals /= world
-            last = {"step": step, "loss": vals[0].item(), "lr": sched.get_last_lr()[0],
+            last = {"step": step, "loss": vals[0].item(), "lr": lr,
                     "grad_norm": float(grad_norm), **{k: v.item() for k, v in zip(m, vals[1:])},
                     "tokens_per_s": world * tokens / (time.perf_counter() - t0)}
             if rank == 0:
