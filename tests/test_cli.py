@@ -367,3 +367,17 @@ def test_a_run_answers_the_held_out_prompts_once_per_policy(tmp_path, monkeypatc
     run = tmp_path / "demo"
     assert sorted(answered) == sorted(str(run / f"iter-{t}" / "model") for t in (0, 1, 2))
     assert len(summary["iterations"]) == 3
+
+
+def test_a_ranker_the_hub_cannot_provide_is_found_before_the_folder_records_settings(tmp_path, capsys,
+                                                                                      monkeypatch):
+    from sppo_fast.pairrm import PairRMRanker
+
+    def offline(name, **kw):
+        raise OSError(f"PairRM {name!r}: no such local folder, and the Hugging Face hub could not provide it")
+
+    monkeypatch.setattr(PairRMRanker, "from_pretrained", offline)
+    assert cli.main(["demo", "--quiet", "--set", f"runs_dir={tmp_path}", "ranker=foo"]) == 2
+    err = capsys.readouterr().err
+    assert "ranker: PairRM 'foo': no such local folder" in err and "built in: hash, pairrm-tiny" in err
+    assert not (tmp_path / "demo").exists()

@@ -97,7 +97,10 @@ def make_ranker(cfg: SPPOConfig, device: torch.device):
     if cfg.ranker == "pairrm-tiny":
         model, tok = tiny_pairrm(seed=cfg.train.seed)
         return PairRMRanker(model.to(device), tok, mode=cfg.mode, progress=False)
-    return PairRMRanker.from_pretrained(cfg.ranker, device=device, mode=cfg.mode, progress=False)
+    try:
+        return PairRMRanker.from_pretrained(cfg.ranker, device=device, mode=cfg.mode, progress=False)
+    except OSError as exc:  # (a name of the hub's form that it cannot provide: say what is built in)
+        raise OSError(f"ranker: {exc}; built in: hash, pairrm-tiny") from exc
 
 
 def _initial_policy(cfg: SPPOConfig, run: Path, device: torch.device) -> Path:
@@ -402,10 +405,10 @@ def iterate(cfg: SPPOConfig, *, progress: bool = True, ranker=None) -> dict:
     """Run ``cfg.iterations`` iterations end to end, then the win rate of each iteration's policy
     against iteration 0 on held-out prompts; writes summary.json, winrate.png and loss.png."""
     check_prompts(cfg, range(1, cfg.iterations + 1))
+    device = _device(cfg)
+    ranker = ranker or make_ranker(cfg, device)  # (before the folder records the settings, as the prompts)
     check_run_config(cfg)
     run = cfg.run_dir
-    device = _device(cfg)
-    ranker = ranker or make_ranker(cfg, device)
     t0 = time.perf_counter()
     models = [_initial_policy(cfg, run, device)]
     for t in range(1, cfg.iterations + 1):
