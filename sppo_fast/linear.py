@@ -19,7 +19,7 @@ Three GEMMs in all, the minimum. A sequence longer than the budget is split into
 done in two passes (sums first, then recomputed logits and gradients): four GEMMs for its tokens.
 The gradients are computed for an upstream gradient of 1 and scaled in ``backward``; if the
 returned ``policy_logps`` also receive a gradient, one extra recompute pass adds its contribution.
-The probabilities are data: no gradient flows to them (as to the labels).
+Probabilities that require a gradient get the reference's (as ``ref_logps`` do; the labels none).
 
 Where ``d_weight`` is summed (``weight_grad``). Step 4 adds every chunk's ``G.T @ h`` into one
 [V, H] accumulator, which must be float32 to keep the sum accurate: for a 16-bit weight that is
@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import numbers
 import os
 import re
 from dataclasses import dataclass
@@ -161,9 +162,9 @@ def _chunk_tokens(chunk_tokens: Optional[int], V: int, elem_bytes: int = 4, cuda
     if chunk_tokens is None:
         budget = DEFAULT_CHUNK_BYTES_CUDA if cuda else DEFAULT_CHUNK_BYTES
         return max(16, budget // (elem_bytes * V))
-    if not isinstance(chunk_tokens, int) or chunk_tokens < 1:
+    if not isinstance(chunk_tokens, numbers.Integral) or isinstance(chunk_tokens, bool) or chunk_tokens < 1:
         raise ValueError(f"chunk_tokens: expected a positive int, got {chunk_tokens!r}")
-    return chunk_tokens
+    return int(chunk_tokens)
 
 
 def _check_linear(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
@@ -627,8 +628,10 @@ class _FusedLinearSPPO(torch.autograd.Function):
         plan = _plan(labels, opts.ignore_index, opts.chunk_tokens)
         need = opts.with_grads
         ref64, t64 = ref.double(), targets.double()
-        # dloss/dlogp_s = 2 * scale * (a_s - t_s) / B: each sequence's own scalar
-        coef = lambda seq: (2 * opts.loss_scale / B) * (seq - ref64 - t64)  # noqa: E731
+        # dloss/dlogp_s = 2 * scale * (a_s - t_s) / B: each sequence's own scalar (an empty batch:
+        # no sequence, and the loss is the mean of nothing, NaN, as the reference's)
+        per_pair = 2 * opts.loss_scale / B if B else 0.0
+        coef = lambda seq: per_pair * (seq - ref64 - t64)  # noqa: E731
         work = _Chunked(hidden, weight, bias, plan, opts, with_grads=need,
                         weight_grads=ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
         with _no_autocast(hidden.device):
@@ -650,9 +653,12 @@ class _FusedLinearSPPO(torch.autograd.Function):
     @torch.autograd.function.once_differentiable  # a first-order gradient (create_graph=True works)
     def backward(ctx, g_loss, g_pol):
         opts = ctx.opts
+        # loss = f(seq - ref - targets): ref_logps and the targets (so the probabilities they come
+        # from, as in the reference) get -dloss/dlogp
         d_ref = None if g_loss is None else (-ctx.coef * g_loss.double()).to(ctx.ref_dtype)
-        if not opts.with_grads:  # only ref_logps wants a gradient
-            return None, None, None, None, d_ref, None, None
+        d_t = None if g_loss is None or not ctx.needs_input_grad[5] else -ctx.coef * g_loss.double()
+        if not opts.with_grads:  # only ref_logps (or the probabilities) want a gradient
+            return None, None, None, None, d_ref, d_t, None
         hidden, weight, bias, labels = ctx.saved_tensors
         # the upstream gradient of every sequence's log-prob sum
         coef = torch.zeros_like(ctx.coef)
@@ -693,7 +699,7 @@ class _FusedLinearSPPO(torch.autograd.Function):
         ctx.plan = ctx.lse = ctx.tok = ctx.dw_out = None
         return (dh.to(hidden.dtype), None if dw is None else dw.to(weight.dtype),
                 None if db is None else db.to(bias.dtype),
-                None, d_ref, None, None)
+                None, d_ref, d_t, None)
 
 
 def _recompute(hidden, weight, bias, labels, opts: _Options, coef_seq: Tensor, weight_grads: bool = True,
@@ -759,12 +765,14 @@ def fused_linear_sppo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, ref_l
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
     labels = _check_linear(hidden, weight, bias, labels, ignore_index)
     _weight_grad_mode(weight_grad, False)  # a bad name fails whatever the backend
+    _chunk_tokens(chunk_tokens, 1)  # (so does a bad chunk size)
     if hidden.shape[0] % 2:
         raise ValueError(f"hidden: expected an even batch [2B, T, H] (B chosen then B rejected), "
                          f"got shape {tuple(hidden.shape)}")
     B = hidden.shape[0] // 2
     ops._check_logps("ref_logps", ref_logps, 2 * B, hidden.device)
-    ops._check_loss_args(loss_type, beta, B, hidden.device, chosen_probs_win, chosen_probs_lose,
+    ops._check_finite("ref_logps", ref_logps)
+    beta = ops._check_loss_args(loss_type, beta, B, hidden.device, chosen_probs_win, chosen_probs_lose,
                          chosen_probs)
     probs = {"chosen_probs_win": chosen_probs_win, "chosen_probs_lose": chosen_probs_lose,
              "chosen_probs": chosen_probs}
@@ -799,6 +807,7 @@ def linear_sequence_logps(hidden: Tensor, weight: Tensor, labels: Tensor, *,
     """
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
     labels = _check_linear(hidden, weight, bias, labels, ignore_index)
+    _chunk_tokens(chunk_tokens, 1)  # (a bad chunk size fails whatever the backend)
     be = ops.resolve_backend(backend, hidden.device)
     with torch.no_grad(), _no_autocast(hidden.device):
         if be == "reference":

@@ -19,6 +19,7 @@ Checking the label range reads the labels once ([B, T], cheap; on a GPU it is on
 from __future__ import annotations
 
 import math
+import numbers
 import re
 import warnings
 from dataclasses import dataclass
@@ -139,7 +140,7 @@ def _check_labels(labels: Tensor, logits: Tensor, ignore_index: int) -> Tensor:
         raise TypeError(f"labels: expected a torch.Tensor, got {type(labels).__name__}")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise TypeError(f"labels: expected an integer dtype, got {labels.dtype}")
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+    if not isinstance(ignore_index, numbers.Integral) or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index: expected an int, got {ignore_index!r}")
     if _shape(labels) != _shape(logits)[:-1]:
         raise ValueError(f"labels: shape {_shape(labels)} does not match logits {_shape(logits)} "
@@ -184,12 +185,13 @@ def _check_probs(name: str, p: Optional[Tensor], n: int, device: torch.device) -
 
 def _check_loss_args(loss_type: str, beta: float, n: int, device: torch.device,
                      chosen_probs_win: Optional[Tensor], chosen_probs_lose: Optional[Tensor],
-                     chosen_probs: Optional[Tensor]) -> None:
-    """loss_type, beta, and the [n] probabilities the loss type needs."""
+                     chosen_probs: Optional[Tensor]) -> float:
+    """loss_type, beta, and the [n] probabilities the loss type needs; returns beta as a float."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type: expected one of {LOSS_TYPES}, got {loss_type!r}")
-    if isinstance(beta, Tensor) or not isinstance(beta, (int, float)) or isinstance(beta, bool):
-        raise TypeError(f"beta: expected a Python float, got {type(beta).__name__}")
+    if isinstance(beta, Tensor) or not isinstance(beta, numbers.Real) or isinstance(beta, bool):
+        raise TypeError(f"beta: expected a float, got {type(beta).__name__}")
+    beta = float(beta)  # (a NumPy scalar too)
     if not (math.isfinite(beta) and beta > 0):
         raise ValueError(f"beta: must be a finite number > 0, got {beta}")
     if loss_type == "sppo" and (chosen_probs_win is None or chosen_probs_lose is None):
@@ -199,6 +201,14 @@ def _check_loss_args(loss_type: str, beta: float, n: int, device: torch.device,
     for name, p in (("chosen_probs_win", chosen_probs_win), ("chosen_probs_lose", chosen_probs_lose),
                     ("chosen_probs", chosen_probs)):
         _check_probs(name, p, n, device)
+    return beta
+
+
+def _check_finite(name: str, t: Tensor) -> None:
+    """A reference log-prob that is NaN or infinite would make the loss so, silently."""
+    if t.numel() and not bool(torch.isfinite(t).all()):  # one host sync on a GPU
+        bad = int((~torch.isfinite(t)).sum())
+        raise ValueError(f"{name}: {bad} value(s) NaN or infinite; reference log-probs must be finite")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,7 +354,9 @@ def sppo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
     This is O(B) arithmetic that every backend runs as the same few torch ops (autograd included);
     ``backend`` is accepted for a uniform signature and checked. See the reference for formulas.
     """
-    if not isinstance(policy_chosen_logps, Tensor) or policy_chosen_logps.dim() != 1:
+    if not isinstance(policy_chosen_logps, Tensor):
+        raise TypeError(f"policy_chosen_logps: expected a torch.Tensor, got {type(policy_chosen_logps).__name__}")
+    if policy_chosen_logps.dim() != 1:
         raise ValueError(f"policy_chosen_logps: expected a [B] tensor, got "
                          f"{getattr(policy_chosen_logps, 'shape', type(policy_chosen_logps))}")
     n, device = policy_chosen_logps.shape[0], policy_chosen_logps.device
@@ -353,7 +365,9 @@ def sppo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
                     ("ref_chosen_logps", ref_chosen_logps),
                     ("ref_rejected_logps", ref_rejected_logps)):
         _check_logps(name, t, n, device)
-    _check_loss_args(loss_type, beta, n, device, chosen_probs_win, chosen_probs_lose, chosen_probs)
+    for name, t in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
+        _check_finite(name, t)
+    beta = _check_loss_args(loss_type, beta, n, device, chosen_probs_win, chosen_probs_lose, chosen_probs)
     resolve_backend(backend, device)
     return reference.sppo_loss(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
@@ -395,7 +409,8 @@ def fused_sppo_loss(logits: Tensor, labels: Tensor, ref_logps: Tensor, *,
     labels = _check_labels(labels, logits, ignore_index)
     B = logits.shape[0] // 2
     _check_logps("ref_logps", ref_logps, 2 * B, logits.device)
-    _check_loss_args(loss_type, beta, B, logits.device, chosen_probs_win, chosen_probs_lose,
+    _check_finite("ref_logps", ref_logps)
+    beta = _check_loss_args(loss_type, beta, B, logits.device, chosen_probs_win, chosen_probs_lose,
                      chosen_probs)
     be = resolve_backend(backend, logits.device)
     if be == "reference":

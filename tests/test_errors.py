@@ -86,8 +86,41 @@ def test_sppo_loss_bad_input():
         sppo_fast.sppo_loss(torch.randn(3, 2), x, x, x, loss_type="sppo_hard")
     with pytest.raises(ValueError, match="chosen_probs: probabilities must lie"):
         sppo_fast.sppo_loss(x, x, x, x, chosen_probs=torch.tensor([0.1, -0.2, 0.3]), loss_type="sppo_single")
-    with pytest.raises(TypeError, match="beta: expected a Python float"):
+    with pytest.raises(TypeError, match="beta: expected a float, got Tensor"):
         sppo_fast.sppo_loss(x, x, x, x, beta=torch.tensor(0.1), loss_type="sppo_hard")
+    with pytest.raises(TypeError, match="policy_chosen_logps: expected a torch.Tensor, got list"):
+        sppo_fast.sppo_loss([1.0, 2.0, 3.0], x, x, x, loss_type="sppo_hard")
+    with pytest.raises(ValueError, match=r"ref_rejected_logps: 1 value\(s\) NaN or infinite"):
+        sppo_fast.sppo_loss(x, x, x, torch.tensor([0.0, float("inf"), 1.0]), loss_type="sppo_hard")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_numpy_scalars_are_numbers_and_ref_logps_must_be_finite(backend):
+    """beta, ignore_index and chunk_tokens as NumPy scalars (np.float32 was refused while np.float64,
+    a float subclass, passed); a NaN reference log-prob is named (it made the loss NaN silently);
+    a bad chunk size fails whatever the backend (the reference accepted -5)."""
+    import numpy as np
+
+    logits, labels, ref, probs = _ok()
+    want = sppo_fast.fused_sppo_loss(logits, labels, ref, beta=0.1, backend=backend, **probs)[0]
+    got = sppo_fast.fused_sppo_loss(logits, labels, ref, beta=np.float32(0.1), ignore_index=np.int64(-100),
+                                    backend=backend, **probs)[0]
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    bad = ref.clone()
+    bad[2] = float("nan")
+    with pytest.raises(ValueError, match=r"ref_logps: 1 value\(s\) NaN or infinite"):
+        sppo_fast.fused_sppo_loss(logits, labels, bad, backend=backend, **probs)
+    h, w = torch.randn(*labels.shape, 8), torch.randn(logits.shape[-1], 8)
+    torch.testing.assert_close(
+        sppo_fast.fused_linear_sppo_loss(h, w, labels, ref, beta=np.float32(0.1), chunk_tokens=np.int64(3),
+                                         backend=backend, **probs)[0],
+        sppo_fast.fused_linear_sppo_loss(h, w, labels, ref, beta=0.1, chunk_tokens=3, backend=backend, **probs)[0])
+    for call in (lambda: sppo_fast.fused_linear_sppo_loss(h, w, labels, ref, chunk_tokens=-5, backend=backend, **probs),
+                 lambda: sppo_fast.linear_sequence_logps(h, w, labels, chunk_tokens=0, backend=backend)):
+        with pytest.raises(ValueError, match="chunk_tokens: expected a positive int"):
+            call()
+    with pytest.raises(ValueError, match=r"ref_logps: 1 value\(s\) NaN or infinite"):
+        sppo_fast.fused_linear_sppo_loss(h, w, labels, bad, backend=backend, **probs)
 
 
 @pytest.mark.parametrize("cmp, exc, match", [

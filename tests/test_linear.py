@@ -362,6 +362,44 @@ def test_every_token_ignored(weight_grad, gen):
     torch.testing.assert_close(out["loss"].double(), truth["loss"], rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("weight_grad", ["accumulate", "recompute"])
+def test_empty_batch_is_the_references_nan_not_a_crash(weight_grad):
+    """B = 0 divided by zero (ZeroDivisionError); the reference's loss is the mean of nothing."""
+    out = {}
+    for backend in ("reference", "cpp"):
+        h, w = torch.randn(0, 5, 8, requires_grad=True), torch.randn(29, 8, requires_grad=True)
+        loss, logps, _ = sppo_fast.fused_linear_sppo_loss(h, w, torch.zeros(0, 5, dtype=torch.long), torch.zeros(0),
+                                                          loss_type="sppo_hard", backend=backend,
+                                                          **({} if backend == "reference" else {"weight_grad": weight_grad}))
+        loss.backward()
+        out[backend] = (loss.detach(), logps.shape, h.grad.shape, w.grad)
+    assert torch.isnan(out["cpp"][0]) and torch.isnan(out["reference"][0])
+    assert out["cpp"][1:3] == out["reference"][1:3] == ((0,), (0, 5, 8))
+    assert (out["cpp"][3] == 0).all()
+
+
+@pytest.mark.parametrize("loss_type", ["sppo", "sppo_single"])
+@pytest.mark.parametrize("with_weights", [True, False])
+def test_probabilities_and_ref_logps_get_the_references_gradients(loss_type, with_weights, gen):
+    """Probabilities and ref_logps that require a gradient get the reference's (the cpp backend gave
+    the probabilities none while fused_sppo_loss and the reference gave one), with and without the
+    hidden states and weight wanting theirs; upstream gradient 1.7."""
+    h, w, b, labels, ref, probs = _inputs(gen, bias=False)
+    keys = ["chosen_probs_win", "chosen_probs_lose"] if loss_type == "sppo" else ["chosen_probs"]
+    grads = {}
+    for backend in ("reference", "cpp"):
+        p = {k: probs[k].clone().requires_grad_() for k in keys}
+        r = ref.clone().requires_grad_()
+        hh, ww = (h.clone().requires_grad_(with_weights), w.clone().requires_grad_(with_weights))
+        loss, _, _ = sppo_fast.fused_linear_sppo_loss(hh, ww, labels, r, beta=0.1, loss_type=loss_type,
+                                                      backend=backend, chunk_tokens=8, **p)
+        (1.7 * loss).backward()
+        grads[backend] = [r.grad, *(p[k].grad for k in keys)]
+    assert all(g is not None and g.abs().max() > 1 for g in grads["reference"])  # (not vacuous)
+    for got, want in zip(grads["cpp"], grads["reference"]):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-9)
+
+
 @pytest.mark.parametrize("chunk", [None, 8])  # one block of rows (the GEMM writes d_weight), several
 def test_recompute_keeps_no_float32_weight_gradient(chunk, gen, monkeypatch):
     """The vocabulary pass writes a 16-bit d_weight directly: no [V, H] float32 tensor is made
