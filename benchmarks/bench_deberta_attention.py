@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Row, cuda_extra_peak, environment, time_fn, write_rows  # noqa: E402
+from harness import Row, cuda_extra_peak, environment, relative, time_fn, write_rows  # noqa: E402
 
 
 def main() -> None:
@@ -123,14 +123,14 @@ def main() -> None:
                                     ("max_abs_diff_vs_first", err, "")):
                 rows.append(Row("deberta_attention", provider, "forward", shape, metric, v, unit, **env))
             write_rows(out, rows)
-            print(f"  L={L:<5} {provider:<13} {t['median'] * 1e3:9.2f} ms   peak +{mem:8.1f} MiB   "
-                  f"max|diff| {err:.2g}")
+            peak = f"peak +{mem:8.1f} MiB" if args.cuda else "peak (CUDA only)"
+            print(f"  L={L:<5} {provider:<13} {t['median'] * 1e3:9.2f} ms   {peak}   max|diff| {err:.2g}")
         ref = {r.provider: r.value for r in rows if r.shape == shape and r.metric == "time_median"}
         for provider, v in ref.items():
             if provider != "hf" and "hf" in ref:
                 rows.append(Row("deberta_attention", provider, "forward", shape, "speedup_vs_hf", ref["hf"] / v,
                                 "x", **env))
-                print(f"  L={L:<5} {provider}: {ref['hf'] / v:.2f}x faster than hf")
+                print(f"  L={L:<5} {provider}: {relative(ref['hf'] / v)} than hf")
         write_rows(out, rows)
     print(f"wrote {out}")
 

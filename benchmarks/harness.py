@@ -76,6 +76,11 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+def relative(speedup: float) -> str:
+    """``"2.50x faster"`` or ``"3.70x slower"`` (never "0.27x faster")."""
+    return f"{speedup:.2f}x faster" if speedup >= 1 else f"{1 / speedup:.2f}x slower"
+
+
 def time_fn(fn: Callable[[], object], *, warmup: int = 1, reps: int = 5, cuda: bool = False) -> dict:
     """Median and 20/80% quantiles of ``fn``'s wall time in seconds (CUDA: triton.testing.do_bench,
     which flushes the L2 cache between calls, when Triton is installed)."""
@@ -105,7 +110,9 @@ def time_fn(fn: Callable[[], object], *, warmup: int = 1, reps: int = 5, cuda: b
             fn()
             times.append(time.perf_counter() - t0)
     times.sort()
-    q = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
+    # (inclusive: the quantiles stay within the samples; the default extrapolates, which gave
+    # negative times for 2-3 repetitions)
+    q = statistics.quantiles(times, n=5, method="inclusive") if len(times) > 1 else [times[0]] * 4
     return {"median": statistics.median(times), "q20": q[0], "q80": q[3], "reps": reps}
 
 
@@ -237,7 +244,7 @@ class Driver:
             if m == mode and provider != baseline and provider in providers:
                 speed = ref / r["time"]["median"]
                 self.row(provider, mode, f"speedup_vs_{baseline}", speed, "x")
-                print(f"  {provider}: {speed:.2f}x faster than {baseline} ({mode})")
+                print(f"  {provider}: {relative(speed)} than {baseline} ({mode})")
 
     def write(self) -> Path:
         write_rows(self.path, self.rows)

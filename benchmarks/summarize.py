@@ -12,7 +12,7 @@ from pathlib import Path
 
 SHOWN = [("time_median", "ms"), ("speedup_vs_reference", "x ref"), ("fraction_of_copy_bandwidth", "% copy"),
          ("effective_bandwidth", "GB/s"), ("extra_peak_memory", "MiB extra"), ("time_vs_gemm3", "x gemm3"),
-         ("gflops_6NHV", "GFLOP/s")]
+         ("gflops_6NHV", "GFLOP/s"), ("prompts_per_s", "prompts/s"), ("time", "s"), ("peak_memory", "MiB peak")]
 
 
 def main() -> None:
@@ -23,16 +23,21 @@ def main() -> None:
             print(f"{path}: no such file (nothing measured)")
             continue
         rows = list(csv.DictReader(path.open()))
-        if not rows:
-            continue
-        val = defaultdict(dict)
+        # one table per (op, shape): a file may hold several lengths or batch sizes
+        tables: dict = defaultdict(lambda: defaultdict(dict))
         for r in rows:
-            val[(r["provider"], r["mode"])][r["metric"]] = float(r["value"])
-        cols = [(m, u) for m, u in SHOWN if any(m in v for v in val.values())]
-        print(f"\n{rows[0]['op']}  {rows[0]['shape']}  [{rows[0]['device']}]")
-        print(f"{'provider':<18}{'mode':<9}" + "".join(f"{u:>12}" for _, u in cols))
-        for (prov, mode), v in val.items():
-            print(f"{prov:<18}{mode:<9}" + "".join(f"{v[m]:>12.4g}" if m in v else f"{'':>12}" for m, _ in cols))
+            tables[(r["op"], r["shape"], r["device"])][(r["provider"], r["mode"])][r["metric"]] = float(r["value"])
+        for (op, shape, device), val in tables.items():
+            cols = [(m, u) for m, u in SHOWN if any(m in v for v in val.values())]
+            if not cols:
+                continue
+            wp = max(len("provider"), *(len(p) for p, _ in val)) + 2
+            wm = max(len("mode"), *(len(m) for _, m in val)) + 2
+            print(f"\n{op}  {shape}  [{device}]")
+            print(f"{'provider':<{wp}}{'mode':<{wm}}" + "".join(f"{u:>12}" for _, u in cols))
+            for (prov, mode), v in val.items():
+                print(f"{prov:<{wp}}{mode:<{wm}}" + "".join(f"{v[m]:>12.4g}" if m in v else f"{'':>12}"
+                                                            for m, _ in cols))
 
 
 if __name__ == "__main__":

@@ -254,7 +254,7 @@ _REL_CACHE: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
 _REL_LOCK = threading.Lock()
 
 
-def _kernel_rel_table(rel_index: torch.Tensor) -> tuple[torch.Tensor, bool]:
+def _kernel_rel_table(rel_index: torch.Tensor) -> tuple[torch.Tensor, bool, int, int]:
     key = None if rel_index.is_inference() else (
         rel_index.untyped_storage().data_ptr(), rel_index.storage_offset(), rel_index.shape[0],
         rel_index.stride(0), rel_index.dtype, rel_index.device, rel_index._version)
@@ -262,16 +262,20 @@ def _kernel_rel_table(rel_index: torch.Tensor) -> tuple[torch.Tensor, bool]:
         hit = _REL_CACHE.get(key) if key is not None else None
         if hit is not None:
             _REL_CACHE.move_to_end(key)
-            return hit[1], hit[2]
+            return hit[1:]
     rev = rel_index.flip(0).to(torch.int32)
     table = torch.cat([rev[:1].expand(REL_PAD), rev, rev[-1:].expand(REL_PAD)]).contiguous()
-    monotone = bool((rev[1:] <= rev[:-1]).all())  # (one synchronisation per table, not per call)
+    # whether it is monotone, and its range (the wrapper checks it against the tables' width): one
+    # synchronisation per table, not per call
+    stats = torch.stack([(rev[1:] <= rev[:-1]).all().to(torch.int64), rev.min().to(torch.int64),
+                         rev.max().to(torch.int64)]).tolist() if rev.numel() else [1, 0, 0]
+    monotone, lo, hi = bool(stats[0]), int(stats[1]), int(stats[2])
     if key is not None:
         with _REL_LOCK:
-            _REL_CACHE[key] = (rel_index, table, monotone)
+            _REL_CACHE[key] = (rel_index, table, monotone, lo, hi)
             while len(_REL_CACHE) > 32:
                 _REL_CACHE.popitem(last=False)
-    return table, monotone
+    return table, monotone, lo, hi
 
 
 def deberta_attention(q, k, v, c2p=None, p2c=None, rel_index=None, qpos=None, key_mask=None, key_len=None):
@@ -294,6 +298,9 @@ def deberta_attention(q, k, v, c2p=None, p2c=None, rel_index=None, qpos=None, ke
     Returns ``[B, H, LQ, D]`` in q's dtype.
     """
     check_attention_inputs(q, k, v, c2p, p2c, rel_index, qpos, key_mask, any_table_layout=True, key_len=key_len)
+    if q.dtype == torch.float64:  # (it would compute in float32 and return float64, silently)
+        raise TypeError("deberta_attention: the Triton kernel runs float32, bfloat16 or float16; for float64 "
+                        "use the CPU kernel (sppo_fast._native.deberta_attention) or attn_impl='torch'")
     B, H, LQ, D = q.shape
     out = torch.empty(B, H, LQ, D, device=q.device, dtype=q.dtype)
     dummy = q
@@ -302,7 +309,10 @@ def deberta_attention(q, k, v, c2p=None, p2c=None, rel_index=None, qpos=None, ke
     m = key_mask if key_mask is not None else dummy
     if out.numel() == 0:
         return out
-    rel, monotone = _kernel_rel_table(rel_index) if rel_index is not None else (dummy, False)
+    rel, monotone, lo, hi = _kernel_rel_table(rel_index) if rel_index is not None else (dummy, False, 0, 0)
+    widths = [t.shape[-1] for t in (c2p, p2c) if t is not None]
+    if widths and (lo < 0 or hi >= min(widths)):  # (the kernel's gathers would read outside the tables)
+        raise ValueError(f"rel_index: buckets must lie in [0, {min(widths)}) (the tables' width), got {lo}..{hi}")
     x = qpos if qpos is not None else rel
     # (clamped here: an int64 length past 2^31 would wrap in int32)
     n = key_len.clamp(0, k.shape[2]).to(torch.int32).contiguous() if key_len is not None else rel

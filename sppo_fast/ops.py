@@ -73,6 +73,8 @@ def _cuda_backend_problem(device: Optional[torch.device] = None) -> Optional[str
 
 def _backend_problem(name: str, device: torch.device) -> Optional[str]:
     """Why backend ``name`` cannot run on ``device``, or None if it can."""
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device is available to this torch"
     if name == "reference":
         return None
     if name == "cpp":
@@ -89,9 +91,10 @@ def _backend_problem(name: str, device: torch.device) -> Optional[str]:
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
-    """The backends that can run on ``device`` in this installation, fastest first."""
+    """The backends that can run on ``device`` in this installation, fastest first (on a CPU,
+    ``triton`` only under Triton's interpreter, and last)."""
     device = torch.device(device)
-    order = ("triton", "cuda", "reference") if device.type == "cuda" else ("cpp", "reference")
+    order = ("triton", "cuda", "reference") if device.type == "cuda" else ("cpp", "reference", "triton")
     return [b for b in order if _backend_problem(b, device) is None]
 
 
@@ -101,6 +104,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         choices = available_backends(device)
+        if not choices:
+            raise BackendUnavailableError(f"no backend can run on {device}: "
+                                          f"{_backend_problem('reference', device)}")
         if device.type == "cpu" and choices[0] != "cpp":
             warnings.warn(f"sppo_fast: falling back to the reference backend: "
                           f"{_native.unavailable_reason()}", RuntimeWarning, stacklevel=3)
@@ -463,7 +469,8 @@ def pairrm_aggregate(cmp: Tensor, mode: str = "official", *, backend: str = "aut
     ``mode="official"`` (default) reproduces LLM-Blender's scores and SPPO's probabilities;
     ``mode="direct"`` uses each pair on its own, ``P[i, j] = sigmoid((cmp[i, j] - cmp[j, i]) / 2)``.
     The diagonal of ``cmp`` is ignored. Raises on NaN or +-inf in ``cmp`` (a NaN logit would silently
-    pick a winner; an infinite one gives NaN scores).
+    pick a winner; an infinite one gives NaN scores). A ranking, not differentiable: the outputs
+    carry no gradient whatever the backend (``cmp`` is read detached).
     """
     if not isinstance(cmp, Tensor):
         raise TypeError(f"cmp: expected a torch.Tensor, got {type(cmp).__name__}")
@@ -475,6 +482,7 @@ def pairrm_aggregate(cmp: Tensor, mode: str = "official", *, backend: str = "aut
         raise ValueError(f"cmp: need K >= 2 candidates per prompt, got K = {cmp.shape[1]}")
     if mode not in PAIRWISE_MODES:
         raise ValueError(f"mode: expected one of {PAIRWISE_MODES}, got {mode!r}")
+    cmp = cmp.detach()  # (the reference's torch ops would otherwise carry a graph that cpp's do not)
     K = cmp.shape[1]
     off_diag = ~torch.eye(K, dtype=torch.bool, device=cmp.device)
     if cmp.numel() and not bool(cmp[:, off_diag].isfinite().all()):  # inf - inf would make NaN scores

@@ -489,7 +489,8 @@ class PairRMRanker:
         self.autocast_dtype = (torch.float16 if on_cuda else None) if autocast_dtype == "auto" else autocast_dtype
         cpp_problem = _cpp_attention_problem(self.device, next(model.parameters()).dtype, self.autocast_dtype)
         if attn_impl == "auto":
-            attn_impl = ("triton" if on_cuda and _triton.problem(self.device) is None else
+            float64 = next(model.parameters()).dtype == torch.float64 and self.autocast_dtype is None
+            attn_impl = ("triton" if on_cuda and not float64 and _triton.problem(self.device) is None else
                          "cpp" if cpp_problem is None else "torch")
         elif attn_impl == "triton":
             why = _triton.problem(self.device)
@@ -714,6 +715,18 @@ class PairRMRanker:
             return output
         parts = output.with_name(output.name + ".parts")
         parts.mkdir(parents=True, exist_ok=True)
+        try:
+            return self._rank_shards(shards, parts, output, n, shard_size, settings, mode, inputs_record)
+        finally:  # a failure before any shard finished leaves no empty folder behind
+            if parts.is_dir() and not any(parts.iterdir()):
+                parts.rmdir()
+
+    def _rank_shards(self, shards, parts: Path, output: Path, n: int, shard_size: int, settings: str,
+                     mode: Optional[str], inputs_record) -> Path:
+        """:meth:`rank_dataset`'s work: the shards (resumed from ``parts``), then the output."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
         tables = []
         data_hash = hashlib.sha256()
         with self._progress(n, "PairRM ranking") as bar:

@@ -50,8 +50,17 @@ def test_cuda_backend_reports_why():
 
 
 def test_auto_backend_on_cpu_is_cpp():
+    """cpp first; triton only under Triton's interpreter (the tests run there) and last; on a
+    machine without CUDA, nothing runs on "cuda" (the list said triton and reference)."""
+    import os
+
     assert sppo_fast.resolve_backend("auto", torch.device("cpu")) == "cpp"
-    assert sppo_fast.available_backends("cpu") == ["cpp", "reference"]
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    assert sppo_fast.available_backends("cpu") == ["cpp", "reference"] + (["triton"] if interpreted else [])
+    if not torch.cuda.is_available():
+        assert sppo_fast.available_backends("cuda") == []
+        with pytest.raises(sppo_fast.BackendUnavailableError, match="no CUDA device is available"):
+            sppo_fast.resolve_backend("auto", torch.device("cuda"))
 
 
 # ---- the SPPO_FAST_CUDA option, configured and built with CMake directly -------------------------

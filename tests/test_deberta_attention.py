@@ -122,7 +122,7 @@ def _tiles_by_bucket(idx, LQ, LK, qpos, dtype):
     past LQ and masked query rows counted as the kernel counts them), and how many do not."""
     from sppo_fast.kernels.deberta_attention import LAUNCH, REL_PAD, _kernel_rel_table
 
-    table, monotone = _kernel_rel_table(idx)
+    table, monotone, _, _ = _kernel_rel_table(idx)
     assert monotone  # DeBERTa's bucketing: the shortcut is on
     bm, bn = LAUNCH[dtype][:2]
     zero = LK - 1 + REL_PAD
@@ -323,6 +323,12 @@ def test_kernel_names_inputs_it_cannot_read():
         deberta_attention(q, k, v, c2p)
     with pytest.raises(ValueError, match="c2p: the last dimension must be contiguous .* transposed view"):
         deberta_attention(q, k, v, torch.cat([c2p, c2p], -1)[..., ::2], p2c, idx)  # neither dim unit-stride
+    bad = idx.clone()
+    bad[3] = 50  # past the 2S = 16 columns: the gathers would read outside the tables
+    with pytest.raises(ValueError, match=r"rel_index: buckets must lie in \[0, 16\).*got \d+..50"):
+        deberta_attention(q, k, v, c2p, p2c, bad)
+    with pytest.raises(TypeError, match="Triton kernel runs float32, bfloat16 or float16; for float64"):
+        deberta_attention(q.double(), k.double(), v.double(), c2p.double(), p2c.double(), idx)
     with pytest.raises(ValueError, match="key_mask and key_len: pass one of them"):
         deberta_attention(q, k, v, c2p, p2c, idx, key_mask=mask[:, :17], key_len=torch.ones(2, device=dev))
     with pytest.raises(ValueError, match=r"key_len: expected shape \(2,\)"):

@@ -174,3 +174,11 @@ print("warning:", w[0].message if w else None)
     for line in ("cpu_isa:", "warning:"):
         out = next(x for x in r.stdout.splitlines() if x.startswith(line))
         assert f"imported from its source tree {tmp_path}" in out and "pip install" in out, out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pairrm_aggregate_carries_no_gradient_on_any_backend(backend):
+    """A ranking: the reference's torch ops kept a graph (scores requiring grad) where cpp's did not."""
+    cmp = torch.randn(3, 4, 4, requires_grad=True)
+    res = sppo_fast.pairrm_aggregate(cmp, backend=backend)
+    assert not any(t.requires_grad for t in res if isinstance(t, torch.Tensor))

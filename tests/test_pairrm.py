@@ -687,3 +687,10 @@ def test_long_texts_raise_no_tokenizer_length_warning():
         assert [m for m in said if "Token indices sequence length" in m], said
     finally:
         log.removeHandler(keep)
+
+
+def test_rank_dataset_failing_on_its_first_shard_leaves_no_folder(tiny, tmp_path):
+    ranker = prm.PairRMRanker(*tiny, progress=False)
+    with pytest.raises(TypeError, match=r"dataset rows 0..0 .*candidates\[0\] must be a list of str"):
+        ranker.rank_dataset([{"prompt": "p", "candidates": None}], tmp_path / "out.parquet")
+    assert list(tmp_path.iterdir()) == []  # (an empty out.parquet.parts/ was left behind)
