@@ -771,9 +771,8 @@ def fused_linear_sppo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, ref_l
                          f"got shape {tuple(hidden.shape)}")
     B = hidden.shape[0] // 2
     ops._check_logps("ref_logps", ref_logps, 2 * B, hidden.device)
-    ops._check_finite("ref_logps", ref_logps)
     beta = ops._check_loss_args(loss_type, beta, B, hidden.device, chosen_probs_win, chosen_probs_lose,
-                         chosen_probs)
+                                chosen_probs, finite=(("ref_logps", ref_logps),))
     probs = {"chosen_probs_win": chosen_probs_win, "chosen_probs_lose": chosen_probs_lose,
              "chosen_probs": chosen_probs}
     be = ops.resolve_backend(backend, hidden.device)

@@ -176,23 +176,24 @@ def _check_logps(name: str, t: Tensor, n: int, device: torch.device) -> None:
         raise ValueError(f"{name}: on {t.device} but the log-probs are on {device}")
 
 
-def _check_probs(name: str, p: Optional[Tensor], n: int, device: torch.device) -> None:
-    if p is None:
-        return
-    _check_logps(name, p, n, device)
-    if n and bool((p.isnan() | (p < 0) | (p > 1)).any()):  # one host sync on a GPU
-        isnan = p.isnan()
-        nan = int(isnan.sum())
-        real = p[~isnan]
-        rng = (f", min {float(real.min()):.6g}, max {float(real.max()):.6g} of the others" if real.numel()
-               else " (all of them)")
-        raise ValueError(f"{name}: probabilities must lie in [0, 1] and not be NaN; got {nan} NaN{rng}")
+def _bad_values(name: str, t: Tensor, kind: str) -> str:
+    """The message for a tensor whose values failed its check (``kind``: "probs" or "finite")."""
+    if kind == "finite":
+        bad = int((~torch.isfinite(t)).sum())
+        return f"{name}: {bad} value(s) NaN or infinite; reference log-probs must be finite"
+    isnan = t.isnan()
+    real = t[~isnan]
+    rng = (f", min {float(real.min()):.6g}, max {float(real.max()):.6g} of the others" if real.numel()
+           else " (all of them)")
+    return f"{name}: probabilities must lie in [0, 1] and not be NaN; got {int(isnan.sum())} NaN{rng}"
 
 
 def _check_loss_args(loss_type: str, beta: float, n: int, device: torch.device,
                      chosen_probs_win: Optional[Tensor], chosen_probs_lose: Optional[Tensor],
-                     chosen_probs: Optional[Tensor]) -> float:
-    """loss_type, beta, and the [n] probabilities the loss type needs; returns beta as a float."""
+                     chosen_probs: Optional[Tensor], finite: tuple = ()) -> float:
+    """loss_type, beta, the [n] probabilities the loss type needs and the ``finite`` (name,
+    tensor) pairs (reference log-probs), whose values are checked in one host sync; returns beta
+    as a float."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type: expected one of {LOSS_TYPES}, got {loss_type!r}")
     if isinstance(beta, Tensor) or not isinstance(beta, numbers.Real) or isinstance(beta, bool):
@@ -204,17 +205,19 @@ def _check_loss_args(loss_type: str, beta: float, n: int, device: torch.device,
         raise ValueError("loss_type='sppo' needs chosen_probs_win and chosen_probs_lose")
     if loss_type == "sppo_single" and chosen_probs is None:
         raise ValueError("loss_type='sppo_single' needs chosen_probs")
-    for name, p in (("chosen_probs_win", chosen_probs_win), ("chosen_probs_lose", chosen_probs_lose),
-                    ("chosen_probs", chosen_probs)):
-        _check_probs(name, p, n, device)
+    checks = [(name, p, "probs") for name, p in (("chosen_probs_win", chosen_probs_win),
+                                                 ("chosen_probs_lose", chosen_probs_lose),
+                                                 ("chosen_probs", chosen_probs)) if p is not None]
+    for name, p, _ in checks:
+        _check_logps(name, p, n, device)
+    checks += [(name, t, "finite") for name, t in finite if t.numel()]
+    if n and checks:
+        flags = torch.stack([(~torch.isfinite(t)).any() if kind == "finite" else (t.isnan() | (t < 0) | (t > 1)).any()
+                             for _, t, kind in checks]).tolist()  # one host sync on a GPU for them all
+        for (name, t, kind), bad in zip(checks, flags):
+            if bad:
+                raise ValueError(_bad_values(name, t, kind))
     return beta
-
-
-def _check_finite(name: str, t: Tensor) -> None:
-    """A reference log-prob that is NaN or infinite would make the loss so, silently."""
-    if t.numel() and not bool(torch.isfinite(t).all()):  # one host sync on a GPU
-        bad = int((~torch.isfinite(t)).sum())
-        raise ValueError(f"{name}: {bad} value(s) NaN or infinite; reference log-probs must be finite")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,9 +374,8 @@ def sppo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
                     ("ref_chosen_logps", ref_chosen_logps),
                     ("ref_rejected_logps", ref_rejected_logps)):
         _check_logps(name, t, n, device)
-    for name, t in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
-        _check_finite(name, t)
-    beta = _check_loss_args(loss_type, beta, n, device, chosen_probs_win, chosen_probs_lose, chosen_probs)
+    beta = _check_loss_args(loss_type, beta, n, device, chosen_probs_win, chosen_probs_lose, chosen_probs,
+                            finite=(("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)))
     resolve_backend(backend, device)
     return reference.sppo_loss(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
@@ -415,9 +417,8 @@ def fused_sppo_loss(logits: Tensor, labels: Tensor, ref_logps: Tensor, *,
     labels = _check_labels(labels, logits, ignore_index)
     B = logits.shape[0] // 2
     _check_logps("ref_logps", ref_logps, 2 * B, logits.device)
-    _check_finite("ref_logps", ref_logps)
     beta = _check_loss_args(loss_type, beta, B, logits.device, chosen_probs_win, chosen_probs_lose,
-                     chosen_probs)
+                            chosen_probs, finite=(("ref_logps", ref_logps),))
     be = resolve_backend(backend, logits.device)
     if be == "reference":
         policy = reference.sequence_logps(logits, labels, ignore_index)
