@@ -10,6 +10,7 @@ dtypes, devices and label ranges.
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Optional
 
@@ -52,10 +53,13 @@ def available() -> bool:
 
 def unavailable_reason() -> str:
     tree = _source_tree()
-    if tree is not None:  # (Python's own message then speaks of a circular import)
+    # only where no finder knows an extension at all (an editable install keeps it elsewhere and
+    # loads it through its own finder: a failure there is another problem, named as it is)
+    if tree is not None and importlib.util.find_spec(f"{__package__}._C") is None:
         return (f"sppo_fast was imported from its source tree {tree}, which holds no built extension "
                 f"(sppo_fast._C): run from another directory to use the installed package, or install "
-                f"this checkout in editable mode (pip install --no-build-isolation -e .)")
+                f"this checkout in editable mode (pip install --no-build-isolation -e .); "
+                f"the import said: {_IMPORT_ERROR}")
     return f"sppo_fast._C failed to import: {_IMPORT_ERROR}"
 
 

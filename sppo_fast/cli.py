@@ -46,16 +46,11 @@ def _fields_help() -> str:
     """The config fields and their values under the default preset, for ``--help``."""
     import textwrap
 
-    from .pipeline.config import load_config
+    from .pipeline.config import _flat, load_config
 
-    def flat(d: dict, prefix: str = "") -> list[str]:
-        out = []
-        for k, v in d.items():
-            out += flat(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}={v}"]
-        return out
-
-    body = textwrap.fill("  ".join(flat(load_config("tiny").to_dict())), width=100, initial_indent="  ",
-                         subsequent_indent="  ", break_on_hyphens=False)
+    fields = [f"{k}={v}" for k, v in _flat(load_config("tiny").to_dict()).items()]
+    body = textwrap.fill("  ".join(fields), width=100, initial_indent="  ", subsequent_indent="  ",
+                         break_on_hyphens=False)
     return ("config fields (--set FIELD=VALUE, or a YAML file's keys; values of the tiny preset, "
             "see sppo_fast/pipeline/config.py):\n" + body)
 
@@ -107,10 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """Errors in what the user gave (ValueError, TypeError, OSError) print one line and exit 2; Ctrl-C
     exits 130 (every stage resumes); ``--debug`` shows the traceback instead."""
-    args = build_parser().parse_args(argv)
-    if not args.debug:  # a warning as one line, as the errors are (not a file path and a source line)
-        import warnings
+    import warnings
 
+    args = build_parser().parse_args(argv)
+    shown = warnings.showwarning
+    if not args.debug:  # a warning as one line, as the errors are (not a file path and a source line)
         warnings.showwarning = _show_warning
     try:
         return _run(args)
@@ -125,6 +121,8 @@ def main(argv=None) -> int:
         msg = str(exc).replace("\n", " ")
         print(f"sppo-fast: error: {msg}  (--debug shows the traceback)", file=sys.stderr)
         return 2
+    finally:
+        warnings.showwarning = shown  # (main() may be called from a user's own code)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

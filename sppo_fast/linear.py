@@ -764,6 +764,7 @@ def fused_linear_sppo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, ref_l
     """
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
     labels = _check_linear(hidden, weight, bias, labels, ignore_index)
+    ignore_index = int(ignore_index)  # (a NumPy integer: Triton's launcher takes Python ints)
     _weight_grad_mode(weight_grad, False)  # a bad name fails whatever the backend
     _chunk_tokens(chunk_tokens, 1)  # (so does a bad chunk size)
     if hidden.shape[0] % 2:
@@ -806,6 +807,7 @@ def linear_sequence_logps(hidden: Tensor, weight: Tensor, labels: Tensor, *,
     """
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
     labels = _check_linear(hidden, weight, bias, labels, ignore_index)
+    ignore_index = int(ignore_index)  # (a NumPy integer: Triton's launcher takes Python ints)
     _chunk_tokens(chunk_tokens, 1)  # (a bad chunk size fails whatever the backend)
     be = ops.resolve_backend(backend, hidden.device)
     with torch.no_grad(), _no_autocast(hidden.device):

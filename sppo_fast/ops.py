@@ -320,6 +320,7 @@ def token_logprobs(logits: Tensor, labels: Tensor, ignore_index: int = -100, *,
     """
     _check_logits(logits, (2, 3))
     labels = _check_labels(labels, logits, ignore_index)
+    ignore_index = int(ignore_index)  # (a NumPy integer: Triton's launcher takes Python ints)
     be = resolve_backend(backend, logits.device)
     if be == "reference":
         return reference.token_logprobs(logits, labels, ignore_index)
@@ -346,6 +347,7 @@ def sequence_logps(logits: Tensor, labels: Tensor, ignore_index: int = -100, *,
     """
     _check_logits(logits, (3,))
     labels = _check_labels(labels, logits, ignore_index)
+    ignore_index = int(ignore_index)  # (a NumPy integer: Triton's launcher takes Python ints)
     be = resolve_backend(backend, logits.device)
     if be == "reference":
         return reference.sequence_logps(logits, labels, ignore_index)
@@ -415,6 +417,7 @@ def fused_sppo_loss(logits: Tensor, labels: Tensor, ref_logps: Tensor, *,
         raise ValueError(f"logits: expected an even batch [2B, T, V] (B chosen then B rejected), "
                          f"got shape {_shape(logits)}")
     labels = _check_labels(labels, logits, ignore_index)
+    ignore_index = int(ignore_index)  # (a NumPy integer: Triton's launcher takes Python ints)
     B = logits.shape[0] // 2
     _check_logps("ref_logps", ref_logps, 2 * B, logits.device)
     beta = _check_loss_args(loss_type, beta, B, logits.device, chosen_probs_win, chosen_probs_lose,

@@ -713,21 +713,8 @@ class PairRMRanker:
                 raise ValueError(f"{output} exists but holds the ranking of another dataset (differs in: {what}); "
                                  f"remove it or choose another output path to rank this one")
             return output
-        parts = output.with_name(output.name + ".parts")
-        parts.mkdir(parents=True, exist_ok=True)
-        try:
-            return self._rank_shards(shards, parts, output, n, shard_size, settings, mode, inputs_record)
-        finally:  # a failure before any shard finished leaves no empty folder behind
-            if parts.is_dir() and not any(parts.iterdir()):
-                parts.rmdir()
-
-    def _rank_shards(self, shards, parts: Path, output: Path, n: int, shard_size: int, settings: str,
-                     mode: Optional[str], inputs_record) -> Path:
-        """:meth:`rank_dataset`'s work: the shards (resumed from ``parts``), then the output."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        tables = []
+        parts = output.with_name(output.name + ".parts")  # (made with its first shard: a failure
+        tables = []                                        # before that leaves no empty folder)
         data_hash = hashlib.sha256()
         with self._progress(n, "PairRM ranking") as bar:
             for s, (start, prompts, cands) in enumerate(shards()):
@@ -751,6 +738,7 @@ class PairRMRanker:
                         bar.update(len(p))
                     table = pa.Table.from_pylist(records, schema=record_schema())
                     table = table.replace_schema_metadata({"sppo_fast.inputs": digest})
+                    parts.mkdir(parents=True, exist_ok=True)
                     _io.write_parquet(table, path)
                 tables.append(table.replace_schema_metadata(None))
         table = pa.concat_tables(tables) if tables else record_schema().empty_table()

@@ -381,3 +381,41 @@ def test_a_ranker_the_hub_cannot_provide_is_found_before_the_folder_records_sett
     err = capsys.readouterr().err
     assert "ranker: PairRM 'foo': no such local folder" in err and "built in: hash, pairrm-tiny" in err
     assert not (tmp_path / "demo").exists()
+
+
+def test_a_stage_run_may_correct_its_ranker_while_nothing_is_ranked(tmp_path, capsys, monkeypatch):
+    """`sppo-fast rank` with a ranker the hub cannot provide fails after generation; the folder then
+    holds generations but no ranking, so the corrected ranker is accepted (it was refused as 'other
+    settings'); once something is ranked, a ranker change is refused."""
+    from sppo_fast.pairrm import PairRMRanker
+
+    def offline(name, **kw):
+        raise OSError(f"PairRM {name!r}: no such local folder, and the Hugging Face hub could not provide it")
+
+    monkeypatch.setattr(PairRMRanker, "from_pretrained", offline)
+    base = ["--quiet", "--set", f"runs_dir={tmp_path}", "prompts_per_iteration=2", "k=2", "max_new_tokens=4"]
+    assert cli.main(["rank", *base, "ranker=nobody/no-ranker"]) == 2
+    assert "ranker: PairRM 'nobody/no-ranker'" in capsys.readouterr().err
+    assert (tmp_path / "demo" / "iter-1" / "generations.parquet").exists()
+    assert cli.main(["rank", *base, "ranker=hash"]) == 0
+    assert (tmp_path / "demo" / "iter-1" / "train.parquet").exists()
+    assert cli.main(["rank", *base, "ranker=pairrm-tiny"]) == 2
+    assert "other settings (ranker: 'hash' then, 'pairrm-tiny' now)" in capsys.readouterr().err
+
+
+def test_kept_win_rates_follow_the_held_out_prompts(tmp_path, monkeypatch):
+    """iter-t/winrate.json is reused only for the same held-out prompts (their content, not the
+    file's name), policies, ranker and settings."""
+    f = tmp_path / "p.jsonl"
+    prompts = [f"question number {i}" for i in range(12)]
+    f.write_text("\n".join(json.dumps({"prompt": p}) for p in prompts))
+    cfg = small(tmp_path, prompts=str(f), prompts_per_iteration="4", k="2", max_new_tokens="4", eval_prompts="3")
+    it.iterate(cfg, progress=False)
+    calls = []
+    real = it.evaluate
+    monkeypatch.setattr(it, "evaluate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    it.iterate(cfg, progress=False)
+    assert calls == []
+    f.write_text("\n".join(json.dumps({"prompt": p}) for p in ["another first question", *prompts[1:]]))
+    it.iterate(cfg, progress=False)  # (the held-out prompts changed; iteration 1's training ones did not)
+    assert calls == [1]

@@ -94,7 +94,7 @@ def test_sppo_loss_bad_input():
         sppo_fast.sppo_loss(x, x, x, torch.tensor([0.0, float("inf"), 1.0]), loss_type="sppo_hard")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS + ["triton"])  # (triton: the interpreter; its launcher wants ints)
 def test_numpy_scalars_are_numbers_and_ref_logps_must_be_finite(backend):
     """beta, ignore_index and chunk_tokens as NumPy scalars (np.float32 was refused while np.float64,
     a float subclass, passed); a NaN reference log-prob is named (it made the loss NaN silently);
@@ -140,6 +140,16 @@ def test_nan_on_diagonal_is_ignored():
     cmp = torch.zeros(1, 3, 3)
     cmp[0, 1, 1] = float("nan")
     assert torch.isfinite(sppo_fast.pairrm_aggregate(cmp).probs).all()
+
+
+def test_a_failing_extension_in_an_installed_tree_is_named_as_it_is(monkeypatch):
+    """Where a finder knows the extension (an editable install keeps it in site-packages), a failed
+    import is its own error, not "imported from its source tree"."""
+    from sppo_fast import _native
+
+    monkeypatch.setattr(_native, "_C", None)
+    monkeypatch.setattr(_native, "_IMPORT_ERROR", ImportError("undefined symbol: bar"))
+    assert _native.unavailable_reason() == "sppo_fast._C failed to import: undefined symbol: bar"
 
 
 def test_source_tree_without_extension_says_so(tmp_path):

@@ -219,6 +219,17 @@ FREE_TO_CHANGE = ("name", "runs_dir", "iterations", "generation_batch_size",
                   *(f"train.{k}" for k in TRAIN_FREE_TO_CHANGE))
 
 
+# fields that only the ranking and what follows it read: free to change while nothing is ranked yet
+RANKING_FIELDS = ("ranker", "mode")
+_RANKING_OUTPUTS = ("ranked.parquet", "ranked.shards", "ranking.json", "train.parquet", "winrate.json")
+
+
+def _ranked_anything(run: Path) -> bool:
+    """Whether ``run`` holds any output of a ranking (or of what follows it)."""
+    return (run / "summary.json").exists() or any(
+        (it / name).exists() for it in run.glob("iter-*") for name in _RANKING_OUTPUTS)
+
+
 def _flat(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
@@ -238,6 +249,8 @@ def check_run_config(cfg: SPPOConfig) -> None:
         then = _flat(yaml.safe_load(path.read_text()) or {})
         now = _flat(cfg.to_dict())
         changed = [k for k in sorted(set(then) | set(now)) if k not in FREE_TO_CHANGE and then.get(k) != now.get(k)]
+        if changed and set(changed) <= set(RANKING_FIELDS) and not _ranked_anything(run):
+            changed = []  # (e.g. a ranker the hub could not provide, corrected after generation)
         if changed:
             diff = "; ".join(f"{k}: {then.get(k, '<absent>')!r} then, {now.get(k, '<absent>')!r} now" for k in changed)
             raise ValueError(f"{run} holds a run made with other settings ({diff}): rerun with the same settings, "

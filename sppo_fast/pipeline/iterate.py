@@ -221,12 +221,12 @@ def iteration_prompts(cfg: SPPOConfig, t: int) -> list[str]:
     return prompts
 
 
-def check_prompts(cfg: SPPOConfig, iterations) -> None:
+def check_prompts(cfg: SPPOConfig, iterations, held_out: bool = False) -> None:
     """Read the prompts that iterations ``iterations`` will generate from (those whose generations
-    are not written yet) and, with ``eval_prompts``, the held-out ones: a missing column, an empty or
-    non-string prompt or an unreadable file is found before any work, and before the run folder
-    records these settings (which would then refuse the corrected ones)."""
-    if cfg.eval_prompts and not (cfg.run_dir / "summary.json").exists():
+    are not written yet) and, with ``held_out`` and ``eval_prompts``, the held-out ones: a missing
+    column, an empty or non-string prompt or an unreadable file is found before any work, and before
+    the run folder records these settings (which would then refuse the corrected ones)."""
+    if held_out and cfg.eval_prompts:
         held_out_prompts(cfg)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # (the stage itself warns about small sources)
@@ -248,16 +248,19 @@ def _use_vllm(cfg: SPPOConfig) -> bool:
     return cfg.generation_backend == "vllm" or (cfg.generation_backend == "auto" and available())
 
 
-def run_iteration(cfg: SPPOConfig, t: int, *, ranker=None, progress: bool = True, until: str = "train") -> Path:
+def run_iteration(cfg: SPPOConfig, t: int, *, ranker=None, progress: bool = True, until: str = "train",
+                  checked: bool = False) -> Path:
     """Iteration t (1-based): from iteration t-1's policy to iteration t's; returns its model folder.
 
-    ``until``: stop after ``"generate"`` or ``"rank"`` (earlier stages run first when missing)."""
+    ``until``: stop after ``"generate"`` or ``"rank"`` (earlier stages run first when missing).
+    ``checked``: the prompts and the run folder's settings were checked already (by :func:`iterate`)."""
     if until not in STAGES:
         raise ValueError(f"until: expected one of {STAGES}, got {until!r}")
     if not isinstance(t, int) or t < 1:
         raise ValueError(f"iteration must be >= 1 (iteration 1 trains from the starting policy), got {t!r}")
-    check_prompts(cfg, [t])
-    check_run_config(cfg)
+    if not checked:
+        check_prompts(cfg, [t])
+        check_run_config(cfg)
     device = _device(cfg)
     run = cfg.run_dir
     prev = run / f"iter-{t - 1}" / "model"
@@ -351,7 +354,10 @@ def run_iteration(cfg: SPPOConfig, t: int, *, ranker=None, progress: bool = True
     return final
 
 
-def evaluate(cfg: SPPOConfig, model_a: Path, model_b: Path, *, ranker=None, samples: int = 2,
+EVAL_SAMPLES = 2  # answers per held-out prompt and policy
+
+
+def evaluate(cfg: SPPOConfig, model_a: Path, model_b: Path, *, ranker=None, samples: int = EVAL_SAMPLES,
              progress: bool = False, answers: Optional[dict] = None) -> float:
     """Win rate of policy A against policy B on the held-out prompts under the ranker: each prompt
     answered ``samples`` times by each (same seeds), both orders compared, ties count one half.
@@ -389,14 +395,15 @@ def _evaluate_once(cfg: SPPOConfig, t: int, model: Path, base: Path, ranker, ans
     finished run (the run folder's settings are fixed; the ranker's identity is checked too)."""
     path = cfg.run_dir / f"iter-{t}" / "winrate.json"
     key = {"policy": _policy_id(model), "against": _policy_id(base), "ranker": ranker_fingerprint(ranker),
-           "eval_prompts": cfg.eval_prompts,
+           "held_out": _io.digest(held_out_prompts(cfg)), "dtype": str(policy_dtype(_device(cfg))),
+           "samples": EVAL_SAMPLES, "eval_prompts": cfg.eval_prompts,
            "prompts": cfg.prompts, "seed": cfg.seed, "temperature": cfg.temperature, "top_p": cfg.top_p,
            "top_k": cfg.top_k, "max_new_tokens": cfg.max_new_tokens}
     if path.exists():
         kept = json.loads(path.read_text())
         if kept.get("settings") == key:
             return kept["win_rate"]
-    wr = evaluate(cfg, model, base, ranker=ranker, progress=progress, answers=answers)
+    wr = evaluate(cfg, model, base, ranker=ranker, samples=EVAL_SAMPLES, progress=progress, answers=answers)
     _io.write_json({"win_rate": wr, "settings": key}, path)
     return wr
 
@@ -404,7 +411,7 @@ def _evaluate_once(cfg: SPPOConfig, t: int, model: Path, base: Path, ranker, ans
 def iterate(cfg: SPPOConfig, *, progress: bool = True, ranker=None) -> dict:
     """Run ``cfg.iterations`` iterations end to end, then the win rate of each iteration's policy
     against iteration 0 on held-out prompts; writes summary.json, winrate.png and loss.png."""
-    check_prompts(cfg, range(1, cfg.iterations + 1))
+    check_prompts(cfg, range(1, cfg.iterations + 1), held_out=True)
     device = _device(cfg)
     ranker = ranker or make_ranker(cfg, device)  # (before the folder records the settings, as the prompts)
     check_run_config(cfg)
@@ -414,7 +421,7 @@ def iterate(cfg: SPPOConfig, *, progress: bool = True, ranker=None) -> dict:
     for t in range(1, cfg.iterations + 1):
         if progress:
             print(f"== SPPO iteration {t}/{cfg.iterations}")
-        models.append(run_iteration(cfg, t, ranker=ranker, progress=progress))
+        models.append(run_iteration(cfg, t, ranker=ranker, progress=progress, checked=True))
     rows, answers = [], {}
     for t, m in enumerate(models):
         info = _ranking_info(run / f"iter-{t}") if t else {}
