@@ -369,18 +369,21 @@ def test_a_run_answers_the_held_out_prompts_once_per_policy(tmp_path, monkeypatc
     assert len(summary["iterations"]) == 3
 
 
-def test_a_ranker_the_hub_cannot_provide_is_found_before_the_folder_records_settings(tmp_path, capsys,
-                                                                                      monkeypatch):
+def test_a_ranker_the_hub_cannot_provide_can_be_corrected(tmp_path, capsys, monkeypatch):
+    """The error lists the built-in rankers, and the corrected command is accepted (the folder had
+    recorded the failed name and refused the fix as 'other settings')."""
     from sppo_fast.pairrm import PairRMRanker
 
     def offline(name, **kw):
         raise OSError(f"PairRM {name!r}: no such local folder, and the Hugging Face hub could not provide it")
 
     monkeypatch.setattr(PairRMRanker, "from_pretrained", offline)
-    assert cli.main(["demo", "--quiet", "--set", f"runs_dir={tmp_path}", "ranker=foo"]) == 2
+    base = ["demo", "--quiet", "--set", f"runs_dir={tmp_path}", "iterations=1", "prompts_per_iteration=2", "k=2",
+            "max_new_tokens=4", "eval_prompts=2"]
+    assert cli.main([*base, "ranker=foo"]) == 2
     err = capsys.readouterr().err
     assert "ranker: PairRM 'foo': no such local folder" in err and "built in: hash, pairrm-tiny" in err
-    assert not (tmp_path / "demo").exists()
+    assert cli.main([*base, "ranker=hash"]) == 0
 
 
 def test_a_stage_run_may_correct_its_ranker_while_nothing_is_ranked(tmp_path, capsys, monkeypatch):

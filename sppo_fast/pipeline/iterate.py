@@ -412,9 +412,9 @@ def iterate(cfg: SPPOConfig, *, progress: bool = True, ranker=None) -> dict:
     """Run ``cfg.iterations`` iterations end to end, then the win rate of each iteration's policy
     against iteration 0 on held-out prompts; writes summary.json, winrate.png and loss.png."""
     check_prompts(cfg, range(1, cfg.iterations + 1), held_out=True)
+    check_run_config(cfg)  # (before a hub ranker downloads; a ranker that fails may still be corrected)
     device = _device(cfg)
-    ranker = ranker or make_ranker(cfg, device)  # (before the folder records the settings, as the prompts)
-    check_run_config(cfg)
+    ranker = ranker or make_ranker(cfg, device)
     run = cfg.run_dir
     t0 = time.perf_counter()
     models = [_initial_policy(cfg, run, device)]
