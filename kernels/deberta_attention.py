@@ -41,10 +41,10 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # The fixed launch, by input dtype: (BLOCK_M, BLOCK_N, num_warps[, num_stages]). Chosen from the sm_90
 # build (tests/triton_aot.py compiles it as the launcher specialises it at run time, and counts the hot
 # loop's instructions): 64 x 64 over 4 warps issues 16-18 (uniform tiles) to 24-25 (3.6) or 23.6
-# (3.9) instructions a score with right padding given as key lengths (the ranker's), 168 registers
-# and no spill in both Triton 3.6 and 3.9: three programs an SM (the kernel timed on the H100 issued 59 in 3.6's build
-# at 230 registers, two programs an SM). float32's dot runs on the FMA units (~200 a score whatever
-# the tile); 32 x 16 over 4 warps does not spill.
+# (3.9) instructions a score with right padding given as key lengths (the ranker's), at 168
+# registers and no spill in both Triton 3.6 and 3.9: three programs an SM. The kernel timed on the
+# H100 issued 59 in 3.6's build, at 230 registers: two programs an SM. float32's dot runs on the FMA
+# units (~200 a score whatever the tile); 32 x 16 over 4 warps does not spill.
 LAUNCH = {torch.float16: (64, 64, 4), torch.bfloat16: (64, 64, 4), torch.float32: (32, 16, 4)}
 
 
@@ -84,8 +84,9 @@ _CONFIGS = [c for c in (_config(*x) for x in ((64, 64, 4, 3, None), (64, 64, 4, 
             if c is not None]
 # (sm_90 builds, 16 bits, benchmarks/sass_attention.py: 64 x 64 over 4 warps takes 168 registers in
 # Triton 3.6 and 3.9, three programs an SM; one stage takes 128-140 and half the shared memory (four
-# programs an SM in 3.9, three in 3.6); 64 x 32 fits four at 15-30% more instructions a score; 128 x 64 over 8
-# warps issues a few percent fewer, one program an SM. Which wins is for the GPU to say.)
+# programs an SM in 3.9, three in 3.6); 64 x 32 fits four at 15-30% more instructions a score;
+# 128 x 64 over 8 warps issues a few percent fewer, one program an SM. Which wins is for the GPU
+# to say.)
 
 
 # Opt-in (SPPO_FAST_ATTN_TABLES=transposed, or set_transposed_tables(True)): sppo_fast.deberta builds
@@ -110,8 +111,8 @@ def _length_bucket(bh: int, lq: int, lk: int) -> int:
 
 
 def _launch_config(dtype: torch.dtype) -> tuple[int, ...]:
-    """(BLOCK_M, BLOCK_N, num_warps[, num_stages]) for ``dtype``'s launch (float64 runs in the
-    interpreter only, at float32's)."""
+    """(BLOCK_M, BLOCK_N, num_warps[, num_stages]) for ``dtype``'s launch (float32's for any other:
+    :func:`deberta_attention` refuses float64)."""
     return LAUNCH.get(dtype, LAUNCH[torch.float32])
 
 
