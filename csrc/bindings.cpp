@@ -64,13 +64,14 @@ PYBIND11_MODULE(_C, m) {
       [](uintptr_t logits, int dtype, int64_t B, int64_t T, int64_t V, int64_t sb, int64_t st,
          uintptr_t labels, int64_t lsb, int64_t lst, int64_t ignore_index, uintptr_t lse,
          uintptr_t coef, int64_t csb, int64_t cst, uintptr_t out, int64_t osb, int64_t ost,
-         int num_threads, uintptr_t stream, int device, int64_t col0) {
+         int num_threads, uintptr_t stream, int device, int64_t col0, uintptr_t label_logp) {
         check_dtype(dtype, "logits");
         check_sizes(B, T, V);
         LogprobBwdArgs a{ptr<const void>(logits), dtype, B, T, V, sb, st,
                          ptr<const int64_t>(labels), lsb, lst, ignore_index,
                          ptr<const void>(lse), ptr<const void>(coef), csb, cst,
-                         ptr<void>(out), osb, ost, num_threads < 1 ? 1 : num_threads, col0};
+                         ptr<void>(out), osb, ost, num_threads < 1 ? 1 : num_threads, col0,
+                         ptr<const void>(label_logp)};
         py::gil_scoped_release nogil;
         if (device >= 0) cuda::logprob_bwd(a, stream, device);
         else cpu::logprob_bwd(a);
@@ -79,9 +80,10 @@ PYBIND11_MODULE(_C, m) {
       py::arg("st"), py::arg("labels"), py::arg("lsb"), py::arg("lst"), py::arg("ignore_index"),
       py::arg("lse"), py::arg("coef"), py::arg("csb"), py::arg("cst"), py::arg("out"),
       py::arg("osb"), py::arg("ost"), py::arg("num_threads"), py::arg("stream") = 0,
-      py::arg("device") = -1, py::arg("col0") = 0,
+      py::arg("device") = -1, py::arg("col0") = 0, py::arg("label_logp") = 0,
       "out = coef * (onehot(label - col0) - softmax) from the saved row stats of the full rows, whose "
-      "columns [col0, col0 + V) logits holds (CPU, or CUDA).");
+      "columns [col0, col0 + V) logits holds (CPU, or CUDA); with label_logp ([B, T] contiguous, "
+      "the accumulation dtype), the label entry is -coef * expm1(label_logp).");
 
   m.def(
       "pairwise",

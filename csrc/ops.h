@@ -36,6 +36,10 @@ struct LogprobBwdArgs {
   // vocabulary index of column 0: the rows are the slice [col0, col0 + V) of the full rows, and a
   // label outside it gets no one-hot term (a slab of the vocabulary, as linear.py's second pass uses)
   int64_t col0 = 0;
+  // [B, T] contiguous A, or nullptr: each row's label log-prob as computed from the logits its
+  // lse came from; the label entry is then -coef * expm1(label_logp) (linear.py's vocabulary pass,
+  // whose recomputed logits differ from those in the last bits: 1 - p would cancel for p ~ 1)
+  const void* label_logp = nullptr;
 };
 
 // PairRM aggregation over cmp[B, K, K] (float32 or float64, any strides); see reference.py.

@@ -76,10 +76,10 @@ def _logprob_fwd_kernel(
 
 @triton.jit
 def _sppo_bwd_kernel(
-    logits_ptr, labels_ptr, lse_ptr, coef_ptr, out_ptr,
+    logits_ptr, labels_ptr, lse_ptr, coef_ptr, out_ptr, llp_ptr,
     T, V, stride_lb, stride_lt, stride_yb, stride_yt, stride_cb, stride_ct, stride_ob, stride_ot,
     ignore_index, col0,
-    BLOCK_V: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_V: tl.constexpr, ACC: tl.constexpr, HAS_LLP: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1).to(tl.int64)
@@ -95,6 +95,14 @@ def _sppo_bwd_kernel(
     x = tl.load(logits_ptr + b * stride_lb + t * stride_lt + cols, mask=mask, other=0.0).to(ACC)
     p = tl.exp(tl.where(keep, (x - m) - ls, float("-inf")))  # ignored rows: p = 0, no overflow
     grad = g * (tl.where(cols + col0 == label, 1.0, 0.0) - p)  # a label outside the slice: no term
+    if HAS_LLP:
+        # the label's entry from its given log-prob: -g * expm1(lp), by Kahan's exp/log form
+        # (accurate where p ~ 1, with no expm1 in tl); only the block holding the label uses it
+        lp = tl.load(llp_ptr + row, mask=keep, other=0.0).to(ACC)
+        u = tl.exp(lp)
+        um1 = u - 1.0
+        em1 = tl.where(u == 1.0, lp, tl.where(um1 == -1.0, -1.0, um1 * lp / tl.log(tl.where(u == 1.0, 2.0, u))))
+        grad = tl.where((cols + col0 == label) & keep, -g * em1, grad)
     if out_ptr.dtype.element_ty == tl.bfloat16:
         # round to nearest even by hand: the GPU's cast does it too, Triton's interpreter truncates.
         # A NaN first becomes the quiet NaN 0x7FC00000: the GPU's own NaN, 0x7FFFFFFF, would carry
@@ -165,10 +173,12 @@ def logprob_fwd(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
 
 def logprob_bwd(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, coef: torch.Tensor,
                 ignore_index: int, out: torch.Tensor, config: LogprobConfig | None = None,
-                col0: int = 0) -> torch.Tensor:
+                col0: int = 0, label_logp: torch.Tensor | None = None) -> torch.Tensor:
     """Write ``coef[b, t] * (onehot(labels[b, t]) - softmax(logits[b, t]))`` into ``out`` (may be logits).
 
-    With ``col0``, ``logits`` holds columns ``[col0, col0 + V)`` of the rows ``lse`` describes."""
+    With ``col0``, ``logits`` holds columns ``[col0, col0 + V)`` of the rows ``lse`` describes.
+    With ``label_logp`` (contiguous [B, T], ``lse``'s dtype) the label entry is
+    ``-coef * expm1(label_logp)``."""
     B, T, V = logits.shape
     if B * T == 0:
         return out
@@ -176,10 +186,10 @@ def logprob_bwd(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, c
     def launch(cfg: LogprobConfig, src: torch.Tensor = logits, dst: torch.Tensor = out):
         blk = _block(cfg, V)
         _sppo_bwd_kernel[(B * T, triton.cdiv(V, blk))](
-            src, labels, lse, coef, dst, T, V, src.stride(0), src.stride(1),
-            labels.stride(0), labels.stride(1), coef.stride(0), coef.stride(1),
+            src, labels, lse, coef, dst, lse if label_logp is None else label_logp, T, V, src.stride(0),
+            src.stride(1), labels.stride(0), labels.stride(1), coef.stride(0), coef.stride(1),
             dst.stride(0), dst.stride(1), ignore_index, col0, BLOCK_V=blk, ACC=_tl_acc(lse.dtype),
-            num_warps=cfg.num_warps)
+            HAS_LLP=label_logp is not None, num_warps=cfg.num_warps)
 
     with on_device(logits):
         if config is None and os.environ.get("SPPO_FAST_AUTOTUNE") == "1":

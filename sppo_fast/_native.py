@@ -149,7 +149,7 @@ def logprob_fwd(logits: Tensor, labels: Tensor, ignore_index: int) -> tuple[Tens
 
 def logprob_bwd(
     logits: Tensor, labels: Tensor, lse: Tensor, coef: Tensor, ignore_index: int, out: Tensor,
-    col0: int = 0,
+    col0: int = 0, label_logp: Optional[Tensor] = None,
 ) -> Tensor:
     """Write ``coef[b, t] * (onehot(labels[b, t]) - softmax(logits[b, t]))`` into ``out``.
 
@@ -157,8 +157,12 @@ def logprob_bwd(
     is ``coef_seq[:, None].expand(B, T)``, stride 0 along T); ``out`` may be ``logits`` itself.
     With ``col0``, ``logits`` holds columns ``[col0, col0 + V)`` of longer rows whose statistics
     ``lse`` are: the softmax is the full rows', and a label outside the slice has no one-hot term.
+    ``label_logp`` ([B, T], the accumulation dtype): each row's label log-prob, computed with
+    ``lse`` from the logits ``logits`` were recomputed from; the label entry is then
+    ``-coef * expm1(label_logp)`` (a recomputed logit's last bits would make ``1 - p`` cancel).
     """
     B, T, V = logits.shape
+    _check_label_logp(label_logp, lse, B, T)
     if B * T:
         _C.logprob_bwd(
             logits.data_ptr(), DTYPE_CODES[logits.dtype], B, T, V,
@@ -166,8 +170,17 @@ def logprob_bwd(
             labels.data_ptr(), labels.stride(0), labels.stride(1), ignore_index,
             lse.data_ptr(), coef.data_ptr(), coef.stride(0), coef.stride(1),
             out.data_ptr(), out.stride(0), out.stride(1), _threads(), *_where(logits), col0,
+            0 if label_logp is None else label_logp.data_ptr(),
         )
     return out
+
+
+def _check_label_logp(label_logp: Optional[Tensor], lse: Tensor, B: int, T: int) -> None:
+    """``label_logp`` as the kernels read it: [B, T] contiguous, in ``lse``'s dtype and device."""
+    if label_logp is not None and (label_logp.shape != (B, T) or label_logp.dtype != lse.dtype
+                                   or label_logp.device != lse.device or not label_logp.is_contiguous()):
+        raise ValueError(f"label_logp: expected a contiguous {lse.dtype} [{B}, {T}] on {lse.device}, got "
+                         f"{label_logp.dtype} {list(label_logp.shape)} on {label_logp.device}")
 
 
 def pairwise(cmp: Tensor, mode: str) -> PairwiseResult:

@@ -37,8 +37,12 @@ def logprob_fwd(logits: Tensor, labels: Tensor, ignore_index: int):
 
 
 def logprob_bwd(logits: Tensor, labels: Tensor, lse: Tensor, coef: Tensor, ignore_index: int,
-                out: Tensor, col0: int = 0) -> Tensor:
-    return _kernels("logprobs").logprob_bwd(logits, labels, lse, coef, ignore_index, out, col0=col0)
+                out: Tensor, col0: int = 0, label_logp: Optional[Tensor] = None) -> Tensor:
+    from ._native import _check_label_logp
+
+    _check_label_logp(label_logp, lse, *logits.shape[:2])
+    return _kernels("logprobs").logprob_bwd(logits, labels, lse, coef, ignore_index, out, col0=col0,
+                                            label_logp=label_logp)
 
 
 def empty_like_fresh(x: Tensor) -> Tensor:

@@ -326,7 +326,6 @@ class _Chunked:
         longest = max((g[1] - g[0] for g in plan.groups), default=0)
         self.chunk_rows = min(longest, opts.chunk_tokens)  # the chunk pass's buffer, in rows
         self.buf: Optional[Tensor] = None
-        self._label_scratch: Optional[dict] = None
         self.seq = torch.zeros(hidden.shape[0], dtype=torch.float64, device=dev)
         self.dh = self.dw = self.db = self.lse = self.tok = None
         if with_grads:
@@ -469,60 +468,38 @@ class _Chunked:
             return dw.zero_(), db
         coef = coef_seq.to(self.acc)[self.plan.seq_of_row][:, None]
         labels = self.plan.labels[:, None]
-        # the label term coef * (1 - p) = -coef * expm1(log p), from the chunk pass's log p
-        label_term = None if tok is None else -coef[:, 0] * torch.expm1(tok)
+        # the label terms coef * (1 - p) = -coef * expm1(log p) take the chunk pass's log p (see _slab)
         if self.w_dtype != self.gemm:  # float32 GEMMs for a 16-bit weight
-            self._vocab_pass_blocked(dw, db, lse, coef, labels, label_term)
+            self._vocab_pass_blocked(dw, db, lse, coef, labels, tok)
         else:
-            self._vocab_pass_in_place(dw, db, lse, coef, labels, label_term)
+            self._vocab_pass_in_place(dw, db, lse, coef, labels, tok)
         return dw, db
 
     def _slab(self, g: Tensor, h: Tensor, v0: int, v1: int, labels: Tensor, lse: Tensor,
-              coef: Tensor, db: Optional[Tensor], label_term: Optional[Tensor] = None) -> None:
+              coef: Tensor, db: Optional[Tensor], label_logp: Optional[Tensor] = None) -> None:
         """``g`` [rows, v1 - v0] becomes the rows' ``coef * (onehot - softmax)`` on columns [v0, v1).
 
         The slab's logits are recomputed by a GEMM of another shape than the chunk pass's, so they
         differ from the logits the saved (max, log-sum) came from in the last bits; off the label
         that is a relative error of a few ulps in ``p``, but the label's ``1 - p`` cancels where
-        ``p`` is close to 1. So the label entries take ``label_term`` (``-coef * expm1(log p)``
-        from the chunk pass's ``log p``) instead, without a host sync."""
+        ``p`` is close to 1. So the kernel takes the label entries from ``label_logp`` [rows] (the
+        chunk pass's ``log p``: ``-coef * expm1(log p)``), in the same pass."""
+        self._slab_logits(g, h, v0, v1)
+        g3 = g[:, None]
+        self.impl.logprob_bwd(g3, labels, lse, coef, self.opts.ignore_index, g3, col0=v0,
+                              label_logp=None if label_logp is None else label_logp[:, None])
+        if db is not None:
+            db[v0:v1] += g.sum(0, dtype=db.dtype)
+
+    def _slab_logits(self, g: Tensor, h: Tensor, v0: int, v1: int) -> None:
+        """The slab's logits into ``g``: ``h @ W[v0:v1].T (+ b[v0:v1])``."""
         if self.b is None:
             torch.mm(h, self.w[v0:v1].t(), out=g)
         else:
             torch.addmm(self.b[v0:v1], h, self.w[v0:v1].t(), out=g)
-        g3 = g[:, None]
-        self.impl.logprob_bwd(g3, labels, lse, coef, self.opts.ignore_index, g3, col0=v0)
-        if label_term is not None:
-            self._put_label_terms(g, labels[:, 0], v0, v1, label_term)
-        if db is not None:
-            db[v0:v1] += g.sum(0, dtype=db.dtype)
-
-    def _put_label_terms(self, g: Tensor, lab: Tensor, v0: int, v1: int, label_term: Tensor) -> None:
-        """``g[r, lab[r] - v0] = label_term[r]`` for the rows whose label is a column of the slab,
-        with index buffers made once per pass (a slab's own temporaries would add up over slabs)."""
-        n, dev = len(lab), g.device
-        sc = self._label_scratch
-        if sc is None or len(sc["flat"]) < n or sc["cur"].dtype != g.dtype:
-            sc = self._label_scratch = {
-                "rows": torch.arange(n, device=dev), "flat": torch.empty(n, dtype=torch.long, device=dev),
-                "col": torch.empty(n, dtype=torch.long, device=dev),
-                "inside": torch.empty(n, dtype=torch.bool, device=dev),
-                "cond": torch.empty(n, dtype=torch.bool, device=dev), "cur": torch.empty(n, dtype=g.dtype, device=dev),
-                "term": torch.empty(n, dtype=g.dtype, device=dev)}
-        rows, flat, col, inside, cond, cur, term = (sc[k][:n] for k in
-                                                    ("rows", "flat", "col", "inside", "cond", "cur", "term"))
-        torch.ge(lab, v0, out=inside)
-        inside.logical_and_(torch.lt(lab, v1, out=cond))
-        inside.logical_and_(torch.ne(lab, self.opts.ignore_index, out=cond))
-        torch.sub(lab, v0, out=col).clamp_(0, v1 - v0 - 1)
-        torch.mul(rows, v1 - v0, out=flat).add_(col)  # the label's entry in the slab, row-major
-        gf = g.view(-1)
-        torch.take(gf, flat, out=cur)
-        term.copy_(label_term)
-        gf.index_copy_(0, flat, torch.where(inside, term, cur, out=cur))
 
     def _vocab_pass_in_place(self, dw: Tensor, db: Optional[Tensor], lse: Tensor, coef: Tensor,
-                             labels: Tensor, label_term: Optional[Tensor]) -> None:
+                             labels: Tensor, label_logp: Optional[Tensor]) -> None:
         """Every slab in one GEMM over all its rows, ``d_weight[slab] = G.T @ h``, with little
         memory: until they are written, the rows of ``d_weight`` after the slab hold the slab's
         gradient ``G``. So slabs shrink towards the end of the vocabulary, down to ``min_slab``
@@ -536,23 +513,23 @@ class _Chunked:
         N = self.h.shape[0]
         budget = self.opts.vocab_elems or min(R, self.opts.chunk_tokens) * V
         if self.every_row:
-            self._slabs(dw, db, 0, V, self.h, labels, lse, coef, label_term, budget, last=True)
+            self._slabs(dw, db, 0, V, self.h, labels, lse, coef, label_logp, budget, last=True)
             return
         v0 = 0
         if V - R > self._slab_widths(R, budget)[1] * (1 + -(-R // H)):
             compact = dw.view(-1)[(V - R) * H:].view(R, H)
             torch.index_select(self.h, 0, self.plan.rows, out=compact)
-            v0 = self._slabs(dw, db, 0, V - R, compact, labels, lse, coef, label_term, budget, last=False)
+            v0 = self._slabs(dw, db, 0, V - R, compact, labels, lse, coef, label_logp, budget, last=False)
         # the remaining columns, over every token (the ignored ones with a zero gradient)
         rows = self.plan.rows
         full = lambda t, fill: torch.full((N, t.shape[1]), fill, dtype=t.dtype, device=self.dev).index_copy_(0, rows, t)  # noqa: E731
         labels, lse, coef = full(labels, self.opts.ignore_index), full(lse, 0), full(coef, 0)
-        if label_term is not None:
-            label_term = full(label_term[:, None], 0)[:, 0]
-        self._slabs(dw, db, v0, V, self.h, labels, lse, coef, label_term, budget, last=True)
+        if label_logp is not None:
+            label_logp = full(label_logp[:, None], 0)[:, 0]
+        self._slabs(dw, db, v0, V, self.h, labels, lse, coef, label_logp, budget, last=True)
 
     def _slabs(self, dw: Tensor, db: Optional[Tensor], v0: int, end: int, h: Tensor, labels: Tensor,
-               lse: Tensor, coef: Tensor, label_term: Optional[Tensor], budget: int, last: bool) -> int:
+               lse: Tensor, coef: Tensor, label_logp: Optional[Tensor], budget: int, last: bool) -> int:
         """Slabs from column ``v0`` while the slab's gradient fits in ``d_weight``'s rows after it,
         below row ``end``; with ``last``, to the end of the vocabulary. Returns the next column."""
         rows, (V, H) = h.shape[0], dw.shape
@@ -568,7 +545,7 @@ class _Chunked:
                 g = self._buffer(rows * w, in_weight_grad=False)[: rows * w].view(rows, w)
             else:
                 g = flat[(v0 + w) * H:(v0 + w) * H + rows * w].view(rows, w)
-            self._slab(g, h, v0, v0 + w, labels, lse, coef, db, label_term)
+            self._slab(g, h, v0, v0 + w, labels, lse, coef, db, label_logp)
             torch.mm(g.t(), h, out=dw[v0:v0 + w])
             v0 += w
         return v0
@@ -579,7 +556,7 @@ class _Chunked:
         return widest, self.opts.min_slab
 
     def _vocab_pass_blocked(self, dw: Tensor, db: Optional[Tensor], lse: Tensor, coef: Tensor,
-                            labels: Tensor, label_term: Optional[Tensor]) -> None:
+                            labels: Tensor, label_logp: Optional[Tensor]) -> None:
         """For float32 GEMMs on copies of a 16-bit weight: a block of rows x a slab fills a buffer,
         and every slab is summed over the blocks in a float32 accumulator, then cast."""
         R, (V, H) = len(labels), self.w.shape
@@ -602,7 +579,7 @@ class _Chunked:
                 h = hs if hs is not None else self._rows(a, b)
                 g = buf[: (b - a) * (v1 - v0)].view(b - a, v1 - v0)
                 self._slab(g, h, v0, v1, labels[a:b], lse[a:b], coef[a:b], db,
-                           None if label_term is None else label_term[a:b])
+                           None if label_logp is None else label_logp[a:b])
                 _add_mm(part[: v1 - v0], g.t(), h)
             dw[v0:v1].copy_(part[: v1 - v0])
 

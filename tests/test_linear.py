@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import sppo_fast
+from sppo_fast import linear
 from sppo_fast import reference as R
 
 from conftest import assert_as_accurate, gpu
@@ -725,11 +726,26 @@ def test_recompute_holds_only_the_gradients_on_gpu(every_row, gen):
 
 @pytest.mark.parametrize("scale", [10.0, 30.0, 60.0])
 @pytest.mark.parametrize("bias", [False, True])
-def test_recompute_label_term_of_a_confident_model(scale, bias, gen):
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_recompute_label_term_of_a_confident_model(scale, bias, backend, gen, monkeypatch):
     """A confident model that predicts its labels (p ~ 1 on the label, as in training): the
     vocabulary pass recomputes the logits with a GEMM of another shape, and its label term 1 - p
     cancelled those last bits, so recompute's d_weight had twice the eager reference's error. The
-    label term now comes from the chunk pass's log-prob: as accurate as the reference."""
+    label term now comes from the chunk pass's log-prob: as accurate as the reference.
+
+    This CPU's GEMMs give a slab's logits bit for bit as the whole rows' (a GPU's do not), so the
+    recomputed label logits are moved by one ulp here, as another GEMM shape may move them (off
+    the label that moves p by an ulp, relative: within the reference's own error)."""
+    exact = linear._Chunked._slab_logits
+
+    def one_ulp_off(self, g, h, v0, v1):
+        exact(self, g, h, v0, v1)
+        assert self.every_row  # (every token labelled: g's rows are the plan's rows)
+        lab = self.plan.labels
+        rows = torch.nonzero((lab >= v0) & (lab < v1))[:, 0]
+        x = g[rows, lab[rows] - v0]
+        g[rows, lab[rows] - v0] = torch.nextafter(x, torch.where(rows % 2 == 0, torch.inf, -torch.inf).to(g.dtype))
+    monkeypatch.setattr(linear._Chunked, "_slab_logits", one_ulp_off)
     f64 = torch.float64
     S, T, H, V = 2, 65, 64, 50
     h = torch.randn(S, T, H, generator=gen, dtype=f64).float().double()
@@ -750,7 +766,7 @@ def test_recompute_label_term_of_a_confident_model(scale, bias, gen):
                                          backend="reference", **probs)
     truth, same = grads(eager, f64), grads(eager, torch.float32)
     got = grads(lambda hh, ww, bb: sppo_fast.fused_linear_sppo_loss(
-        hh, ww, labels, ref.to(hh.dtype), bias=bb, beta=0.1, backend="cpp", weight_grad="recompute", **probs),
+        hh, ww, labels, ref.to(hh.dtype), bias=bb, beta=0.1, backend=backend, weight_grad="recompute", **probs),
         torch.float32)
     assert torch.nn.functional.softmax(torch.nn.functional.linear(h, w, b), -1).amax(-1).median() > 0.7  # sure of its labels
     for name, o, s, t in zip(("d_hidden", "d_weight", "d_bias"), got, same, truth):

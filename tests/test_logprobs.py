@@ -253,6 +253,43 @@ def _slab_backward_matches_full_rows(impl, device, dtype, gen):
     assert (full[0, 2] == 0).all()
 
 
+def _label_logp_sets_the_label_entries(impl, device, dtype, gen):
+    """``label_logp`` (linear.py's vocabulary pass): each label entry is ``-coef * expm1(label_logp)``
+    to the dtype's rounding, at log-probs from -10 down to -1e-9 (where ``1 - p`` cancels); every other
+    entry is what the backward writes without it; ignored rows stay zero (also an ignore_index that
+    is a column); on slices (``col0``) and in place."""
+    V, B, T = 301, 3, 7
+    for ignore in (-100, 5):
+        logits, labels = make_batch(B, T, V, dtype, gen)
+        labels[labels == -100] = ignore
+        labels[1, :3] = torch.tensor([0, V - 1, 150])
+        labels[2, 1] = ignore
+        logits, labels = logits.to(device), labels.to(device)
+        _, lse, _ = impl.logprob_fwd(logits, labels, ignore)
+        acc = lse.dtype
+        coef = (torch.randn(B, T, generator=gen, dtype=acc) * 3).to(device)
+        llp = -torch.logspace(-9, 1, B * T, dtype=torch.float64)[torch.randperm(B * T, generator=gen)]
+        llp = llp.view(B, T).to(acc).to(device)
+        plain = impl.logprob_bwd(logits, labels, lse, coef, ignore, torch.empty_like(logits))
+        expect = (-coef.double() * torch.expm1(llp.double())).to(dtype)
+        keep = labels != ignore
+        for c0, c1 in ((0, V), (0, 150), (150, 151), (37, 300)):
+            part = logits[..., c0:c1].clone()
+            outs = [impl.logprob_bwd(part, labels, lse, coef, ignore, torch.empty_like(part), col0=c0,
+                                     label_logp=llp)]
+            outs.append(impl.logprob_bwd(part, labels, lse, coef, ignore, part, col0=c0, label_logp=llp))
+            inside = keep & (labels >= c0) & (labels < c1)
+            col = (labels - c0).clamp(0, c1 - c0 - 1)
+            for out in outs:
+                at_label = out.gather(-1, col[..., None])[..., 0]
+                torch.testing.assert_close(at_label[inside].double(), expect[inside].double(),
+                                           rtol=2 * torch.finfo(dtype).eps, atol=0)
+                # every other entry unchanged, bit for bit
+                other = torch.ones_like(out, dtype=torch.bool).scatter_(-1, col[..., None], ~inside[..., None])
+                torch.testing.assert_close(out[other], plain[..., c0:c1][other], rtol=0, atol=0)
+                assert (out[~keep] == 0).all()
+
+
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
 def test_backward_on_a_vocabulary_slice(isa, dtype, gen):
     _slab_backward_matches_full_rows(sppo_fast._native, "cpu", dtype, gen)
@@ -269,6 +306,33 @@ def test_backward_on_a_vocabulary_slice_triton(dtype, gen):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_backward_on_a_vocabulary_slice_cuda(dtype, gen):
     _slab_backward_matches_full_rows(sppo_fast._native, "cuda", dtype, gen)
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+def test_backward_label_logp(isa, dtype, gen):
+    _label_logp_sets_the_label_entries(sppo_fast._native, "cpu", dtype, gen)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_label_logp_triton(dtype, gen):
+    from sppo_fast import _triton
+    from conftest import TRITON_DEVICE
+    _label_logp_sets_the_label_entries(_triton, TRITON_DEVICE, dtype, gen)
+
+
+@cuda_backend
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backward_label_logp_cuda(dtype, gen):
+    _label_logp_sets_the_label_entries(sppo_fast._native, "cuda", dtype, gen)
+
+
+def test_label_logp_checked(gen):
+    logits, labels = make_batch(2, 3, 50, torch.float32, gen)
+    _, lse, _ = sppo_fast._native.logprob_fwd(logits, labels, -100)
+    coef = torch.ones(2, 3)
+    for bad in (torch.zeros(3, 2), torch.zeros(2, 3, dtype=torch.float64), torch.zeros(3, 2).t()):
+        with pytest.raises(ValueError, match="label_logp"):
+            sppo_fast._native.logprob_bwd(logits, labels, lse, coef, -100, logits.clone(), label_logp=bad)
 
 
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64])

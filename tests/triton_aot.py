@@ -154,14 +154,16 @@ def main() -> None:
                      {"BLOCK_V": logprobs.DEFAULT_CONFIG.block_v, "SINGLE": single, "ACC": acc},
                      num_warps=logprobs.DEFAULT_CONFIG.num_warps)
             n += 1
-        _compile(logprobs._sppo_bwd_kernel,
-                 {"logits_ptr": f"*{dt}", "labels_ptr": "*i64", "lse_ptr": acc_ptr, "coef_ptr": acc_ptr,
-                  "out_ptr": f"*{dt}", "T": "i32", "V": "i32", **strides, "stride_cb": "i64",
-                  "stride_ct": "i64", "stride_ob": "i64", "stride_ot": "i64", "ignore_index": "i64",
-                  "col0": "i64", "BLOCK_V": "constexpr", "ACC": "constexpr"},
-                 {"BLOCK_V": logprobs.DEFAULT_CONFIG.block_v, "ACC": acc},
-                 num_warps=logprobs.DEFAULT_CONFIG.num_warps)
-        n += 1
+        for llp in (False, True):  # (the vocabulary pass's label log-probs)
+            _compile(logprobs._sppo_bwd_kernel,
+                     {"logits_ptr": f"*{dt}", "labels_ptr": "*i64", "lse_ptr": acc_ptr, "coef_ptr": acc_ptr,
+                      "out_ptr": f"*{dt}", "llp_ptr": acc_ptr, "T": "i32", "V": "i32", **strides,
+                      "stride_cb": "i64", "stride_ct": "i64", "stride_ob": "i64", "stride_ot": "i64",
+                      "ignore_index": "i64", "col0": "i64", "BLOCK_V": "constexpr", "ACC": "constexpr",
+                      "HAS_LLP": "constexpr"},
+                     {"BLOCK_V": logprobs.DEFAULT_CONFIG.block_v, "ACC": acc, "HAS_LLP": llp},
+                     num_warps=logprobs.DEFAULT_CONFIG.num_warps)
+            n += 1
     for dt in ("fp32", "fp64"):
         for direct in (False, True):
             _compile(pairwise._pairwise_kernel,

@@ -234,7 +234,8 @@ static void bwd_rows(const LogprobBwdArgs& a) {
       const int64_t col = label - a.col0;  // the label's column in this slice, if it is in it
       const bool has_label = col >= 0 && col < V;
       // read before an in-place write can clobber it
-      const A x_label = has_label ? A(Io<T>::ld(row, col)) : A(0);
+      const A* llp = static_cast<const A*>(a.label_logp);
+      const A lp_label = !has_label ? A(0) : llp ? llp[r] : (A(Io<T>::ld(row, col)) - m) - ls;
       const A ng = -g;
       for (int64_t c = 0; c < V; c += kChunk) {
         const int64_t n = V - c < kChunk ? V - c : kChunk;
@@ -258,7 +259,7 @@ static void bwd_rows(const LogprobBwdArgs& a) {
         }
       }
       // label term: g * (1 - p) = -g * expm1(log p), accurate when p is close to 1
-      if (has_label) Io<T>::st(orow, col, ng * std::expm1((x_label - m) - ls));
+      if (has_label) Io<T>::st(orow, col, ng * std::expm1(lp_label));
       (void)buf;  // unused when T is the accumulation type
   });
 }

@@ -156,14 +156,16 @@ __global__ void __launch_bounds__(kThreads) logprob_bwd_kernel(LogprobBwdArgs a)
   const A* lse = static_cast<const A*>(a.lse);
   const A g = keep ? static_cast<const A*>(a.coef)[b * a.csb + t * a.cst] : A(0);
   const A m = lse[2 * r], ls = lse[2 * r + 1];
+  const A* llp = static_cast<const A*>(a.label_logp);
+  const A lp_label = llp && keep ? llp[r] : A(0);
   const T* row = static_cast<const T*>(a.logits) + b * a.sb + t * a.st;
   T* orow = static_cast<T*>(a.out) + b * a.osb + t * a.ost;
   // each element is read, then written, by the same thread: safe when out == logits
   // g * (onehot - p) = -g * p off the label and -g * expm1(log p) on it (accurate when p ~ 1)
   auto grad = [&](A x, int64_t i) -> A {
     if (!keep) return A(0);
-    const A lp = (x - m) - ls;
-    return -g * (i == col ? A(expm1(lp)) : exp_acc(lp));
+    if (i == col) return -g * A(expm1(llp ? lp_label : (x - m) - ls));
+    return -g * exp_acc((x - m) - ls);
   };
   int64_t head, nvec;
   split_row(orow, a.V, &head, &nvec);  // orow and row share their alignment in every use here
