@@ -76,7 +76,37 @@ def _dense_grad(x):
 
 
 def _fn(provider, args, hidden, weight, labels, ref_logps, probs, backward):
+    """The timed call: forward (no grad) or forward + backward; ``gemm3``: the three GEMMs alone."""
     import torch
+
+    if provider == "gemm3":
+        N = hidden.shape[0] * hidden.shape[1]
+        h2 = hidden.detach().reshape(N, args.H)
+        w = weight.detach()
+        logits = torch.empty(N, weight.shape[0], dtype=hidden.dtype, device=hidden.device)
+        dh, dw = torch.empty_like(h2), torch.empty_like(w)
+
+        def gemms():
+            torch.mm(h2, w.t(), out=logits)
+            if backward:
+                torch.mm(logits, w, out=dh)
+                torch.mm(logits.t(), h2, out=dw)
+        return gemms
+    loss_fn = _loss_fn(provider, args, hidden, weight, labels, ref_logps, probs)
+    if not backward:
+        def fwd():
+            with torch.no_grad():
+                return loss_fn()
+        return fwd
+
+    def full():
+        hidden.grad = weight.grad = None
+        loss_fn().backward()
+    return full
+
+
+def _loss_fn(provider, args, hidden, weight, labels, ref_logps, probs):
+    """A callable that returns the provider's scalar loss (autograd on) for these inputs."""
     import torch.nn.functional as F
 
     import sppo_fast
@@ -88,19 +118,6 @@ def _fn(provider, args, hidden, weight, labels, ref_logps, probs, backward):
     def sppo(pol):
         return R.sppo_loss(pol[:B], pol[B:], ref_logps[:B], ref_logps[B:], beta=beta, **probs).mean()
 
-    if provider == "gemm3":
-        N = hidden.shape[0] * hidden.shape[1]
-        h2 = hidden.detach().reshape(N, H)
-        w = weight.detach()
-        logits = torch.empty(N, weight.shape[0], dtype=hidden.dtype, device=hidden.device)
-        dh, dw = torch.empty_like(h2), torch.empty_like(w)
-
-        def gemms():
-            torch.mm(h2, w.t(), out=logits)
-            if backward:
-                torch.mm(logits, w, out=dh)
-                torch.mm(logits.t(), h2, out=dw)
-        return gemms
     if provider == "reference":
         def loss_fn():
             return sppo(R.sequence_logps(F.linear(hidden, weight), labels))
@@ -131,17 +148,7 @@ def _fn(provider, args, hidden, weight, labels, ref_logps, probs, backward):
             return liger(weight, hidden, labels)[0]
     else:
         raise ValueError(f"unknown provider {provider!r}")
-
-    if not backward:
-        def fwd():
-            with torch.no_grad():
-                return loss_fn()
-        return fwd
-
-    def full():
-        hidden.grad = weight.grad = None
-        loss_fn().backward()
-    return full
+    return loss_fn
 
 
 def worker(args) -> dict:
@@ -180,7 +187,7 @@ def main() -> None:
     p.add_argument("--T", type=int, default=256)
     p.add_argument("--H", type=int, default=512)
     p.add_argument("--V", type=int, default=32000)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--beta", type=float, default=0.001)
     p.add_argument("--prompt-frac", dest="prompt_frac", type=float, default=0.0,
                    help="fraction of each sequence labelled -100 (default 0: all tokens count)")

@@ -12,7 +12,9 @@ from pathlib import Path
 
 SHOWN = [("time_median", "ms"), ("speedup_vs_reference", "x ref"), ("fraction_of_copy_bandwidth", "% copy"),
          ("effective_bandwidth", "GB/s"), ("extra_peak_memory", "MiB extra"), ("time_vs_gemm3", "x gemm3"),
-         ("gflops_6NHV", "GFLOP/s"), ("prompts_per_s", "prompts/s"), ("time", "s"), ("peak_memory", "MiB peak")]
+         ("gflops_6NHV", "GFLOP/s"), ("prompts_per_s", "prompts/s"), ("time", "s"), ("peak_memory", "MiB peak"),
+         ("d_hidden_max_err_vs_reference", "x ref d_h err"), ("d_weight_max_err_vs_reference", "x ref d_w err"),
+         ("loss_max_err_vs_reference", "x ref loss err")]
 
 
 def main() -> None:
@@ -34,9 +36,9 @@ def main() -> None:
             wp = max(len("provider"), *(len(p) for p, _ in val)) + 2
             wm = max(len("mode"), *(len(m) for _, m in val)) + 2
             print(f"\n{op}  {shape}  [{device}]")
-            print(f"{'provider':<{wp}}{'mode':<{wm}}" + "".join(f"{u:>12}" for _, u in cols))
+            print(f"{'provider':<{wp}}{'mode':<{wm}}" + "".join(f"{u:>15}" for _, u in cols))
             for (prov, mode), v in val.items():
-                print(f"{prov:<{wp}}{mode:<{wm}}" + "".join(f"{v[m]:>12.4g}" if m in v else f"{'':>12}"
+                print(f"{prov:<{wp}}{mode:<{wm}}" + "".join(f"{v[m]:>15.4g}" if m in v else f"{'':>15}"
                                                             for m, _ in cols))
 
 
