@@ -16,8 +16,12 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from . import on_device
+
+# read when the kernels are defined, as Triton itself does: the interpreter has no libdevice.expm1
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # A large negative *finite* start for running maxima: a block of -inf logits then never forms
 # (-inf) - (-inf) = NaN.
@@ -79,7 +83,7 @@ def _sppo_bwd_kernel(
     logits_ptr, labels_ptr, lse_ptr, coef_ptr, out_ptr, llp_ptr,
     T, V, stride_lb, stride_lt, stride_yb, stride_yt, stride_cb, stride_ct, stride_ob, stride_ot,
     ignore_index, col0,
-    BLOCK_V: tl.constexpr, ACC: tl.constexpr, HAS_LLP: tl.constexpr,
+    BLOCK_V: tl.constexpr, ACC: tl.constexpr, HAS_LLP: tl.constexpr, LIB_EXPM1: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1).to(tl.int64)
@@ -96,12 +100,15 @@ def _sppo_bwd_kernel(
     p = tl.exp(tl.where(keep, (x - m) - ls, float("-inf")))  # ignored rows: p = 0, no overflow
     grad = g * (tl.where(cols + col0 == label, 1.0, 0.0) - p)  # a label outside the slice: no term
     if HAS_LLP:
-        # the label's entry from its given log-prob: -g * expm1(lp), by Kahan's exp/log form
-        # (accurate where p ~ 1, with no expm1 in tl); only the block holding the label uses it
+        # the label's entry from its given log-prob: -g * expm1(lp), accurate where p ~ 1
         lp = tl.load(llp_ptr + row, mask=keep, other=0.0).to(ACC)
-        u = tl.exp(lp)
-        um1 = u - 1.0
-        em1 = tl.where(u == 1.0, lp, tl.where(um1 == -1.0, -1.0, um1 * lp / tl.log(tl.where(u == 1.0, 2.0, u))))
+        if LIB_EXPM1:
+            em1 = libdevice.expm1(lp)
+        else:  # the interpreter: Kahan's exp/log form, within ~2 ulp with exact exp and log
+            u = tl.exp(lp)
+            um1 = u - 1.0
+            edge = (u == 1.0) | (um1 == -1.0)  # lp ~ 0: lp itself; u = 0: -1 (and no log(0))
+            em1 = tl.where(u == 1.0, lp, tl.where(um1 == -1.0, -1.0, um1 * lp / tl.log(tl.where(edge, 2.0, u))))
         grad = tl.where((cols + col0 == label) & keep, -g * em1, grad)
     if out_ptr.dtype.element_ty == tl.bfloat16:
         # round to nearest even by hand: the GPU's cast does it too, Triton's interpreter truncates.
@@ -189,7 +196,7 @@ def logprob_bwd(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, c
             src, labels, lse, coef, dst, lse if label_logp is None else label_logp, T, V, src.stride(0),
             src.stride(1), labels.stride(0), labels.stride(1), coef.stride(0), coef.stride(1),
             dst.stride(0), dst.stride(1), ignore_index, col0, BLOCK_V=blk, ACC=_tl_acc(lse.dtype),
-            HAS_LLP=label_logp is not None, num_warps=cfg.num_warps)
+            HAS_LLP=label_logp is not None, LIB_EXPM1=not _INTERPRET, num_warps=cfg.num_warps)
 
     with on_device(logits):
         if config is None and os.environ.get("SPPO_FAST_AUTOTUNE") == "1":

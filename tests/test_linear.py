@@ -754,6 +754,11 @@ def test_recompute_label_term_of_a_confident_model(scale, bias, backend, gen, mo
     labels = torch.nn.functional.linear(h, w, b).argmax(-1)
     ref = torch.tensor([-1.0, -1.0], dtype=f64)
     probs = dict(chosen_probs_win=torch.tensor([0.9], dtype=f64), chosen_probs_lose=torch.tensor([0.1], dtype=f64))
+    if backend == "triton":  # (a GPU where there is one, else the interpreter on the CPU)
+        from conftest import TRITON_DEVICE
+        h, w, labels, ref = (t.to(TRITON_DEVICE) for t in (h, w, labels, ref))
+        b = None if b is None else b.to(TRITON_DEVICE)
+        probs = {k: v.to(TRITON_DEVICE) for k, v in probs.items()}
 
     def grads(fn, dt):
         hh, ww = h.to(dt).clone().requires_grad_(), w.to(dt).clone().requires_grad_()

@@ -160,8 +160,8 @@ def main() -> None:
                       "out_ptr": f"*{dt}", "llp_ptr": acc_ptr, "T": "i32", "V": "i32", **strides,
                       "stride_cb": "i64", "stride_ct": "i64", "stride_ob": "i64", "stride_ot": "i64",
                       "ignore_index": "i64", "col0": "i64", "BLOCK_V": "constexpr", "ACC": "constexpr",
-                      "HAS_LLP": "constexpr"},
-                     {"BLOCK_V": logprobs.DEFAULT_CONFIG.block_v, "ACC": acc, "HAS_LLP": llp},
+                      "HAS_LLP": "constexpr", "LIB_EXPM1": "constexpr"},
+                     {"BLOCK_V": logprobs.DEFAULT_CONFIG.block_v, "ACC": acc, "HAS_LLP": llp, "LIB_EXPM1": True},
                      num_warps=logprobs.DEFAULT_CONFIG.num_warps)
             n += 1
     for dt in ("fp32", "fp64"):
