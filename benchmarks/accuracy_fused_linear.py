@@ -13,7 +13,7 @@ reference's (``*_vs_reference``): our tests hold our kernels to about 1x.
 
 Providers: ``reference``, ``torch-lce``, ``cce`` (cut-cross-entropy, GPU; its defaults, so
 ``filter_eps="high"`` and gradients summed in the inputs' 16-bit dtype across blocks), and ours
-(``cpp``, ``cuda``, ``triton``, with ``-recompute`` / ``-accumulate``). Liger-Kernel's
+(``cpp``, ``cuda``, ``triton``, with ``-recompute`` / ``-accumulate`` / ``-acc50``). Liger-Kernel's
 ``sppo_hard`` is another loss (no reference log-probs, fixed targets), so it is not compared here.
 
 ``--cce-interpreter`` runs cut-cross-entropy's Triton kernels in Triton's CPU interpreter (slow:
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 OP = "fused_linear_sppo_loss_accuracy"
 CPU_PROVIDERS = ["reference", "torch-lce", "cpp", "cpp-recompute", "cpp-accumulate"]
-GPU_PROVIDERS = ["reference", "cuda", "cuda-accumulate", "cce", "torch-lce", "triton"]
+GPU_PROVIDERS = ["reference", "cuda", "cuda-accumulate", "cuda-acc50", "cce", "torch-lce", "triton"]
 UPSTREAM = 1.7
 
 

@@ -5,7 +5,8 @@
 Providers: ``reference`` (F.linear, then log_softmax + gather + sum + loss, autograd), ``torch-lce``
 (torch's F.linear_cross_entropy(reduction="none") for the token log-probs, then the SPPO loss),
 ``cpp`` (sppo_fast.fused_linear_sppo_loss with its default ``weight_grad``; ``cpp-recompute`` and
-``cpp-accumulate`` name the mode, and so on for ``triton`` and ``cuda``), and ``gemm3``: only the three GEMMs any exact method must
+``cpp-accumulate`` name the mode, ``cpp-acc50`` the recompute mode with ``accumulate_fraction=0.5``,
+and so on for ``triton`` and ``cuda``), and ``gemm3``: only the three GEMMs any exact method must
 do (logits, d_hidden, d_weight: 6 N H V FLOPs), timed in the same run as the yardstick. Peers where
 installed (skipped with the reason otherwise): ``liger`` (Liger-Kernel's LigerFusedLinearDPOLoss with
 loss_type="sppo_hard"; pure torch, runs on a CPU too) and, on a GPU, ``cce`` (cut-cross-entropy).
@@ -28,14 +29,19 @@ OP = "fused_linear_sppo_loss"
 PROVIDERS = ["gemm3", "reference", "torch-lce", "liger", "cpp", "cpp-recompute"]  # liger: if installed
 # on a GPU, bf16's default is the vocabulary pass (recompute); cuda-accumulate is the other mode
 # (the issue's targets first: a GPU run that hits its time limit keeps them)
-GPU_PROVIDERS = ["gemm3", "cuda", "liger", "cce", "reference", "triton", "cuda-accumulate", "torch-lce"]
+GPU_PROVIDERS = ["gemm3", "cuda", "liger", "cce", "reference", "triton", "cuda-accumulate", "cuda-acc50", "torch-lce"]
 OURS = ("cpp", "triton", "cuda")
 
 
 def _ours(provider: str):
-    """(backend, weight_grad) for one of our providers ("cuda", "cpp-recompute", ...), else None."""
+    """fused_linear_sppo_loss's backend and mode keywords for one of our providers ("cuda",
+    "cpp-recompute", "cuda-acc50": recompute with accumulate_fraction 0.5, ...), else None."""
     backend, _, mode = provider.partition("-")
-    return (backend, mode or "auto") if backend in OURS else None
+    if backend not in OURS:
+        return None
+    if mode.startswith("acc") and mode[3:].isdigit():
+        return {"backend": backend, "weight_grad": "recompute", "accumulate_fraction": int(mode[3:]) / 100}
+    return {"backend": backend, "weight_grad": mode or "auto"}
 
 
 def _inputs(args):
@@ -127,12 +133,11 @@ def _loss_fn(provider, args, hidden, weight, labels, ref_logps, probs):
                                          reduction="none", ignore_index=-100)
             return sppo(-nll.view(labels.shape).sum(-1))
     elif _ours(provider):
-        backend, weight_grad = _ours(provider)
+        mode = _ours(provider)
 
         def loss_fn():
             return sppo_fast.fused_linear_sppo_loss(hidden, weight, labels, ref_logps, beta=beta,
-                                                    backend=backend, chunk_tokens=args.chunk_tokens or None,
-                                                    weight_grad=weight_grad, **probs)[0]
+                                                    chunk_tokens=args.chunk_tokens or None, **mode, **probs)[0]
     elif provider == "cce":  # Apple's cut-cross-entropy: per-token losses, then the SPPO loss
         from cut_cross_entropy import linear_cross_entropy
 

@@ -43,7 +43,10 @@ slabs in a buffer of their own, summed in float32.) Since
 the slab's gradient is formed at the true upstream scale, a 16-bit ``d_weight`` rounds exactly
 where the eager reference's does (under an fp16 loss scale too, where unit-scale logit gradients
 of ~1e-5 would be subnormal), and a gradient through ``policy_logps`` costs no extra ``d_weight``
-pass. The default (``"auto"``) is ``recompute`` in the 16-bit mode below (on a GPU memory is what
+pass. ``accumulate_fraction=f`` sits between the two: in the recompute mode, the chunk pass also sums
+the first ``f V`` rows of ``d_weight`` in float32 (as accumulate sums all of them), the vocabulary
+pass does the other columns, and those rows, copied in last, are until then its room for the
+last slabs (instead of the N x 256 buffer, where large enough). The default (``"auto"``) is ``recompute`` in the 16-bit mode below (on a GPU memory is what
 runs out; on a CPU it spares the float32-output 16-bit GEMM a CPU lacks), ``accumulate`` otherwise.
 
 Precision. The GEMMs run in float32 (float64 for float64 inputs), on float32 copies of 16-bit
@@ -104,6 +107,7 @@ class _Options:
     weight_grad: str = "accumulate"  # or "recompute": how d_weight is summed (module notes)
     vocab_elems: int = 0  # the vocabulary pass's widest slab (or block x slab) in elements (0: chunk_tokens x V)
     min_slab: int = MIN_SLAB  # its narrowest slab in d_weight's own memory, in columns
+    acc_cols: int = 0  # recompute mode: the first acc_cols vocabulary rows are summed as accumulate does
 
 
 WEIGHT_GRAD_MODES = ("auto", "accumulate", "recompute")
@@ -196,8 +200,15 @@ def _check_linear(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels
     return ops._check_labels(labels, stand_in, ignore_index)
 
 
+def _accumulate_fraction(fraction) -> float:
+    if (not isinstance(fraction, numbers.Real) or isinstance(fraction, bool) or not 0.0 <= float(fraction) <= 1.0):
+        raise ValueError(f"accumulate_fraction: expected a number in [0, 1], got {fraction!r}")
+    return float(fraction)
+
+
 def _options(hidden: Tensor, weight: Tensor, ignore_index: int, chunk_tokens: Optional[int],
-             loss_scale: float, with_grads: bool, backend: str, weight_grad: str = "auto") -> _Options:
+             loss_scale: float, with_grads: bool, backend: str, weight_grad: str = "auto",
+             accumulate_fraction: float = 0.0) -> _Options:
     lowp = _lowp_gemms(hidden)
     mode = _weight_grad_mode(weight_grad, lowp)
     elem = hidden.element_size() if lowp else (8 if hidden.dtype == torch.float64 else 4)
@@ -210,7 +221,10 @@ def _options(hidden: Tensor, weight: Tensor, ignore_index: int, chunk_tokens: Op
         V_, H_ = weight.shape
         chunk = min(chunk, max(16, V_ * H_ // (V_ + 2 * H_)))
     vocab = DEFAULT_VOCAB_PASS_BYTES_CUDA // elem if cuda and chunk_tokens is None else 0
-    return _Options(ignore_index, chunk, loss_scale, with_grads, backend, lowp, mode, vocab)
+    # (the accumulate mode sums every row so; a whole number of 64-row blocks, or all of V)
+    V = weight.shape[0]
+    acc_cols = _aligned(round(accumulate_fraction * V), below=V) if mode == "recompute" else 0
+    return _Options(ignore_index, chunk, loss_scale, with_grads, backend, lowp, mode, vocab, acc_cols=acc_cols)
 
 
 @dataclass
@@ -308,7 +322,7 @@ class _Chunked:
     """
 
     def __init__(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], plan: _Plan,
-                 opts: _Options, with_grads: bool, weight_grads: bool = True):
+                 opts: _Options, with_grads: bool, weight_grads: bool = True, vocab_out: bool = True):
         self.acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         self.impl = ops._IMPLS[opts.backend]
         dev = self.dev = hidden.device
@@ -328,6 +342,11 @@ class _Chunked:
         self.buf: Optional[Tensor] = None
         self.seq = torch.zeros(hidden.shape[0], dtype=torch.float64, device=dev)
         self.dh = self.dw = self.db = self.lse = self.tok = None
+        # recompute mode: the first opts.acc_cols rows of d_weight (and d_bias), summed over the
+        # chunks in float32 as the accumulate mode sums all of them; the vocabulary pass does the rest
+        self.dw_acc = self.db_acc = None
+        self._head_room: Optional[Tensor] = None  # (see _vocab_pass_in_place)
+        self._upcast: Optional[Tensor] = None  # (see _add_gemm)
         if with_grads:
             # each row's d_hidden is written once, so it can take its final dtype at once (and
             # needs no zeros when every row is written)
@@ -337,13 +356,17 @@ class _Chunked:
                 # each row's log-prob as the chunk pass computed it: the vocabulary pass's label
                 # term (see _slab)
                 self.tok = torch.empty(len(plan.labels), dtype=self.acc, device=dev)
+                if weight_grads and opts.acc_cols:
+                    self.dw_acc = torch.zeros((opts.acc_cols, weight.shape[1]), dtype=self.acc, device=dev)
+                    if bias is not None:
+                        self.db_acc = torch.zeros(opts.acc_cols, dtype=self.acc, device=dev)
             elif weight_grads:  # (without: d_hidden only, e.g. for a frozen lm_head)
                 self.dw = torch.zeros(weight.shape, dtype=self.acc, device=dev)
                 self.db = None if bias is None else torch.zeros(weight.shape[0], dtype=self.acc, device=dev)
         # the recompute mode's d_weight, made now: until the vocabulary pass writes it, its memory
         # is the chunk pass's buffer, then the pass's own scratch (see vocab_pass)
         self.dw_out = None
-        if with_grads and weight_grads and self.by_vocab and self.w_dtype == self.gemm:
+        if with_grads and weight_grads and vocab_out and self.by_vocab and self.w_dtype == self.gemm:
             self.dw_out = self._empty(weight.shape, self.w_dtype)
 
     def _empty(self, shape, dtype: torch.dtype) -> Tensor:
@@ -415,12 +438,33 @@ class _Chunked:
                                 torch.mm(logits, self.w) if room is None else torch.mm(logits, self.w, out=room))
         if self.by_vocab:
             self.lse[r0:r1] = lse.view(-1, 2)
+            if self.dw_acc is not None:
+                k = self.dw_acc.shape[0]
+                self._add_gemm(self.dw_acc, logits[:, :k].t(), h)
+                if self.db_acc is not None:
+                    self.db_acc += logits[:, :k].sum(0, dtype=self.db_acc.dtype)
             return
         if self.dw is None:
             return
-        _add_mm(self.dw, logits.t(), h)
+        self._add_gemm(self.dw, logits.t(), h)
         if self.db is not None:
             self.db += logits.sum(0, dtype=self.db.dtype)
+
+    def _add_gemm(self, acc: Tensor, a: Tensor, b: Tensor) -> None:
+        """``acc += a @ b`` (:func:`_add_mm`). Where that takes float32 copies of 16-bit operands (a
+        CPU: no float32-output 16-bit GEMM), they go into one scratch reused by every chunk."""
+        if a.dtype == acc.dtype or acc.device.type == "cuda":
+            _add_mm(acc, a, b)
+            return
+        need = a.numel() + b.numel()
+        if self._upcast is None or self._upcast.numel() < need:
+            self._upcast = None
+            self._upcast = torch.empty(need, dtype=acc.dtype, device=acc.device)
+        fa = self._upcast[: a.numel()].view(a.shape)
+        fb = self._upcast[a.numel(): need].view(b.shape)
+        fa.copy_(a)
+        fb.copy_(b)
+        acc.addmm_(fa, fb)
 
     def _spans(self, r0: int, r1: int):
         C = self.opts.chunk_tokens
@@ -452,14 +496,17 @@ class _Chunked:
         return self.seq
 
     def vocab_pass(self, lse: Tensor, coef_seq: Tensor, out: Optional[Tensor] = None,
-                   tok: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
+                   tok: Optional[Tensor] = None, acc: Optional[tuple] = None) -> tuple[Tensor, Optional[Tensor]]:
         """``(d_weight, d_bias)`` slab by slab of the vocabulary, from every row's saved statistics
         ``lse`` [R, 2]: each slab's logits are recomputed for all the rows, turned into that slice
         of ``coef * (onehot - softmax)``, and multiplied by the rows' hidden states in one GEMM.
         ``d_weight`` is in the weight's dtype (written into ``out`` where given), ``d_bias`` in the
         accumulation dtype. ``tok`` [R]: the rows' log-probs from the chunk pass, for the label
-        terms (see :meth:`_slab`)."""
+        terms (see :meth:`_slab`). ``acc``: ``(d_weight[:k], d_bias[:k] or None)`` summed by the
+        chunk pass (``acc_cols``, float32): the pass does columns ``[k, V)`` and copies those in
+        last, so that until then rows ``[0, k)`` of ``d_weight`` are room for its last slabs."""
         R, (V, H) = len(self.plan.labels), self.w.shape
+        k = 0 if acc is None or acc[0] is None else acc[0].shape[0]
         db = None if self.b is None else torch.zeros(V, dtype=self.acc, device=self.dev)
         dw = out if out is not None else self.dw_out
         if dw is None:
@@ -470,9 +517,13 @@ class _Chunked:
         labels = self.plan.labels[:, None]
         # the label terms coef * (1 - p) = -coef * expm1(log p) take the chunk pass's log p (see _slab)
         if self.w_dtype != self.gemm:  # float32 GEMMs for a 16-bit weight
-            self._vocab_pass_blocked(dw, db, lse, coef, labels, tok)
+            self._vocab_pass_blocked(dw, db, lse, coef, labels, tok, start=k)
         else:
-            self._vocab_pass_in_place(dw, db, lse, coef, labels, tok)
+            self._vocab_pass_in_place(dw, db, lse, coef, labels, tok, start=k)
+        if k:
+            dw[:k].copy_(acc[0])
+            if db is not None and acc[1] is not None:
+                db[:k] += acc[1]
         return dw, db
 
     def _slab(self, g: Tensor, h: Tensor, v0: int, v1: int, labels: Tensor, lse: Tensor,
@@ -499,7 +550,7 @@ class _Chunked:
             torch.addmm(self.b[v0:v1], h, self.w[v0:v1].t(), out=g)
 
     def _vocab_pass_in_place(self, dw: Tensor, db: Optional[Tensor], lse: Tensor, coef: Tensor,
-                             labels: Tensor, label_logp: Optional[Tensor]) -> None:
+                             labels: Tensor, label_logp: Optional[Tensor], start: int = 0) -> None:
         """Every slab in one GEMM over all its rows, ``d_weight[slab] = G.T @ h``, with little
         memory: until they are written, the rows of ``d_weight`` after the slab hold the slab's
         gradient ``G``. So slabs shrink towards the end of the vocabulary, down to ``min_slab``
@@ -508,18 +559,22 @@ class _Chunked:
         With ignored tokens, the labelled rows' hidden states are first gathered into the last R
         rows of ``d_weight`` (while that leaves room for slabs); the columns left when it does not
         are done over all the tokens, in place, the ignored ones with a zero gradient (a little
-        more arithmetic instead of an [R, H] copy)."""
+        more arithmetic instead of an [R, H] copy).
+
+        ``start``: the first column (those before it come from the chunk pass: their rows, not yet
+        written, serve the last slabs instead of a buffer where they are large enough)."""
         R, (V, H) = len(labels), self.w.shape
         N = self.h.shape[0]
         budget = self.opts.vocab_elems or min(R, self.opts.chunk_tokens) * V
+        self._head_room = dw.view(-1)[: start * H] if start else None
         if self.every_row:
-            self._slabs(dw, db, 0, V, self.h, labels, lse, coef, label_logp, budget, last=True)
+            self._slabs(dw, db, start, V, self.h, labels, lse, coef, label_logp, budget, last=True)
             return
-        v0 = 0
-        if V - R > self._slab_widths(R, budget)[1] * (1 + -(-R // H)):
+        v0 = start
+        if V - R - start > self._slab_widths(R, budget)[1] * (1 + -(-R // H)):
             compact = dw.view(-1)[(V - R) * H:].view(R, H)
             torch.index_select(self.h, 0, self.plan.rows, out=compact)
-            v0 = self._slabs(dw, db, 0, V - R, compact, labels, lse, coef, label_logp, budget, last=False)
+            v0 = self._slabs(dw, db, start, V - R, compact, labels, lse, coef, label_logp, budget, last=False)
         # the remaining columns, over every token (the ignored ones with a zero gradient)
         rows = self.plan.rows
         full = lambda t, fill: torch.full((N, t.shape[1]), fill, dtype=t.dtype, device=self.dev).index_copy_(0, rows, t)  # noqa: E731
@@ -542,7 +597,11 @@ class _Chunked:
                 if not last:
                     break
                 w = min(narrowest, V - v0)
-                g = self._buffer(rows * w, in_weight_grad=False)[: rows * w].view(rows, w)
+                head = self._head_room
+                if head is not None and rows * w <= head.numel():  # rows [0, start), written last
+                    g = head[: rows * w].view(rows, w)
+                else:
+                    g = self._buffer(rows * w, in_weight_grad=False)[: rows * w].view(rows, w)
             else:
                 g = flat[(v0 + w) * H:(v0 + w) * H + rows * w].view(rows, w)
             self._slab(g, h, v0, v0 + w, labels, lse, coef, db, label_logp)
@@ -556,7 +615,7 @@ class _Chunked:
         return widest, self.opts.min_slab
 
     def _vocab_pass_blocked(self, dw: Tensor, db: Optional[Tensor], lse: Tensor, coef: Tensor,
-                            labels: Tensor, label_logp: Optional[Tensor]) -> None:
+                            labels: Tensor, label_logp: Optional[Tensor], start: int = 0) -> None:
         """For float32 GEMMs on copies of a 16-bit weight: a block of rows x a slab fills a buffer,
         and every slab is summed over the blocks in a float32 accumulator, then cast."""
         R, (V, H) = len(labels), self.w.shape
@@ -571,7 +630,7 @@ class _Chunked:
         vs = _aligned(min(V, max(1, space // rb), max(1, space // H)), below=V)
         part = torch.empty((vs, H), dtype=self.acc, device=self.dev)
         hs = self._rows(0, R) if rb == R else None
-        for v0 in range(0, V, vs):
+        for v0 in range(start, V, vs):
             v1 = min(v0 + vs, V)
             part.zero_()
             for a in range(0, R, rb):
@@ -623,6 +682,7 @@ class _FusedLinearSPPO(torch.autograd.Function):
             ctx.grads = (work.dh.view(hidden.shape), work.dw, work.db)
             # the vocabulary pass's inputs (recompute mode), and the d_weight it writes
             ctx.plan, ctx.lse, ctx.tok, ctx.dw_out = plan, work.lse, work.tok, work.dw_out
+            ctx.acc_part = (work.dw_acc, work.db_acc)  # (recompute mode with acc_cols)
             ctx.save_for_backward(hidden, weight, bias, labels)
         return loss.to(acc), seq.to(acc)
 
@@ -645,6 +705,8 @@ class _FusedLinearSPPO(torch.autograd.Function):
             coef += g_pol.double()
         want_w = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         pre, ctx.grads = ctx.grads, None  # hand our buffers to autograd: no copy of d_weight
+        acc_w, acc_b = ctx.acc_part
+        ctx.acc_part = (None, None)
         if pre is None:  # a second backward through the same graph (retain_graph): recompute
             dh, dw, db = _recompute(hidden, weight, bias, labels, opts, coef, weight_grads=want_w)
         else:
@@ -656,23 +718,26 @@ class _FusedLinearSPPO(torch.autograd.Function):
             else:  # float32 (float64) even where d_hidden is 16-bit; no host sync
                 scale = g_loss.to(torch.float64 if hidden.dtype == torch.float64 else torch.float32)
             if not (isinstance(scale, float) and scale == 1.0):
-                for t in (dh, dw, db):  # (d_weight, d_bias: the accumulate mode's, float32)
+                # (d_weight, d_bias: the accumulate mode's, or the recompute mode's first rows; float32)
+                for t in (dh, dw, db, acc_w, acc_b):
                     if t is not None:
                         t.mul_(scale)
             if g_pol is not None:  # policy_logps used elsewhere too: one more pass adds its part
+                by_chunks = want_w and (opts.weight_grad == "accumulate" or acc_w is not None)
                 eh, ew, eb = _recompute(hidden, weight, bias, labels, opts, g_pol.double(),
-                                        weight_grads=want_w and opts.weight_grad == "accumulate",
+                                        weight_grads=by_chunks, vocab_pass=False,
                                         scratch=ctx.dw_out)  # (not yet written: its logits' room)
                 dh += eh
                 if ew is not None:
-                    dw += ew
+                    (dw if acc_w is None else acc_w).add_(ew)
                 if eb is not None:
-                    db += eb
+                    (db if acc_b is None else acc_b).add_(eb)
                 del eh, ew, eb  # not alive during the vocabulary pass
             if opts.weight_grad == "recompute" and want_w:
                 with _no_autocast(hidden.device):
                     work = _Chunked(hidden, weight, bias, ctx.plan, opts, with_grads=False)
-                    dw, db = work.vocab_pass(ctx.lse, coef, out=ctx.dw_out, tok=ctx.tok)
+                    dw, db = work.vocab_pass(ctx.lse, coef, out=ctx.dw_out, tok=ctx.tok, acc=(acc_w, acc_b))
+                del acc_w, acc_b
         ctx.plan = ctx.lse = ctx.tok = ctx.dw_out = None
         return (dh.to(hidden.dtype), None if dw is None else dw.to(weight.dtype),
                 None if db is None else db.to(bias.dtype),
@@ -680,12 +745,15 @@ class _FusedLinearSPPO(torch.autograd.Function):
 
 
 def _recompute(hidden, weight, bias, labels, opts: _Options, coef_seq: Tensor, weight_grads: bool = True,
-               scratch: Optional[Tensor] = None):
+               scratch: Optional[Tensor] = None, vocab_pass: bool = True):
     """Gradients of sum_s coef_seq[s] * logp_s, by recomputing every chunk's logits (and, in the
     recompute mode, then the vocabulary pass); without ``weight_grads`` only ``d_hidden``.
-    ``scratch``: an unwritten ``d_weight`` whose memory may hold the chunks' logits meanwhile."""
+    ``scratch``: an unwritten ``d_weight`` whose memory may hold the chunks' logits meanwhile.
+    Without ``vocab_pass`` the recompute mode returns only the chunk pass's part of the weight
+    gradients: the first ``acc_cols`` rows (or None)."""
     plan = _plan(labels, opts.ignore_index, opts.chunk_tokens)
-    work = _Chunked(hidden, weight, bias, plan, opts, with_grads=True, weight_grads=weight_grads)
+    work = _Chunked(hidden, weight, bias, plan, opts, with_grads=True, weight_grads=weight_grads,
+                    vocab_out=vocab_pass)
     if scratch is not None and work.dw_out is None and scratch.dtype == work.gemm:
         work.dw_out = scratch  # (only as the chunk buffer: no vocabulary pass runs here)
     with _no_autocast(hidden.device):
@@ -696,7 +764,8 @@ def _recompute(hidden, weight, bias, labels, opts: _Options, coef_seq: Tensor, w
                 work._backward_rows(logits, h, lse, a, b, coef_seq)
         dw, db = work.dw, work.db
         if work.by_vocab and weight_grads:
-            dw, db = work.vocab_pass(work.lse, coef_seq, tok=work.tok)
+            acc = (work.dw_acc, work.db_acc)
+            dw, db = work.vocab_pass(work.lse, coef_seq, tok=work.tok, acc=acc) if vocab_pass else acc
     if not weight_grads:
         dw = db = None
     return work.dh.view(hidden.shape), dw, db
@@ -711,8 +780,8 @@ def fused_linear_sppo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, ref_l
                            chosen_probs_lose: Optional[Tensor] = None,
                            chosen_probs: Optional[Tensor] = None, beta: float = 0.001,
                            loss_type: str = "sppo", ignore_index: int = -100, backend: str = "auto",
-                           chunk_tokens: Optional[int] = None,
-                           weight_grad: str = "auto") -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+                           chunk_tokens: Optional[int] = None, weight_grad: str = "auto",
+                           accumulate_fraction: float = 0.0) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """``fused_sppo_loss(hidden @ weight.T + bias, labels, ref_logps, ...)`` without the logits.
 
     Args:
@@ -730,6 +799,11 @@ def fused_linear_sppo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, ref_l
             writes ``d_weight`` once, in the weight's dtype), or ``"auto"``: recompute where the
             GEMMs run in 16 bits (16-bit inputs on a GPU; bf16 on a CPU with AMX),
             else accumulate. See the module notes.
+        accumulate_fraction: in ``recompute``, the share of the vocabulary (its first rows, in
+            blocks of 64) whose ``d_weight`` is summed over the chunks in a float32 buffer, as
+            ``accumulate`` sums all of it, instead of recomputed: from 0 (default; the least memory)
+            to 1 (accumulate's three GEMMs). Between, it trades ``fraction x V x H x 4`` bytes for
+            that fraction of the fourth GEMM. The accumulate mode sums all of it anyway.
     Returns:
         ``(loss, policy_logps[2B], metrics)``; gradients reach ``hidden``, ``weight``, ``bias``
         (and ``ref_logps``). Peak extra memory with ``recompute`` (where the GEMMs' dtype is the
@@ -743,6 +817,7 @@ def fused_linear_sppo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, ref_l
     labels = _check_linear(hidden, weight, bias, labels, ignore_index)
     ignore_index = int(ignore_index)  # (a NumPy integer: Triton's launcher takes Python ints)
     _weight_grad_mode(weight_grad, False)  # a bad name fails whatever the backend
+    accumulate_fraction = _accumulate_fraction(accumulate_fraction)
     _chunk_tokens(chunk_tokens, 1)  # (so does a bad chunk size)
     if hidden.shape[0] % 2:
         raise ValueError(f"hidden: expected an even batch [2B, T, H] (B chosen then B rejected), "
@@ -764,7 +839,7 @@ def fused_linear_sppo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, ref_l
                          torch.as_tensor(t_l, dtype=torch.float64, device=hidden.device).expand(B)])
     need = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     opts = _options(hidden, weight, ignore_index, chunk_tokens, _loss_scale(loss_type), need, be,
-                    weight_grad)
+                    weight_grad, accumulate_fraction)
     loss, policy = _FusedLinearSPPO.apply(hidden, weight, bias, labels, ref_logps, targets, opts)
     acc = policy.dtype
     metrics = ops._metrics(policy.detach(), ref_logps.detach().to(acc), beta, loss_type,

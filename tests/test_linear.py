@@ -65,24 +65,36 @@ def _reference(labels, ref, probs, beta, loss_type):
         loss_type=loss_type, backend="reference", **probs)
 
 
+# the recompute mode with half the vocabulary's d_weight summed by the chunk pass (accumulate_fraction)
+HALF = "recompute+acc"
+MODES = ["accumulate", "recompute", HALF]
+
+
+def _mode(weight_grad: str) -> dict:
+    """fused_linear_sppo_loss's keywords for a mode of MODES."""
+    if weight_grad == HALF:
+        return {"weight_grad": "recompute", "accumulate_fraction": 0.5}
+    return {"weight_grad": weight_grad}
+
+
 def _fused(labels, ref, probs, beta, loss_type, chunk=None, weight_grad="auto", backend="cpp"):
     return lambda hh, ww, bb: sppo_fast.fused_linear_sppo_loss(
         hh, ww, labels, ref.to(hh.dtype), bias=bb, beta=beta, loss_type=loss_type,
-        backend=backend, chunk_tokens=chunk, weight_grad=weight_grad, **probs)
+        backend=backend, chunk_tokens=chunk, **_mode(weight_grad), **probs)
 
 
 @pytest.mark.parametrize("loss_type", sppo_fast.LOSS_TYPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("chunk", [None, 8, 40])  # 8 and 40 < T: sequences longer than a chunk
-@pytest.mark.parametrize("weight_grad", ["accumulate", "recompute"])
+@pytest.mark.parametrize("weight_grad", MODES)
 def test_matches_reference(loss_type, dtype, bias, chunk, weight_grad, gen):
     _check_matches_reference(loss_type, dtype, bias, chunk, weight_grad, gen)
 
 
 @pytest.mark.parametrize("loss_type", ["sppo", "sppo_hard"])
 @pytest.mark.parametrize("chunk", [None, 8])
-@pytest.mark.parametrize("weight_grad", ["accumulate", "recompute"])
+@pytest.mark.parametrize("weight_grad", MODES)
 def test_bf16_with_float32_gemms_matches_reference(loss_type, chunk, weight_grad, gen, monkeypatch):
     """bf16 on a CPU without AMX: float32 GEMMs on copies (this machine has AMX, so forced)."""
     monkeypatch.setenv("SPPO_FAST_CPU_BF16_GEMMS", "0")
@@ -110,7 +122,7 @@ def _check_matches_reference(loss_type, dtype, bias, chunk, weight_grad, gen):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("chunk", [None, 8])
-@pytest.mark.parametrize("weight_grad", ["accumulate", "recompute"])
+@pytest.mark.parametrize("weight_grad", MODES)
 def test_low_precision_gemms_match_reference(loss_type, dtype, bias, chunk, weight_grad, gen, monkeypatch):
     """The GPU's mode for 16-bit inputs (16-bit GEMMs, logits and d_hidden; d_weight summed in
     float32, over the chunks or inside the vocabulary pass's GEMM), forced on here: as accurate
@@ -180,7 +192,7 @@ def test_same_result_whatever_the_chunk_size(gen):
             torch.testing.assert_close(r[k], runs[0][k], rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("weight_grad", ["accumulate", "recompute"])
+@pytest.mark.parametrize("weight_grad", MODES)
 def test_policy_logps_used_downstream(weight_grad, gen):
     """A gradient through policy_logps (not only the loss) takes the extra pass and stays exact."""
     h, w, b, labels, ref, probs = _inputs(gen, bias=True)
@@ -198,7 +210,7 @@ def test_policy_logps_used_downstream(weight_grad, gen):
         torch.testing.assert_close(out[k], truth[k], rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("weight_grad", ["accumulate", "recompute"])
+@pytest.mark.parametrize("weight_grad", MODES)
 def test_gradcheck(weight_grad, gen):
     f64 = torch.float64
     h = torch.randn(4, 5, 6, generator=gen, dtype=f64, requires_grad=True)
@@ -210,7 +222,7 @@ def test_gradcheck(weight_grad, gen):
     pw, pl = torch.tensor([0.7, 0.9], dtype=f64), torch.tensor([0.2, 0.4], dtype=f64)
     fn = lambda hh, ww, bb, rr: sppo_fast.fused_linear_sppo_loss(  # noqa: E731
         hh, ww, labels, rr, bias=bb, chosen_probs_win=pw, chosen_probs_lose=pl, beta=2.0,
-        chunk_tokens=chunk, backend="cpp", weight_grad=weight_grad)[:2]
+        chunk_tokens=chunk, backend="cpp", **_mode(weight_grad))[:2]
     for chunk in (2, 100):
         assert torch.autograd.gradcheck(fn, (h, w, b, ref))
     # ref_logps alone wanting a gradient (the others are data)
@@ -262,20 +274,20 @@ def test_bad_input(mutate, exc, match, gen):
                                          weight_grad=a["weight_grad"], **probs)
 
 
-@pytest.mark.parametrize("weight_grad", ["accumulate", "recompute"])
+@pytest.mark.parametrize("weight_grad", MODES)
 def test_backward_twice_with_retain_graph(weight_grad, gen):
     """The first backward hands its precomputed buffers to autograd; a second one recomputes."""
     h, w, b, labels, ref, probs = _inputs(gen, bias=True)
     hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
     loss, pol, _ = sppo_fast.fused_linear_sppo_loss(hh, ww, labels, ref, bias=b, beta=0.1,
-                                                    weight_grad=weight_grad, chunk_tokens=20, **probs)
+                                                    **_mode(weight_grad), chunk_tokens=20, **probs)
     g1 = torch.autograd.grad(loss * 0.5, (hh, ww), retain_graph=True)
     g2 = torch.autograd.grad(loss * 0.5, (hh, ww))
     for x, y in zip(g1, g2):
         torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("weight_grad", ["accumulate", "recompute"])
+@pytest.mark.parametrize("weight_grad", MODES)
 def test_chunks_through_triton_kernels(weight_grad, gen):
     """The same chunk loop with the Triton kernels doing the per-chunk work (interpreter on CPU)."""
     pytest.importorskip("triton")
@@ -289,14 +301,14 @@ def test_chunks_through_triton_kernels(weight_grad, gen):
     for be in ("triton", "reference"):
         hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
         loss, pol, _ = sppo_fast.fused_linear_sppo_loss(hh, ww, labels, ref, bias=b, beta=0.1, backend=be,
-                                                        chunk_tokens=4, weight_grad=weight_grad, **probs)
+                                                        chunk_tokens=4, **_mode(weight_grad), **probs)
         (loss * 0.3).backward()
         out[be] = (loss, pol, hh.grad, ww.grad)
     for x, y in zip(out["triton"], out["reference"]):  # both float32: a tolerance on the tensor's scale
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5 * max(1.0, y.abs().max().item()))
 
 
-@pytest.mark.parametrize("weight_grad", ["accumulate", "recompute"])
+@pytest.mark.parametrize("weight_grad", MODES)
 def test_low_precision_chunks_through_triton_kernels(weight_grad, gen, monkeypatch):
     """The GPU's 16-bit mode with the Triton kernels reading and writing the bf16 buffer in place
     (interpreter on CPU): as accurate as the bf16 reference."""
@@ -313,7 +325,7 @@ def test_low_precision_chunks_through_triton_kernels(weight_grad, gen, monkeypat
     same, _ = _run(_reference(labels, ref, probs, 0.1, "sppo"), h, w, b, torch.bfloat16)
     out, _ = _run(lambda hh, ww, bb: sppo_fast.fused_linear_sppo_loss(
         hh, ww, labels, ref.to(hh.dtype), bias=bb, beta=0.1, backend="triton", chunk_tokens=4,
-        weight_grad=weight_grad, **probs),
+        **_mode(weight_grad), **probs),
         h, w, b, torch.bfloat16)
     for k in truth:
         assert_as_accurate(out[k], same[k], truth[k], atol=8e-3, rtol=8e-3, what=f"{k} triton bf16")
@@ -323,7 +335,7 @@ def test_low_precision_chunks_through_triton_kernels(weight_grad, gen, monkeypat
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("chunk", [None, 8])
-@pytest.mark.parametrize("weight_grad", ["recompute", "accumulate"])
+@pytest.mark.parametrize("weight_grad", MODES)
 def test_on_gpu(backend, dtype, chunk, weight_grad, gen):
     """On a GPU: 16-bit inputs take the 16-bit GEMM mode (and the vocabulary pass) by default;
     every backend's chunks."""
@@ -340,7 +352,7 @@ def test_on_gpu(backend, dtype, chunk, weight_grad, gen):
     same, _ = _run(_reference(labels, ref, probs, 0.1, "sppo"), h, w, b, dtype)
     fused = lambda hh, ww, bb: sppo_fast.fused_linear_sppo_loss(  # noqa: E731
         hh, ww, labels, ref.to(hh.dtype), bias=bb, beta=0.1, backend=backend, chunk_tokens=chunk,
-        weight_grad=weight_grad, **probs)
+        **_mode(weight_grad), **probs)
     out, _ = _run(fused, h, w, b, dtype)
     for k in truth:
         atol, rtol = (1e-5, 1e-5) if dtype == torch.float32 else _tol(k, dtype)
@@ -352,7 +364,7 @@ def test_on_gpu(backend, dtype, chunk, weight_grad, gen):
     assert_as_accurate(lp, same["policy"], truth["policy"], atol=1e-3, rtol=1e-5, what="logps")
 
 
-@pytest.mark.parametrize("weight_grad", ["accumulate", "recompute"])
+@pytest.mark.parametrize("weight_grad", MODES)
 def test_every_token_ignored(weight_grad, gen):
     h, w, b, labels, ref, probs = _inputs(gen, bias=True)
     labels[:] = -100
@@ -440,7 +452,7 @@ def test_every_token_labelled(weight_grad, chunk, gen):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("weight_grad", ["accumulate", "recompute"])
+@pytest.mark.parametrize("weight_grad", MODES)
 def test_low_precision_policy_gradient_and_second_backward(dtype, weight_grad, gen, monkeypatch):
     """16-bit GEMM mode, policy_logps used too, then a second backward through the same graph:
     each as accurate as the same-dtype reference."""
@@ -669,7 +681,63 @@ def test_recompute_holds_only_the_gradients(dtype, every_row, through_policy, VH
         assert_as_accurate(got[k], same[k], truth[k], atol=tol, rtol=tol, what=k)
 
 
-@pytest.mark.parametrize("weight_grad", ["accumulate", "recompute"])
+@pytest.mark.parametrize("fraction", [0.02, 0.5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("every_row", [False, True])
+def test_accumulate_fraction_memory(fraction, dtype, every_row, gen, monkeypatch):
+    """accumulate_fraction: the chunk pass sums d_weight's first k rows in a float32 [k, H], and
+    the vocabulary pass does the rest; until they are copied in last, those k rows of d_weight hold
+    its last slabs, so there is no tail buffer where they are large enough (k H >= N x min_slab:
+    at 0.5 here, not at 0.02). Peak memory: the two gradients, the float32 rows, and that buffer
+    only where needed; and the gradients are right."""
+    from sppo_fast import linear
+
+    monkeypatch.setenv("SPPO_FAST_CPU_BF16_GEMMS", "1")
+    _min_slab(monkeypatch, 64)
+    V_, H_ = 8000, 64
+    h, w, labels, ref, probs = _sized_inputs(gen, dtype, V_, H_, every_row)
+    k = linear._aligned(round(fraction * V_), below=V_)
+    buffers = []
+    real_buffer = linear._Chunked._buffer
+
+    def spy(self, n, in_weight_grad=True):
+        if not in_weight_grad:
+            buffers.append(n)
+        return real_buffer(self, n, in_weight_grad)
+    monkeypatch.setattr(linear._Chunked, "_buffer", spy)
+
+    def step():
+        loss, _, _ = sppo_fast.fused_linear_sppo_loss(h, w, labels, ref.to(dtype), beta=0.1, weight_grad="recompute",
+                                                      accumulate_fraction=fraction, backend="cpp", **probs)
+        (loss * 0.7).backward()
+    peak = _cpu_peak_bytes(step)
+    e, N = h.element_size(), h.shape[0] * h.shape[1]
+    grads = (w.numel() + h.numel()) * e
+    rows = k * H_ * 4  # the float32 sums
+    roomy = k * H_ >= N * 64
+    assert roomy == (fraction == 0.5)
+    assert (not buffers) == roomy, buffers
+    tail = 0 if roomy else N * 64 * e
+    # bf16 on a CPU: float32 copies of a chunk's first k logit-gradient columns (no float32-output
+    # bf16 GEMM), into one scratch; chunks of at most V H / (V + 2H) tokens
+    upcast = 0 if dtype == torch.float32 else V_ * H_ // (V_ + 2 * H_) * (k + H_) * 4
+    assert grads + rows <= peak <= grads + rows + tail + upcast + (128 << 10), (peak, grads, rows, tail, upcast)
+    ref_fn = _reference(labels, ref, probs, 0.1, "sppo")
+    truth, _ = _run(ref_fn, h.detach().double(), w.detach().double(), None, torch.float64)
+    same, _ = _run(ref_fn, h.detach().double(), w.detach().double(), None, dtype)
+    tol = {torch.float32: 1e-6, torch.bfloat16: 8e-3}[dtype]
+    for name, got in (("d_hidden", h.grad), ("d_weight", w.grad)):
+        assert_as_accurate(got, same[name], truth[name], atol=tol, rtol=tol, what=name)
+
+
+def test_accumulate_fraction_checked(gen):
+    h, w, b, labels, ref, probs = _inputs(gen, bias=False)
+    for bad in (-0.1, 1.5, "half", True, float("nan")):
+        with pytest.raises(ValueError, match="accumulate_fraction"):
+            sppo_fast.fused_linear_sppo_loss(h, w, labels, ref, accumulate_fraction=bad, **probs)
+
+
+@pytest.mark.parametrize("weight_grad", MODES)
 def test_frozen_lm_head(weight_grad, gen):
     """A weight without requires_grad: the same d_hidden as with a trainable one, no gradient for
     the weight, and no [V, H] tensor made (no d_weight work at all)."""
