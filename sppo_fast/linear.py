@@ -322,7 +322,8 @@ class _Chunked:
     """
 
     def __init__(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], plan: _Plan,
-                 opts: _Options, with_grads: bool, weight_grads: bool = True, vocab_out: bool = True):
+                 opts: _Options, with_grads: bool, weight_grads: bool = True, vocab_out: bool = True,
+                 acc: Optional[tuple] = None):
         self.acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         self.impl = ops._IMPLS[opts.backend]
         dev = self.dev = hidden.device
@@ -356,7 +357,9 @@ class _Chunked:
                 # each row's log-prob as the chunk pass computed it: the vocabulary pass's label
                 # term (see _slab)
                 self.tok = torch.empty(len(plan.labels), dtype=self.acc, device=dev)
-                if weight_grads and opts.acc_cols:
+                if weight_grads and opts.acc_cols and acc is not None:  # add into these (no second copy)
+                    self.dw_acc, self.db_acc = acc
+                elif weight_grads and opts.acc_cols:
                     self.dw_acc = torch.zeros((opts.acc_cols, weight.shape[1]), dtype=self.acc, device=dev)
                     if bias is not None:
                         self.db_acc = torch.zeros(opts.acc_cols, dtype=self.acc, device=dev)
@@ -513,6 +516,11 @@ class _Chunked:
             dw = self._empty((V, H), self.w_dtype)
         if R == 0:  # every token ignored
             return dw.zero_(), db
+        if k == V:  # every row summed by the chunk pass: nothing to recompute
+            dw.copy_(acc[0])
+            if db is not None and acc[1] is not None:
+                db += acc[1]
+            return dw, db
         coef = coef_seq.to(self.acc)[self.plan.seq_of_row][:, None]
         labels = self.plan.labels[:, None]
         # the label terms coef * (1 - p) = -coef * expm1(log p) take the chunk pass's log p (see _slab)
@@ -724,14 +732,16 @@ class _FusedLinearSPPO(torch.autograd.Function):
                         t.mul_(scale)
             if g_pol is not None:  # policy_logps used elsewhere too: one more pass adds its part
                 by_chunks = want_w and (opts.weight_grad == "accumulate" or acc_w is not None)
+                # (the recompute mode's float32 rows, already scaled, take this pass's part in place)
                 eh, ew, eb = _recompute(hidden, weight, bias, labels, opts, g_pol.double(),
                                         weight_grads=by_chunks, vocab_pass=False,
-                                        scratch=ctx.dw_out)  # (not yet written: its logits' room)
+                                        scratch=ctx.dw_out,  # (not yet written: its logits' room)
+                                        acc=None if acc_w is None else (acc_w, acc_b))
                 dh += eh
-                if ew is not None:
-                    (dw if acc_w is None else acc_w).add_(ew)
-                if eb is not None:
-                    (db if acc_b is None else acc_b).add_(eb)
+                if acc_w is None and ew is not None:
+                    dw += ew
+                if acc_w is None and eb is not None:
+                    db += eb
                 del eh, ew, eb  # not alive during the vocabulary pass
             if opts.weight_grad == "recompute" and want_w:
                 with _no_autocast(hidden.device):
@@ -745,15 +755,15 @@ class _FusedLinearSPPO(torch.autograd.Function):
 
 
 def _recompute(hidden, weight, bias, labels, opts: _Options, coef_seq: Tensor, weight_grads: bool = True,
-               scratch: Optional[Tensor] = None, vocab_pass: bool = True):
+               scratch: Optional[Tensor] = None, vocab_pass: bool = True, acc: Optional[tuple] = None):
     """Gradients of sum_s coef_seq[s] * logp_s, by recomputing every chunk's logits (and, in the
     recompute mode, then the vocabulary pass); without ``weight_grads`` only ``d_hidden``.
     ``scratch``: an unwritten ``d_weight`` whose memory may hold the chunks' logits meanwhile.
     Without ``vocab_pass`` the recompute mode returns only the chunk pass's part of the weight
-    gradients: the first ``acc_cols`` rows (or None)."""
+    gradients: the first ``acc_cols`` rows (or None), added into ``acc`` where given."""
     plan = _plan(labels, opts.ignore_index, opts.chunk_tokens)
     work = _Chunked(hidden, weight, bias, plan, opts, with_grads=True, weight_grads=weight_grads,
-                    vocab_out=vocab_pass)
+                    vocab_out=vocab_pass, acc=acc)
     if scratch is not None and work.dw_out is None and scratch.dtype == work.gemm:
         work.dw_out = scratch  # (only as the chunk buffer: no vocabulary pass runs here)
     with _no_autocast(hidden.device):
@@ -762,6 +772,7 @@ def _recompute(hidden, weight, bias, labels, opts: _Options, coef_seq: Tensor, w
                 logits, h = work._logits(a, b)
                 lse = work._forward_rows(logits, a, b, add_to_sums=False)
                 work._backward_rows(logits, h, lse, a, b, coef_seq)
+        work._upcast = None  # (the chunks' scratch: not alive during the vocabulary pass)
         dw, db = work.dw, work.db
         if work.by_vocab and weight_grads:
             acc = (work.dw_acc, work.db_acc)
@@ -803,7 +814,9 @@ def fused_linear_sppo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, ref_l
             blocks of 64) whose ``d_weight`` is summed over the chunks in a float32 buffer, as
             ``accumulate`` sums all of it, instead of recomputed: from 0 (default; the least memory)
             to 1 (accumulate's three GEMMs). Between, it trades ``fraction x V x H x 4`` bytes for
-            that fraction of the fourth GEMM. The accumulate mode sums all of it anyway.
+            that fraction of the fourth GEMM. The accumulate mode sums all of it anyway. (Where
+            the GEMMs run in float32 on copies of a 16-bit weight, the vocabulary pass has
+            float32 buffers of its own, so above about 0.35 this takes more memory than accumulate.)
     Returns:
         ``(loss, policy_logps[2B], metrics)``; gradients reach ``hidden``, ``weight``, ``bias``
         (and ``ref_logps``). Peak extra memory with ``recompute`` (where the GEMMs' dtype is the

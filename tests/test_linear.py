@@ -439,7 +439,7 @@ def test_recompute_keeps_no_float32_weight_gradient(chunk, gen, monkeypatch):
         assert ((V, H), torch.float32) in made if expect else ((V, H), torch.float32) not in made, (mode, made)
 
 
-@pytest.mark.parametrize("weight_grad", ["accumulate", "recompute"])
+@pytest.mark.parametrize("weight_grad", MODES)
 @pytest.mark.parametrize("chunk", [None, 5, 40])
 def test_every_token_labelled(weight_grad, chunk, gen):
     """No ignored token: the rows' hidden states are read in place instead of gathered."""
@@ -596,7 +596,8 @@ def _min_slab(monkeypatch, min_slab: int) -> None:
 @pytest.mark.parametrize("chunk", [None, 8])
 @pytest.mark.parametrize("every_row", [False, True])
 @pytest.mark.parametrize("min_slab", [16, 64])
-def test_vocabulary_pass_in_d_weight_memory(dtype, bias, chunk, every_row, min_slab, gen, monkeypatch):
+@pytest.mark.parametrize("weight_grad", ["recompute", HALF])
+def test_vocabulary_pass_in_d_weight_memory(dtype, bias, chunk, every_row, min_slab, weight_grad, gen, monkeypatch):
     """The vocabulary pass: slabs whose gradient lives in d_weight's rows after them, shrinking to
     min_slab columns, then a buffer for the last ones; with ignored tokens the labelled rows first,
     gathered into d_weight, then every row. Exact whatever the layout."""
@@ -608,7 +609,7 @@ def test_vocabulary_pass_in_d_weight_memory(dtype, bias, chunk, every_row, min_s
     h, w, b = (None if t is None else t.to(dtype).double() for t in (h, w, b))
     truth, _ = _run(_reference(labels, ref, probs, 0.1, "sppo"), h, w, b, torch.float64)
     same, _ = _run(_reference(labels, ref, probs, 0.1, "sppo"), h, w, b, dtype)
-    out, _ = _run(_fused(labels, ref, probs, 0.1, "sppo", chunk, "recompute"), h, w, b, dtype)
+    out, _ = _run(_fused(labels, ref, probs, 0.1, "sppo", chunk, weight_grad), h, w, b, dtype)
     for k in truth:
         atol, rtol = _tol(k, dtype)
         assert_as_accurate(out[k], same[k], truth[k], atol=atol, rtol=rtol, what=f"{k} {dtype}")
@@ -681,15 +682,17 @@ def test_recompute_holds_only_the_gradients(dtype, every_row, through_policy, VH
         assert_as_accurate(got[k], same[k], truth[k], atol=tol, rtol=tol, what=k)
 
 
-@pytest.mark.parametrize("fraction", [0.02, 0.5])
+@pytest.mark.parametrize("fraction", [0.02, 0.5, 1.0])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("every_row", [False, True])
-def test_accumulate_fraction_memory(fraction, dtype, every_row, gen, monkeypatch):
+@pytest.mark.parametrize("through_policy", [False, True])
+def test_accumulate_fraction_memory(fraction, dtype, every_row, through_policy, gen, monkeypatch):
     """accumulate_fraction: the chunk pass sums d_weight's first k rows in a float32 [k, H], and
     the vocabulary pass does the rest; until they are copied in last, those k rows of d_weight hold
     its last slabs, so there is no tail buffer where they are large enough (k H >= N x min_slab:
-    at 0.5 here, not at 0.02). Peak memory: the two gradients, the float32 rows, and that buffer
-    only where needed; and the gradients are right."""
+    at 0.5 here, not at 0.02; at 1.0 no vocabulary pass at all). Peak memory: the two gradients,
+    the float32 rows once (a gradient through policy_logps too adds its part into them, plus one
+    d_hidden-sized pass), and that buffer only where needed; and the gradients are right."""
     from sppo_fast import linear
 
     monkeypatch.setenv("SPPO_FAST_CPU_BF16_GEMMS", "1")
@@ -706,22 +709,28 @@ def test_accumulate_fraction_memory(fraction, dtype, every_row, gen, monkeypatch
         return real_buffer(self, n, in_weight_grad)
     monkeypatch.setattr(linear._Chunked, "_buffer", spy)
 
+    pc = torch.randn(h.shape[0], generator=gen)
+
     def step():
-        loss, _, _ = sppo_fast.fused_linear_sppo_loss(h, w, labels, ref.to(dtype), beta=0.1, weight_grad="recompute",
-                                                      accumulate_fraction=fraction, backend="cpp", **probs)
-        (loss * 0.7).backward()
+        loss, pol, _ = sppo_fast.fused_linear_sppo_loss(h, w, labels, ref.to(dtype), beta=0.1, weight_grad="recompute",
+                                                        accumulate_fraction=fraction, backend="cpp", **probs)
+        (loss * 0.7 + ((pol * pc).sum() if through_policy else 0)).backward()
     peak = _cpu_peak_bytes(step)
     e, N = h.element_size(), h.shape[0] * h.shape[1]
     grads = (w.numel() + h.numel()) * e
     rows = k * H_ * 4  # the float32 sums
     roomy = k * H_ >= N * 64
-    assert roomy == (fraction == 0.5)
+    assert roomy == (fraction >= 0.5)
     assert (not buffers) == roomy, buffers
     tail = 0 if roomy else N * 64 * e
     # bf16 on a CPU: float32 copies of a chunk's first k logit-gradient columns (no float32-output
     # bf16 GEMM), into one scratch; chunks of at most V H / (V + 2H) tokens
     upcast = 0 if dtype == torch.float32 else V_ * H_ // (V_ + 2 * H_) * (k + H_) * 4
-    assert grads + rows <= peak <= grads + rows + tail + upcast + (128 << 10), (peak, grads, rows, tail, upcast)
+    extra = h.numel() * e if through_policy else 0
+    assert grads + rows <= peak <= grads + rows + tail + upcast + extra + (128 << 10), (peak, grads, rows, tail,
+                                                                                          upcast, extra)
+    if through_policy:
+        return  # (its accuracy: test_policy_logps_used_downstream and the 16-bit one, over MODES)
     ref_fn = _reference(labels, ref, probs, 0.1, "sppo")
     truth, _ = _run(ref_fn, h.detach().double(), w.detach().double(), None, torch.float64)
     same, _ = _run(ref_fn, h.detach().double(), w.detach().double(), None, dtype)
