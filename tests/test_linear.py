@@ -512,8 +512,13 @@ def test_fp16_weight_gradient_under_a_loss_scale(gen, monkeypatch):
                                                 chunk_tokens=8, weight_grad="recompute", **probs)
 
     truth = d_weight(reference, f64)
-    rel = {k: ((d_weight(f, dtype) - truth).abs() / truth.abs()).flatten()
-           for k, f in (("reference", reference), ("fused", fused))}
+    got = {k: d_weight(f, dtype) for k, f in (("reference", reference), ("fused", fused))}
+    # at a loss scale of 65536 the label rows can overflow fp16 in both (seed 3260529895: 559
+    # infinite entries and 13 NaN, the same in each): compare where the fp16 reference is finite,
+    # and be finite there too
+    finite = torch.isfinite(got["reference"])
+    assert torch.isfinite(got["fused"][finite]).all()
+    rel = {k: ((g - truth).abs() / truth.abs())[finite] for k, g in got.items()}
     for q in (0.5, 0.9):
         ours, theirs = (torch.quantile(rel[k], q).item() for k in ("fused", "reference"))
         assert ours <= theirs * 1.01 + 1e-6, f"quantile {q} of the relative error: {ours:.3g} vs {theirs:.3g}"
