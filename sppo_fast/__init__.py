@@ -21,9 +21,10 @@ from .ops import (
     resolve_backend,
     sequence_logps,
     sppo_loss,
+    sppo_targets,
     token_logprobs,
 )
-from .reference import LOSS_TYPES, PAIRWISE_MODES, PairwiseResult, next_token_labels, sppo_targets
+from .reference import LOSS_TYPES, PAIRWISE_MODES, PairwiseResult, next_token_labels
 
 __version__ = "0.1.0"
 

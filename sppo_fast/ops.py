@@ -447,6 +447,25 @@ def fused_sppo_loss(logits: Tensor, labels: Tensor, ref_logps: Tensor, *,
     return loss, policy, _metrics(policy.detach(), ref.detach(), beta, loss_type, probs)
 
 
+def sppo_targets(*, chosen_probs_win: Optional[Tensor] = None, chosen_probs_lose: Optional[Tensor] = None,
+                 chosen_probs: Optional[Tensor] = None, beta: float = 0.001,
+                 loss_type: str = "sppo") -> tuple[Tensor | float, Tensor | float]:
+    """:func:`sppo_fast.reference.sppo_targets` (the log-ratios SPPO regresses onto) after the checks
+    the losses make: ``beta`` a finite number > 0, the probabilities the loss type needs given as
+    ``[B]`` floating tensors of one length on one device, in [0, 1] and not NaN (one host sync)."""
+    given = [(n, p) for n, p in (("chosen_probs_win", chosen_probs_win), ("chosen_probs_lose", chosen_probs_lose),
+                                 ("chosen_probs", chosen_probs)) if p is not None]
+    for name, p in given:
+        if not isinstance(p, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(p).__name__}")
+        if p.dim() != 1:
+            raise ValueError(f"{name}: expected shape [B], got {_shape(p)}")
+    n, device = (given[0][1].shape[0], given[0][1].device) if given else (0, torch.device("cpu"))
+    beta = _check_loss_args(loss_type, beta, n, device, chosen_probs_win, chosen_probs_lose, chosen_probs)
+    return reference.sppo_targets(chosen_probs_win=chosen_probs_win, chosen_probs_lose=chosen_probs_lose,
+                                  chosen_probs=chosen_probs, beta=beta, loss_type=loss_type)
+
+
 def _metrics(policy: Tensor, ref: Tensor, beta: float, loss_type: str,
              probs: dict[str, Optional[Tensor]]) -> dict[str, Tensor]:
     B = policy.shape[0] // 2

@@ -49,6 +49,10 @@ def next_token_labels(labels: Tensor, ignore_index: int = -100) -> Tensor:
         ``[B, T]`` labels where position ``t`` holds ``labels[:, t + 1]``; the last column is
         ``ignore_index``.
     """
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"labels: expected a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels: expected an integer dtype (token ids), got {labels.dtype}")
     if labels.dim() != 2:
         raise ValueError(f"labels: expected [B, T], got shape {tuple(labels.shape)}")
     out = torch.full_like(labels, ignore_index)
@@ -99,6 +103,8 @@ def sppo_targets(
     - ``sppo``:        ``((P_win - 1/2) / beta, (P_lose - 1/2) / beta)``
     - ``sppo_single``: ``((P - 1/2) / beta, -(P - 1/2) / beta)``
     - ``sppo_hard``:   ``(1 / (2 beta), -1 / (2 beta))``
+
+    The definition alone: :func:`sppo_fast.sppo_targets` checks its arguments first.
     """
     if loss_type == "sppo":
         if chosen_probs_win is None or chosen_probs_lose is None:

@@ -94,6 +94,37 @@ def test_sppo_loss_bad_input():
         sppo_fast.sppo_loss(x, x, x, torch.tensor([0.0, float("inf"), 1.0]), loss_type="sppo_hard")
 
 
+@pytest.mark.parametrize("kwargs, exc, match", [
+    ({"chosen_probs_win": torch.tensor([float("nan")]), "chosen_probs_lose": torch.tensor([0.3])}, ValueError,
+     "chosen_probs_win: probabilities must lie in \\[0, 1\\] and not be NaN; got 1 NaN"),
+    ({"chosen_probs_win": torch.tensor([0.2]), "chosen_probs_lose": torch.tensor([1.5])}, ValueError,
+     "chosen_probs_lose: probabilities must lie .* max 1.5"),
+    ({"chosen_probs_win": torch.tensor([0.2, 0.4]), "chosen_probs_lose": torch.tensor([0.3])}, ValueError,
+     r"chosen_probs_lose: expected shape \(2,\), got \(1,\)"),
+    ({"chosen_probs_win": torch.tensor([[0.2]]), "chosen_probs_lose": torch.tensor([0.3])}, ValueError,
+     r"chosen_probs_win: expected shape \[B\]"),
+    ({"chosen_probs_win": [0.2], "chosen_probs_lose": torch.tensor([0.3])}, TypeError,
+     "chosen_probs_win: expected a torch.Tensor, got list"),
+    ({"loss_type": "sppo_hard", "beta": 0}, ValueError, "beta: must be a finite number > 0, got 0.0"),
+    ({"chosen_probs": torch.tensor([0.2])}, ValueError, "loss_type='sppo' needs chosen_probs_win"),
+])
+def test_sppo_targets_checks_what_the_losses_check(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        sppo_fast.sppo_targets(**kwargs)
+
+
+def test_sppo_targets_values_and_next_token_labels_input():
+    w, l = sppo_fast.sppo_targets(chosen_probs_win=torch.tensor([0.7, 0.5]), chosen_probs_lose=torch.tensor([0.3, 0.1]),
+                                  beta=0.1)
+    torch.testing.assert_close(w, torch.tensor([2.0, 0.0]))
+    torch.testing.assert_close(l, torch.tensor([-2.0, -4.0]))
+    assert sppo_fast.sppo_targets(loss_type="sppo_hard", beta=0.25) == (2.0, -2.0)
+    with pytest.raises(TypeError, match="labels: expected a torch.Tensor, got list"):
+        sppo_fast.next_token_labels([[1, 2]])
+    with pytest.raises(TypeError, match="labels: expected an integer dtype"):
+        sppo_fast.next_token_labels(torch.zeros(2, 3))
+    assert sppo_fast.next_token_labels(torch.tensor([[5, 6, 7]])).tolist() == [[6, 7, -100]]
+
 @pytest.mark.parametrize("backend", BACKENDS + ["triton"])  # (triton: the interpreter; its launcher wants ints)
 def test_numpy_scalars_are_numbers_and_ref_logps_must_be_finite(backend):
     """beta, ignore_index and chunk_tokens as NumPy scalars (np.float32 was refused while np.float64,

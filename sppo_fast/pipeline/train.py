@@ -94,8 +94,8 @@ class TrainConfig:
         if self.save_every < 0:
             raise ValueError(f"save_every must be >= 0 (0: only at the end), got {self.save_every}")
         if not 1 <= self.max_prompt_length < self.max_length:
-            raise ValueError(f"need 1 <= max_prompt_length < max_length (room for the response), got "
-                             f"max_prompt_length={self.max_prompt_length}, max_length={self.max_length}")
+            raise ValueError(f"max_prompt_length={self.max_prompt_length} with max_length={self.max_length}: "
+                             "need 1 <= max_prompt_length < max_length (room for the response)")
 
 
 def _body_and_head(model):
