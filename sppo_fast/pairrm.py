@@ -671,7 +671,6 @@ class PairRMRanker:
         whole dataset once (no ranking).
         """
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
         output = Path(output)
         group = self.builder.truncation_group
@@ -699,7 +698,7 @@ class PairRMRanker:
                     "sha256": data_hash.hexdigest()}
 
         if output.exists():
-            meta = pq.read_schema(output).metadata or {}
+            meta = _io.parquet_metadata(output)
             if meta.get(b"sppo_fast.settings") != settings.encode():
                 raise ValueError(f"{output} exists but was written with other settings or another model; "
                                  "remove it to rank again")
@@ -722,7 +721,7 @@ class PairRMRanker:
                 digest = hashlib.sha256(json.dumps([settings, shard_size, prompts, cands]).encode()).hexdigest()
                 path = parts / f"shard-{s:06d}.parquet"
                 if path.exists():
-                    table = pq.read_table(path)
+                    table = _io.read_parquet(path)
                     if (table.schema.metadata or {}).get(b"sppo_fast.inputs") != digest.encode():
                         raise ValueError(f"{path} was written for different prompts, candidates, settings "
                                          f"(mode, truncation, shard_size={shard_size}) or model; remove "

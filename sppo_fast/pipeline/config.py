@@ -245,8 +245,20 @@ def check_run_config(cfg: SPPOConfig) -> None:
 
     run = cfg.run_dir
     path = run / "config.yaml"
-    if path.exists() and any(p.name != "config.yaml" for p in run.iterdir()):
-        then = _flat(yaml.safe_load(path.read_text()) or {})
+    held = sorted(p.name for p in run.iterdir() if p.name not in ("config.yaml", ".lock")) if run.is_dir() else []
+    if held and not path.exists():
+        raise ValueError(f"{run} holds results ({', '.join(held[:4])}{', ...' if len(held) > 4 else ''}) but no "
+                         f"config.yaml, so the settings they were made with are unknown: restore its config.yaml, "
+                         f"give the new run another name (--set name=...) or runs_dir, or delete {run}")
+    if held:
+        try:
+            then = yaml.safe_load(path.read_text()) or {}
+            if not isinstance(then, dict):
+                raise yaml.YAMLError(f"a {type(then).__name__}, not a mapping of fields")
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{path}: damaged ({str(exc).splitlines()[0]}); restore it (it records the "
+                             f"settings of the results in {run}) or delete {run}") from None
+        then = _flat(then)
         now = _flat(cfg.to_dict())
         changed = [k for k in sorted(set(then) | set(now)) if k not in FREE_TO_CHANGE and then.get(k) != now.get(k)]
         if changed and set(changed) <= set(RANKING_FIELDS) and not _ranked_anything(run):

@@ -69,7 +69,7 @@ def _atomic_parquet(rows: list[dict], path: Path, metadata: dict[str, str] | Non
 def _read_parquet(path: Path) -> list[dict]:
     import pyarrow.parquet as pq
 
-    return pq.read_table(path).to_pylist()
+    return _io.read_parquet(path).to_pylist()
 
 
 def policy_dtype(device: torch.device) -> torch.dtype:
@@ -133,12 +133,11 @@ def _sharded_stage(out: Path, n: int, chunk: int, settings: dict, compute, *, de
     removed; an existing ``out`` is returned only if it was written with the same settings."""
     import shutil
 
-    import pyarrow.parquet as pq
     from tqdm.auto import tqdm
 
     settings = json.loads(json.dumps({**settings, "items": n, "chunk": chunk}))  # as JSON reads it back
     if out.exists():  # merged by a run killed before the next stage consumed it
-        old = (pq.read_schema(out).metadata or {}).get(b"sppo_fast.settings")
+        old = _io.parquet_metadata(out).get(b"sppo_fast.settings")
         if old is None or json.loads(old) != settings:
             why = "no record of its settings" if old is None else f"other settings ({_diff(json.loads(old), settings)})"
             raise ValueError(f"{out} was written with {why}; rerun with the same settings, or delete it "
@@ -147,9 +146,9 @@ def _sharded_stage(out: Path, n: int, chunk: int, settings: dict, compute, *, de
     shards = out.with_name(f"{out.stem}.shards")
     shards.mkdir(exist_ok=True)
     spec = shards / "settings.json"
-    if spec.exists() and json.loads(spec.read_text()) != settings:
+    if spec.exists() and _io.read_json(spec) != settings:
         raise ValueError(f"{shards} holds partial results for other settings "
-                         f"({_diff(json.loads(spec.read_text()), settings)}); rerun with the same "
+                         f"({_diff(_io.read_json(spec), settings)}); rerun with the same "
                          f"settings, or delete that folder to start the stage over")
     _io.write_json(settings, spec)
     rows: list[dict] = []
@@ -172,6 +171,14 @@ def _sharded_stage(out: Path, n: int, chunk: int, settings: dict, compute, *, de
     _atomic_parquet(rows, out, {"sppo_fast.settings": json.dumps(settings)})
     shutil.rmtree(shards, ignore_errors=True)
     return rows
+
+
+def _in_run(path: Path, run: Path) -> str:
+    """``path`` relative to the run folder where it lies inside it, else as given."""
+    try:
+        return Path(path).resolve().relative_to(Path(run).resolve()).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def _diff(old: dict, new: dict) -> str:
@@ -253,7 +260,13 @@ def run_iteration(cfg: SPPOConfig, t: int, *, ranker=None, progress: bool = True
     """Iteration t (1-based): from iteration t-1's policy to iteration t's; returns its model folder.
 
     ``until``: stop after ``"generate"`` or ``"rank"`` (earlier stages run first when missing).
-    ``checked``: the prompts and the run folder's settings were checked already (by :func:`iterate`)."""
+    ``checked``: the prompts and the run folder's settings were checked already (by :func:`iterate`).
+    The run folder is locked meanwhile: another process on it stops with an error."""
+    with _io.folder_lock(cfg.run_dir):
+        return _run_iteration(cfg, t, ranker=ranker, progress=progress, until=until, checked=checked)
+
+
+def _run_iteration(cfg: SPPOConfig, t: int, *, ranker, progress: bool, until: str, checked: bool) -> Path:
     if until not in STAGES:
         raise ValueError(f"until: expected one of {STAGES}, got {until!r}")
     if not isinstance(t, int) or t < 1:
@@ -289,7 +302,8 @@ def run_iteration(cfg: SPPOConfig, t: int, *, ranker=None, progress: bool = True
         opts = dict(k=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                     max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
 
-        settings = {"policy": str(start), "prompts": _io.digest(prompts), **opts}
+        # (a policy inside the run folder by its place there: the folder may be moved or renamed)
+        settings = {"policy": _in_run(start, run), "prompts": _io.digest(prompts), **opts}
         if _use_vllm(cfg):
             from .vllm_generate import generate_vllm
 
@@ -400,8 +414,11 @@ def _evaluate_once(cfg: SPPOConfig, t: int, model: Path, base: Path, ranker, ans
            "prompts": cfg.prompts, "seed": cfg.seed, "temperature": cfg.temperature, "top_p": cfg.top_p,
            "top_k": cfg.top_k, "max_new_tokens": cfg.max_new_tokens}
     if path.exists():
-        kept = json.loads(path.read_text())
-        if kept.get("settings") == key:
+        try:
+            kept = json.loads(path.read_text())
+        except ValueError:
+            kept = {}  # (a cache: a damaged one is recomputed)
+        if isinstance(kept, dict) and kept.get("settings") == key:
             return kept["win_rate"]
     wr = evaluate(cfg, model, base, ranker=ranker, samples=EVAL_SAMPLES, progress=progress, answers=answers)
     _io.write_json({"win_rate": wr, "settings": key}, path)
@@ -410,7 +427,13 @@ def _evaluate_once(cfg: SPPOConfig, t: int, model: Path, base: Path, ranker, ans
 
 def iterate(cfg: SPPOConfig, *, progress: bool = True, ranker=None) -> dict:
     """Run ``cfg.iterations`` iterations end to end, then the win rate of each iteration's policy
-    against iteration 0 on held-out prompts; writes summary.json, winrate.png and loss.png."""
+    against iteration 0 on held-out prompts; writes summary.json, winrate.png and loss.png. The run
+    folder is locked meanwhile: another process on it stops with an error."""
+    with _io.folder_lock(cfg.run_dir):
+        return _iterate(cfg, progress=progress, ranker=ranker)
+
+
+def _iterate(cfg: SPPOConfig, *, progress: bool, ranker) -> dict:
     check_prompts(cfg, range(1, cfg.iterations + 1), held_out=True)
     check_run_config(cfg)  # (before a hub ranker downloads; a ranker that fails may still be corrected)
     device = _device(cfg)
@@ -425,7 +448,7 @@ def iterate(cfg: SPPOConfig, *, progress: bool = True, ranker=None) -> dict:
     rows, answers = [], {}
     for t, m in enumerate(models):
         info = _ranking_info(run / f"iter-{t}") if t else {}
-        last = json.loads((m / "trainer_state.json").read_text())["summary"]["last"] if t else {}
+        last = _io.read_json(m / "trainer_state.json")["summary"]["last"] if t else {}
         # None: not evaluated (no held-out prompts), not a tie
         wr = ((_evaluate_once(cfg, t, m, models[0], ranker, answers, progress) if t else 0.5)
               if cfg.eval_prompts else None)
@@ -442,7 +465,7 @@ def _ranking_info(it: Path) -> dict:
     """ranking.json; for a folder ranked before it was written ahead of train.parquet, the record
     count from train.parquet (the tie count is then unknown)."""
     if (it / "ranking.json").exists():
-        return json.loads((it / "ranking.json").read_text())
+        return _io.read_json(it / "ranking.json")
     import pyarrow.parquet as pq
 
     return {"records": pq.read_metadata(it / "train.parquet").num_rows, "tied": None}

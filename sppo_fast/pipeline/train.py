@@ -94,7 +94,7 @@ class TrainConfig:
         if self.save_every < 0:
             raise ValueError(f"save_every must be >= 0 (0: only at the end), got {self.save_every}")
         if not 1 <= self.max_prompt_length < self.max_length:
-            raise ValueError(f"max_prompt_length={self.max_prompt_length} with max_length={self.max_length}: "
+            raise ValueError(f"max_prompt_length={self.max_prompt_length}, max_length={self.max_length}: "
                              "need 1 <= max_prompt_length < max_length (room for the response)")
 
 
@@ -278,7 +278,7 @@ def train(model, tokenizer, records: Sequence[dict], out_dir: str | os.PathLike,
     out = Path(out_dir)
     final = out / "model"
     if (final / "trainer_state.json").exists():
-        return json.loads((final / "trainer_state.json").read_text())["summary"]
+        return _io.read_json(final / "trainer_state.json")["summary"]
     out.mkdir(parents=True, exist_ok=True)
     if not records:
         raise ValueError("no training records (every prompt tied, or an empty dataset?)")
