@@ -29,7 +29,7 @@ OP = "fused_linear_sppo_loss"
 PROVIDERS = ["gemm3", "reference", "torch-lce", "liger", "cpp", "cpp-recompute"]  # liger: if installed
 # on a GPU, bf16's default is the vocabulary pass (recompute); cuda-accumulate is the other mode
 # (the issue's targets first: a GPU run that hits its time limit keeps them)
-GPU_PROVIDERS = ["gemm3", "cuda", "liger", "cce", "reference", "triton", "cuda-accumulate", "cuda-acc50", "torch-lce"]
+GPU_PROVIDERS = ["gemm3", "cuda", "liger", "cuda-acc50", "cce", "cuda-accumulate", "reference", "triton", "torch-lce"]
 OURS = ("cpp", "triton", "cuda")
 
 
@@ -219,7 +219,15 @@ def main() -> None:
                        harness.common_argv(args, ["B", "T", "H", "V", "dtype", "beta", "prompt-frac", "chunk-tokens",
                                                   "vocab-pass-mib", "min-slab"]),
                        args.out, f"{args.dtype}-H{args.H}-V{args.V}")
-    for provider in args.providers or (GPU_PROVIDERS if args.cuda else PROVIDERS):
+    providers = list(args.providers or (GPU_PROVIDERS if args.cuda else PROVIDERS))
+    if "torch-lce" in providers:
+        import torch
+
+        if not hasattr(torch.nn.functional, "linear_cross_entropy"):  # torch < 2.12 (the H100's 2.11)
+            print(f"  torch-lce          skipped: torch {torch.__version__} has no "
+                  "torch.nn.functional.linear_cross_entropy")
+            providers.remove("torch-lce")
+    for provider in providers:
         for mode in args.modes:
             r = d.run(provider, mode)
             if r is None:
