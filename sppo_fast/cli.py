@@ -58,6 +58,9 @@ def _fields_help() -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sppo-fast", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    from . import __version__
+
+    p.add_argument("--version", action="version", version=f"sppo-fast {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     from .pipeline.config import PRESETS
 

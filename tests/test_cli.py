@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+import sppo_fast
 from sppo_fast import cli
 from sppo_fast.pipeline import iterate as it
 from sppo_fast.pipeline import train as tr
@@ -320,6 +321,18 @@ def test_bad_prompts_are_found_before_any_work_and_the_fix_is_accepted(tmp_path,
     assert not (tmp_path / "demo").exists()
     assert cli.main(["generate", *base, f"prompts={q}", "prompt_field=question"]) == 0
     assert (tmp_path / "demo" / "iter-1" / "generations.parquet").exists()
+
+
+def test_version_and_a_trained_iterations_earlier_stages_name_their_files(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"sppo-fast {sppo_fast.__version__}"
+    args = ["--quiet", "--set", f"runs_dir={tmp_path}", "prompts_per_iteration=4", "k=2", "max_new_tokens=4",
+            "eval_prompts=0", "iterations=1"]
+    assert cli.main(["train", *args]) == 0
+    for stage, name in (("generate", "generations.parquet"), ("rank", "train.parquet"), ("train", "model")):
+        assert cli.main([stage, *args]) == 0
+        assert capsys.readouterr().out.strip().endswith(f"iter-1/{name}"), stage
 
 
 def test_help_lists_the_config_fields(capsys):

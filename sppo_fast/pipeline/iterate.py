@@ -282,7 +282,7 @@ def _run_iteration(cfg: SPPOConfig, t: int, *, ranker, progress: bool, until: st
                          f"run `sppo-fast train --iteration {t - 1}` with the same settings first")
     it = run / f"iter-{t}"
     final = it / "model"
-    if (final / "trainer_state.json").exists():
+    if (final / "trainer_state.json").exists() and until == "train":
         return final
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (it / "train.parquet").exists():
         raise ValueError(f"iteration {t} has no train.parquet yet: run generation and ranking in one process "
