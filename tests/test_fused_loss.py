@@ -7,7 +7,7 @@ import sppo_fast
 from sppo_fast import reference as R
 
 from _data import make_batch
-from conftest import DTYPES, TRITON_DEVICE, assert_as_accurate
+from conftest import DTYPES, TRITON_DEVICE, assert_as_accurate, max_err
 
 
 def _probs(B, gen, dtype=torch.float64):
@@ -42,8 +42,13 @@ def _check_fused(backend, dtype, loss_type, gen, *, B=3, T=97, V=1271, masked=4,
     logits, labels = make_batch(2 * B, T, V, dtype, gen, fully_masked=(masked,), **batch)
     probs = _probs(B, gen)
     beta = 0.1  # targets of a few nats, comparable to the random log-ratios
+    # log-ratios a = -noise; the chosen wins (a_w > a_l) in a fraction of the pairs other than 1/2,
+    # so that a reversed rewards/accuracies comparison shows
+    noise = torch.randn(2 * B, generator=gen, dtype=torch.float64)
+    if 2 * (noise[B:] > noise[:B]).sum().item() == B:
+        noise[[0, B]] = noise[[B, 0]]
     with torch.no_grad():
-        ref_logps = R.sequence_logps(logits.double(), labels) + torch.randn(2 * B, generator=gen, dtype=torch.float64)
+        ref_logps = R.sequence_logps(logits.double(), labels) + noise
 
     xt = logits.double().requires_grad_()
     truth, truth_pol = _ref_loss(xt, labels, ref_logps, probs, beta, loss_type)
@@ -79,16 +84,59 @@ def _check_fused(backend, dtype, loss_type, gen, *, B=3, T=97, V=1271, masked=4,
     assert_as_accurate(grad, xs.grad, xt.grad, atol=grad_tol, rtol=rtol, what="grad logits")
     assert (grad[masked] == 0).all()
 
-    # metrics: TRL names, detached, consistent with the policy log-probs
+    # metrics: TRL names, detached, each against its definition evaluated on the float64 truth
+    # (truth policy logps, ref_logps, reference targets), written out here, not via ops._metrics
+    _check_metrics(metrics, truth_pol.detach(), same_pol.detach(), ref_logps, probs, beta, loss_type)
+
+
+METRIC_NAMES = {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                "logps/chosen", "logps/rejected", "targets/chosen", "targets/rejected"}
+
+
+def _check_metrics(metrics, truth_pol, same_pol, ref_logps, probs, beta, loss_type):
+    """Every metric fused_sppo_loss returns, against float64 truth.
+
+    The kernel's policy log-probs are held (above) to the same-dtype reference's error + 2e-4 +
+    one float32 ulp of the sums: that bound (``pol_tol``), plus the float32 rounding of ref_logps
+    and of the B-term means, bounds each metric's error. The accuracy is a comparison: pairs
+    whose truth log-ratios are closer than their error may go either way, every other pair must
+    count as in the truth."""
+    assert set(metrics) == METRIC_NAMES, sorted(metrics)
     assert not any(v.requires_grad for v in metrics.values())
-    a_w = (truth_pol[:B] - ref_logps[:B]).detach()
-    # the metrics come from the float32 policy and ref_logps: one ulp of each sum rounds them
-    ulps = beta * 2 * 2**-23 * ref_logps.abs().max().item()
-    torch.testing.assert_close(metrics["rewards/chosen"].cpu().double(), (beta * a_w).mean(), rtol=1e-4,
-                               atol=1e-4 + ulps)
-    t_w, _ = R.sppo_targets(beta=beta, loss_type=loss_type, **probs)
-    torch.testing.assert_close(metrics["targets/chosen"].cpu().double(),
-                               torch.as_tensor(beta * t_w, dtype=torch.float64).mean(), rtol=1e-5, atol=1e-6)
+    assert all(v.dim() == 0 for v in metrics.values())
+    m = {k: v.cpu().double() for k, v in metrics.items()}
+    B = truth_pol.shape[0] // 2
+    ulp = 2**-23
+    pol_scale = truth_pol.abs().max().item()
+    pol_tol = max_err(same_pol, truth_pol) + 2e-4 + ulp * pol_scale
+    # a = policy - ref: the policy's error, ref_logps rounded to float32, the difference rounded
+    a_tol = pol_tol + 2 * ulp * ref_logps.abs().max().item()
+    a_w, a_l = truth_pol[:B] - ref_logps[:B], truth_pol[B:] - ref_logps[B:]
+    t_w, t_l = R.sppo_targets(beta=beta, loss_type=loss_type, **probs)
+    t_w = torch.as_tensor(t_w, dtype=torch.float64).expand(B)
+    t_l = torch.as_tensor(t_l, dtype=torch.float64).expand(B)
+
+    def close(name, want, atol, rtol):
+        got = m[name].item()
+        want = want.item()
+        assert abs(got - want) <= atol + rtol * abs(want), \
+            f"{name}: {got!r} vs truth {want!r} (tolerance {atol + rtol * abs(want):.3g})"
+
+    close("logps/chosen", truth_pol[:B].mean(), pol_tol + B * ulp * pol_scale, 1e-6)
+    close("logps/rejected", truth_pol[B:].mean(), pol_tol + B * ulp * pol_scale, 1e-6)
+    close("rewards/chosen", beta * a_w.mean(), beta * a_tol, 1e-5)
+    close("rewards/rejected", beta * a_l.mean(), beta * a_tol, 1e-5)
+    close("rewards/margins", beta * (a_w - a_l).mean(), 2 * beta * a_tol, 1e-5)
+    # targets: probabilities rounded to float32, then (P - 1/2) / beta * beta
+    close("targets/chosen", beta * t_w.mean(), 1e-6, 1e-5)
+    close("targets/rejected", beta * t_l.mean(), 1e-6, 1e-5)
+    d = a_w - a_l
+    clear = d.abs() > 2 * a_tol
+    lo = (clear & (d > 0)).double().mean().item()  # chosen clearly ahead
+    hi = (~clear | (d > 0)).double().mean().item()  # ... or too close to call
+    acc = m["rewards/accuracies"].item()
+    assert lo - 1e-6 <= acc <= hi + 1e-6, \
+        f"rewards/accuracies: {acc!r} outside the truth's [{lo!r}, {hi!r}] (a_w - a_l = {d.tolist()})"
 
 
 @pytest.mark.parametrize("loss_type", sppo_fast.LOSS_TYPES)

@@ -18,6 +18,7 @@ from sppo_fast import reference as R
 from sppo_fast.tiny import synthetic_text
 
 from _data import ATTENTION_CONFIGS, deberta_case
+from conftest import assert_as_accurate, max_err
 
 from sppo_fast import llm_blender_compat
 
@@ -648,18 +649,46 @@ def test_bad_inputs_have_clear_errors(tiny, tmp_path):
     assert not (tmp_path / "x.parquet").exists()
 
 
+# beyond the eager forward's own error under the same autocast: the pair logits are ~-0.57 +- 0.07
+# and the scores ~+-0.05 (a 16-bit tolerance of 0.1 would hide a reversed ranking); measured with
+# CPU autocast, the lean path's excess over the eager one was 2e-5 (fp16) and 2e-3 (bf16)
+CUDA_ATOL = {None: ATOL, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
 @pytest.mark.gpu
 def test_cuda_autocast_matches_cpu(tiny):
+    """The CUDA ranker (default attention: Triton) in float32 and under fp16 / bf16 autocast against
+    float64 truth (the same weights in float64 on the CPU): pair logits and scores no less accurate
+    than Hugging Face's eager forward (``attn_impl="hf"``) under the same autocast, plus a small
+    atol; chosen and rejected as in the truth wherever the truth's choice is clearer than that."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     model, tok = tiny
-    p, c = prompts_and_candidates(71, 4, 5, lo=50, hi=300)
-    cpu = prm.PairRMRanker(model, tok, progress=False).pair_matrix(p, c)
+    B, K = 4, 5
+    p, c = prompts_and_candidates(71, B, K, lo=50, hi=300)
+    m64 = prm.PairRM(model.config).eval()
+    m64.load_state_dict(model.state_dict())
+    truth = prm.PairRMRanker(m64.double(), tok, progress=False).pair_matrix(p, c).double()
+    agg = R.pairrm_aggregate(truth)
+    off = ~torch.eye(K, dtype=torch.bool)
     gpu_model = prm.PairRM(model.config).eval()
     gpu_model.load_state_dict(model.state_dict())
-    for dtype, tol in ((None, 1e-4), (torch.float16, 3e-2), (torch.bfloat16, 1e-1)):
-        got = prm.PairRMRanker(gpu_model.cuda(), tok, progress=False, autocast_dtype=dtype).pair_matrix(p, c)
-        torch.testing.assert_close(got, cpu, atol=tol, rtol=0)
+    gpu_model.cuda()
+    for dtype, atol in CUDA_ATOL.items():
+        ranker = prm.PairRMRanker(gpu_model, tok, progress=False, autocast_dtype=dtype)
+        eager = prm.PairRMRanker(gpu_model, tok, progress=False, autocast_dtype=dtype, attn_impl="hf")
+        got, same = ranker.rank(p, c), eager.rank(p, c)
+        what = f"{dtype or torch.float32} {ranker.attn_impl}"
+        assert_as_accurate(got.cmp[:, off], same.cmp[:, off], truth[:, off], atol=atol, what=f"logits {what}")
+        assert_as_accurate(got.scores, same.scores, agg.scores, atol=atol, what=f"scores {what}")
+        # selection: where the truth's best (worst) leads by more than twice the scores' bound
+        bound = max_err(same.scores, agg.scores) + atol
+        s = agg.scores.sort(-1).values
+        top, bottom = s[:, -1] - s[:, -2] > 2 * bound, s[:, 1] - s[:, 0] > 2 * bound
+        if dtype is None:
+            assert top.all() and bottom.all(), (what, s)  # float32: every choice is clear
+        assert torch.equal(got.chosen[top], agg.chosen[top]), (what, got.scores, agg.scores)
+        assert torch.equal(got.rejected[bottom], agg.rejected[bottom]), (what, got.scores, agg.scores)
 
 
 def test_long_texts_raise_no_tokenizer_length_warning():

@@ -184,13 +184,40 @@ def test_iterations_raise_the_win_rate_and_resume(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(model, tok, records, out, cfg, **kw)
 
+    # the ranking stage's ranker calls: pair matrices of the k candidates (the win rates' have 2)
+    real_pair_matrix = HashWordRanker.pair_matrix
+    ranked = []
+
+    def counting_pair_matrix(self, prompts, candidates):
+        if candidates and len(candidates[0]) != 2:
+            ranked.append(len(prompts))
+        return real_pair_matrix(self, prompts, candidates)
+
+    monkeypatch.setattr(HashWordRanker, "pair_matrix", counting_pair_matrix)
     monkeypatch.setattr(it, "train", dies_in_iteration_2)
     with pytest.raises(KeyboardInterrupt):
         it.iterate(small(tmp_path / "killed"), progress=False)
-    monkeypatch.setattr(it, "train", real)
-    gen_before = (tmp_path / "killed" / "demo" / "iter-2" / "generations.parquet").stat().st_mtime_ns
+    assert calls == ["iter-1", "iter-2"]  # iteration 1 trained, iteration 2 died in training
+    assert sum(ranked) == 2 * 64  # both iterations ranked their 64 prompts before that
+    killed = tmp_path / "killed" / "demo"
+    assert not (killed / "iter-2" / "model" / "trainer_state.json").exists()
+
+    def records_train(model, tok, records, out, cfg, **kw):
+        calls.append(out.name)
+        return real(model, tok, records, out, cfg, **kw)
+
+    monkeypatch.setattr(it, "train", records_train)
+    ranked.clear()
+    kept = {f: (killed / f).stat().st_mtime_ns for f in
+            ("iter-1/generations.parquet", "iter-1/train.parquet", "iter-2/generations.parquet",
+             "iter-2/train.parquet")}
     resumed = it.iterate(small(tmp_path / "killed"), progress=False)
-    assert (tmp_path / "killed" / "demo" / "iter-2" / "generations.parquet").stat().st_mtime_ns == gen_before
+    # neither finished stage reruns: no generation, no ranking (the ranker never sees the k
+    # candidates again), train.parquet untouched; only iteration 2 trains
+    assert ranked == [], ranked
+    assert {f: (killed / f).stat().st_mtime_ns for f in kept} == kept
+    assert calls == ["iter-1", "iter-2", "iter-2"]
+    monkeypatch.setattr(it, "train", real)
     assert [r["win_rate_vs_iter0"] for r in resumed["iterations"]] == rates
     assert [r["final_loss"] for r in resumed["iterations"]] == [r["final_loss"] for r in whole["iterations"]]
     # a rerun of the finished run answers nothing again: the win rates are kept per iteration
