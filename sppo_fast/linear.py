@@ -176,6 +176,7 @@ def _check_linear(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels
     for name, t in (("hidden", hidden), ("weight", weight)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        ops._refuse_meta(name, t)
         if t.dtype not in ops._FLOAT_DTYPES:
             raise TypeError(f"{name}: expected float32, bfloat16, float16 or float64, got {t.dtype}")
     if hidden.dim() != 3:

@@ -73,6 +73,8 @@ def _cuda_backend_problem(device: Optional[torch.device] = None) -> Optional[str
 
 def _backend_problem(name: str, device: torch.device) -> Optional[str]:
     """Why backend ``name`` cannot run on ``device``, or None if it can."""
+    if device.type == "meta":
+        return _META
     if device.type == "cuda" and not torch.cuda.is_available():
         return "no CUDA device is available to this torch"
     if name == "reference":
@@ -124,9 +126,19 @@ def _shape(t: Tensor) -> tuple:
     return tuple(t.shape)
 
 
+_META = ("tensors on the meta device carry no values, and every op checks values (label range, finite "
+         "reference log-probs, probabilities in [0, 1]) before it runs; use real tensors")
+
+
+def _refuse_meta(name: str, t: Tensor) -> None:
+    if t.device.type == "meta":
+        raise ValueError(f"{name}: {_META}")
+
+
 def _check_logits(logits: Tensor, dims: tuple[int, ...]) -> None:
     if not isinstance(logits, Tensor):
         raise TypeError(f"logits: expected a torch.Tensor, got {type(logits).__name__}")
+    _refuse_meta("logits", logits)
     if logits.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"logits: expected float32, bfloat16, float16 or float64, got {logits.dtype}")
     if logits.dim() not in dims:
@@ -168,6 +180,7 @@ def _check_labels(labels: Tensor, logits: Tensor, ignore_index: int) -> Tensor:
 def _check_logps(name: str, t: Tensor, n: int, device: torch.device) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    _refuse_meta(name, t)
     if not t.dtype.is_floating_point:
         raise TypeError(f"{name}: expected a floating dtype, got {t.dtype}")
     if _shape(t) != (n,):
@@ -497,6 +510,7 @@ def pairrm_aggregate(cmp: Tensor, mode: str = "official", *, backend: str = "aut
     """
     if not isinstance(cmp, Tensor):
         raise TypeError(f"cmp: expected a torch.Tensor, got {type(cmp).__name__}")
+    _refuse_meta("cmp", cmp)
     if not cmp.dtype.is_floating_point:
         raise TypeError(f"cmp: expected a floating dtype, got {cmp.dtype}")
     if cmp.dim() != 3 or cmp.shape[1] != cmp.shape[2]:

@@ -55,6 +55,29 @@ def test_labels_device_mismatch():
         sppo_fast.sequence_logps(logits, meta)
 
 
+def test_meta_tensors_are_refused_by_name():
+    """Every op checks values before it runs; meta tensors have none (torch's own error was 'Tensor.item()
+    cannot be called on meta tensors', from inside a check)."""
+    logits, labels, ref, probs = _ok()
+    m = {k: v.to("meta") for k, v in probs.items()}
+    calls = {
+        "logits": lambda: sppo_fast.sequence_logps(logits.to("meta"), labels.to("meta")),
+        "hidden": lambda: sppo_fast.linear_sequence_logps(torch.randn(4, 5, 3, device="meta"),
+                                                         torch.randn(11, 3), labels),
+        "weight": lambda: sppo_fast.linear_sequence_logps(torch.randn(4, 5, 3), torch.randn(11, 3, device="meta"),
+                                                          labels),
+        "cmp": lambda: sppo_fast.pairrm_aggregate(torch.randn(2, 3, 3, device="meta")),
+        "policy_chosen_logps": lambda: sppo_fast.sppo_loss(*[ref[:2].to("meta")] * 4, **m),
+        "chosen_probs_win": lambda: sppo_fast.sppo_targets(**m),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=f"^{name}: tensors on the meta device carry no values"):
+            call()
+    assert sppo_fast.available_backends("meta") == []
+    with pytest.raises(sppo_fast.BackendUnavailableError, match="no backend can run on meta"):
+        sppo_fast.resolve_backend("auto", torch.device("meta"))
+
+
 def test_ignore_index_type():
     logits, labels, _, _ = _ok()
     with pytest.raises(TypeError, match="ignore_index: expected an int"):
