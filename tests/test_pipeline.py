@@ -2,6 +2,7 @@
 
 import json
 import os
+import warnings
 
 import pytest
 import torch
@@ -547,3 +548,25 @@ def test_per_iteration_prompt_sets_hold_out_the_head_of_set_1(tmp_path):
     assert it.iteration_prompts(cfg, 1) == [f"set 1 prompt {i}" for i in range(3, 8)]
     assert it.iteration_prompts(cfg, 2) == [f"set 2 prompt {i}" for i in range(5)]
     assert not set(held) & set(sum((it.iteration_prompts(cfg, t) for t in (1, 2, 3)), []))
+
+
+def test_a_source_with_duplicates_is_named(tmp_path):
+    """A prompt the source repeats twice within one iteration, or in both the training slice and the
+    held-out head, is reported (the win rate would be measured on trained prompts); a clean source
+    is quiet."""
+    texts = [f"prompt {i}" for i in range(20)]
+    clean = tmp_path / "clean.jsonl"
+    clean.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in texts))
+    cfg = small(tmp_path, prompts=str(clean), eval_prompts="4", prompts_per_iteration="6")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert it.iteration_prompts(cfg, 2) == texts[10:16]
+    texts[12], texts[14], texts[15] = texts[11], texts[1], texts[3]  # iteration 2 is texts[10:16]
+    dup = tmp_path / "dup.jsonl"
+    dup.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in texts))
+    cfg = small(tmp_path, prompts=str(dup), eval_prompts="4", prompts_per_iteration="6")
+    with pytest.warns(UserWarning) as record:
+        it.iteration_prompts(cfg, 2)
+    messages = [str(w.message) for w in record]
+    assert any("1 of iteration 2's 6 prompts repeat an earlier one" in m for m in messages), messages
+    assert any("2 of iteration 2's prompts are also among the 4 held out" in m for m in messages), messages

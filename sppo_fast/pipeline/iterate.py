@@ -207,10 +207,14 @@ def iteration_prompts(cfg: SPPOConfig, t: int) -> list[str]:
     for per-iteration sets, the first ``prompts_per_iteration`` of set t, after the held-out ones
     in set 1)."""
     if "{iteration}" in cfg.prompts:
-        return load_prompts(_prompt_source(cfg, t), field=cfg.prompt_field, limit=cfg.prompts_per_iteration,
-                            offset=cfg.eval_prompts if t == 1 else 0)
+        prompts = load_prompts(_prompt_source(cfg, t), field=cfg.prompt_field, limit=cfg.prompts_per_iteration,
+                               offset=cfg.eval_prompts if t == 1 else 0)
+        _warn_repeats(cfg, t, prompts)
+        return prompts
     start = cfg.eval_prompts + (t - 1) * cfg.prompts_per_iteration
     prompts = load_prompts(cfg.prompts, field=cfg.prompt_field, offset=start, limit=cfg.prompts_per_iteration)
+    if len(prompts) == cfg.prompts_per_iteration:
+        _warn_repeats(cfg, t, prompts)
     if len(prompts) < cfg.prompts_per_iteration:
         # a small source (the shipped set) is reused cyclically; each iteration still differs
         pool = load_prompts(cfg.prompts, field=cfg.prompt_field, offset=cfg.eval_prompts)
@@ -226,6 +230,22 @@ def iteration_prompts(cfg: SPPOConfig, t: int) -> list[str]:
                           f"{t} reuses prompts of earlier iterations", stacklevel=2)
         prompts = [pool[(start - cfg.eval_prompts + i) % len(pool)] for i in range(cfg.prompts_per_iteration)]
     return prompts
+
+
+def _warn_repeats(cfg: SPPOConfig, t: int, prompts: list[str]) -> None:
+    """Warn when a source's own repeats put a prompt twice into iteration t or into both its training
+    prompts and the held-out ones (whose win rate would then be measured partly on trained prompts)."""
+    seen: set[str] = set()
+    repeated = sum(1 for p in prompts if p in seen or seen.add(p))
+    if repeated:
+        warnings.warn(f"{cfg.prompts}: {repeated} of iteration {t}'s {len(prompts)} prompts repeat an earlier one "
+                      f"of the same iteration (the source holds duplicates)", stacklevel=3)
+    held = set(held_out_prompts(cfg)) if cfg.eval_prompts else set()
+    shared = len(seen & held)
+    if shared:
+        warnings.warn(f"{cfg.prompts}: {shared} of iteration {t}'s prompts are also among the {cfg.eval_prompts} "
+                      f"held out for evaluation (the source holds duplicates): the win rate is measured partly on "
+                      f"prompts the policy trained on", stacklevel=3)
 
 
 def check_prompts(cfg: SPPOConfig, iterations, held_out: bool = False) -> None:
