@@ -8,7 +8,7 @@ import torch
 
 from sppo_fast.pipeline import train as tr
 from sppo_fast.pipeline.iterate import tiny_policy
-from sppo_fast.pipeline.data import IGNORE_INDEX, collate, encode_pair
+from sppo_fast.pipeline.data import IGNORE_INDEX, collate, encode_pair, encode_records, encode_responses
 from sppo_fast.tiny import synthetic_text, tiny_chat_tokenizer
 
 
@@ -47,19 +47,70 @@ def test_one_bos_one_eos_and_masked_prompt(tok):
     assert list(encode_pair(tok, "q", "It is good.</s>", max_length=64, max_prompt_length=32).input_ids).count(eos) == 1
 
 
+def _template_ids(tok, prompt):
+    return tok(tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                       add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+
+
 def test_truncation_sides(tok):
     long_p = synthetic_text(random.Random(1), 200)
     long_r = synthetic_text(random.Random(2), 200)
     e = encode_pair(tok, long_p, long_r, max_length=48, max_prompt_length=20)
     n_prompt = sum(1 for x in e.labels if x == IGNORE_INDEX)
     assert n_prompt == 20 and len(e.input_ids) == 48
-    full_prompt = tok(tok.apply_chat_template([{"role": "user", "content": long_p}], tokenize=False,
-                                              add_generation_prompt=True), add_special_tokens=False)["input_ids"]
-    assert list(e.input_ids[:20]) == [tok.bos_token_id] + full_prompt[-19:]  # kept the end ([/INST])
+    assert list(e.input_ids[:20]) == [tok.bos_token_id] + _template_ids(tok, long_p)[-19:]  # kept the end ([/INST])
     full_resp = tok(long_r, add_special_tokens=False)["input_ids"]
-    assert list(e.input_ids[20:]) == full_resp[:27] + [tok.eos_token_id]  # kept the start
+    assert list(e.input_ids[20:]) == full_resp[:28]  # kept the start; a cut response has no EOS (official)
     with pytest.raises(ValueError, match="max_prompt_length"):
         encode_pair(tok, "a", "b", max_length=10, max_prompt_length=10)
+
+
+def test_truncation_is_the_official_rule_decided_per_pair(tok):
+    """TRL's tokenize_row: nothing is cut while prompt + the pair's longer response (EOS counted) fits
+    max_length; past it the prompt goes to its last max_prompt_length tokens, and only then, if still
+    too long, both responses to max_length - max_prompt_length."""
+    rng = random.Random(3)
+    eos, bos = tok.eos_token_id, tok.bos_token_id
+    prompt, short, long_ = synthetic_text(rng, 4), synthetic_text(rng, 3), synthetic_text(rng, 60)
+    p_ids = [bos] + _template_ids(tok, prompt)[1:]
+    r_short, r_long = (tok(x, add_special_tokens=False)["input_ids"] + [eos] for x in (short, long_))
+    assert len(p_ids) < 16 and len(r_long) > 40 and len(p_ids) + len(r_long) <= 96
+    # a short prompt and a response longer than max_length - max_prompt_length: nothing is cut
+    (e,) = encode_responses(tok, prompt, [long_], max_length=96, max_prompt_length=48)
+    assert list(e.input_ids) == p_ids + r_long
+    # a long prompt: cut only when the pair's longer response does not fit beside it
+    long_p = synthetic_text(rng, 80)
+    lp_ids = [bos] + _template_ids(tok, long_p)[1:]
+    assert len(lp_ids) + len(r_short) <= 128 < len(lp_ids) + len(r_long)
+    (alone,) = encode_responses(tok, long_p, [short], max_length=128, max_prompt_length=48)
+    assert list(alone.input_ids) == lp_ids + r_short  # fits: untouched
+    a, b = encode_responses(tok, long_p, [short, long_], max_length=128, max_prompt_length=48)
+    cut = [bos] + lp_ids[len(lp_ids) - 47:]
+    assert list(a.input_ids) == cut + r_short  # its partner is long: the prompt is cut for both
+    assert list(b.input_ids) == cut + r_long and len(b.input_ids) <= 128
+    # still too long after the prompt's cut: both responses to max_length - max_prompt_length
+    a, b = encode_responses(tok, long_p, [short, long_], max_length=64, max_prompt_length=48)
+    assert list(a.input_ids) == cut + r_short  # (shorter than the cut already)
+    assert list(b.input_ids) == cut + r_long[:16]
+
+
+def test_records_are_checked_before_any_work(tok):
+    rec = records(3)
+    with pytest.raises(ValueError, match="record 1: missing field 'chosen_probs_win' \\(loss_type='sppo' reads it\\)"):
+        encode_records(tok, [rec[0], {**rec[1], "chosen_probs_win": None}, rec[2]], loss_type="sppo")
+    with pytest.raises(ValueError, match="record 0: missing field 'chosen_probs'"):
+        encode_records(tok, rec, loss_type="sppo_single")
+    assert len(encode_records(tok, [{k: v for k, v in r.items() if "probs" not in k} for r in rec],
+                              loss_type="sppo_hard")) == 3
+    np = pytest.importorskip("numpy")
+    ok = encode_records(tok, [{**rec[0], "chosen_probs_win": np.float32(0.7)}], loss_type="sppo")
+    assert len(ok) == 1
+    with pytest.raises(ValueError, match="record 0: chosen_probs_lose must be a probability in \\[0, 1\\], got True"):
+        encode_records(tok, [{**rec[0], "chosen_probs_lose": True}], loss_type="sppo")
+    user_only = [{"role": "user", "content": rec[0]["prompt"]}]
+    with pytest.raises(ValueError, match="record 0: rejected is a message list whose last turn is not the "
+                                         "assistant's \\(got 'user'\\)"):
+        encode_records(tok, [{**rec[0], "rejected": user_only}])
 
 
 def test_collate_shifts_labels(tok):

@@ -43,7 +43,7 @@ from torch import Tensor
 from .. import _io, reference
 from ..linear import fused_linear_sppo_loss, linear_sequence_logps
 from ..ops import _metrics
-from .data import IGNORE_INDEX, collate, encode_records
+from .data import IGNORE_INDEX, PROB_FIELDS, collate, encode_records
 
 
 @dataclasses.dataclass
@@ -225,15 +225,15 @@ def _rank_records(records: Sequence[dict], batch_size: int, rank: int, world: in
 
 def _pair_batches(tokenizer, records: Sequence[dict], cfg: TrainConfig, device) -> list[dict]:
     """Micro-batches: ``B`` chosen sequences then their ``B`` rejected ones, with the probabilities."""
-    enc = encode_records(tokenizer, records, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
+    enc = encode_records(tokenizer, records, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+                         loss_type=cfg.loss_type)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = []
     for s in range(0, len(records), cfg.batch_size):
         recs, pairs = records[s: s + cfg.batch_size], enc[s: s + cfg.batch_size]
         b = collate([p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], pad)
-        for f in ("chosen_probs_win", "chosen_probs_lose", "chosen_probs"):
-            if all(f in r for r in recs):
-                b[f] = torch.tensor([float(r[f]) for r in recs], dtype=torch.float32)
+        for f in PROB_FIELDS[cfg.loss_type]:
+            b[f] = torch.tensor([float(r[f]) for r in recs], dtype=torch.float32)
         n_tokens = int((b["labels"] != IGNORE_INDEX).sum())  # counted on the host: no device sync later
         out.append({**{k: v.to(device) for k, v in b.items()}, "n_tokens": n_tokens})
     return out
