@@ -132,12 +132,19 @@ def test_fused_and_reference_paths_agree_for_20_steps(tok, tmp_path):
     _, fused = run(tok, tmp_path, "fused")
     _, ref = run(tok, tmp_path, "ref", loss_path="reference")
     assert len(fused) == len(ref) == 20
-    # the logged rate is the one each step used: warmup 1e-3 x 1/2, 2/2 (10% of 20 steps), then a
-    # linear decay that reaches 0 only after the last step (a rate read after the schedule's step
-    # was the next step's: 2/2 at step 1, 0.0 at the last)
-    f = tr._lr_lambda(20, 0.1)
-    assert [m["lr"] for m in fused] == pytest.approx([1e-3 * f(m["step"] - 1) for m in fused])
-    assert fused[0]["lr"] == pytest.approx(5e-4) and fused[-1]["lr"] > 0
+    # the logged rate is the one each step used, the official trainer's schedule (Hugging Face's
+    # linear warmup over ceil(10% of 20) = 2 steps, from 0, then a linear decay that reaches 0 only
+    # after the last step; a rate read after the schedule's step was the next step's)
+    from transformers import get_linear_schedule_with_warmup
+
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-3)
+    hf, rates = get_linear_schedule_with_warmup(opt, 2, 20), []
+    for _ in range(20):
+        rates.append(hf.get_last_lr()[0])
+        opt.step()
+        hf.step()
+    assert [m["lr"] for m in fused] == pytest.approx(rates, rel=1e-12, abs=0)
+    assert fused[0]["lr"] == 0 and fused[1]["lr"] == pytest.approx(5e-4) and fused[-1]["lr"] > 0
     losses = [m["loss"] for m in fused]
     assert max(losses) > 1.2 * min(losses)  # training moved the loss: the comparison is not vacuous
     for a, b in zip(fused, ref):
@@ -151,6 +158,100 @@ def test_fused_and_reference_paths_agree_for_20_steps(tok, tmp_path):
     for path, tol in ((fused, 1e-6), (ref, 1e-5)):
         for k in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
             assert abs(path[0][k]) <= tol, (k, path[0][k])
+
+
+def test_a_step_is_the_mean_over_its_pairs_and_a_log_the_mean_over_its_steps(tok, tmp_path):
+    """6 pairs in one step as micro-batches of 4 and 2 give the loss, metrics and gradient (its norm,
+    logged before clipping) of one micro-batch of 6: a micro-batch weighs the pairs it holds (the mean
+    of the micro-batches' means weighted the 2 pairs as 4, a 36% gradient difference; the logged loss
+    was the last micro-batch's alone). A log every 2 steps reports the mean of those 2 steps."""
+    kw = dict(n_records=6, epochs=1, warmup_ratio=0.0)
+    _, split = run(tok, tmp_path, "split", batch_size=4, grad_accum=2, **kw)
+    _, whole = run(tok, tmp_path, "whole", batch_size=6, grad_accum=1, **kw)
+    assert len(split) == len(whole) == 1
+    for k in ("loss", "grad_norm", "rewards/accuracies", "logps/chosen", "logps/rejected", "targets/chosen"):
+        assert split[0][k] == pytest.approx(whole[0][k], rel=1e-5, abs=1e-7), k
+    kw = dict(n_records=8, epochs=2, batch_size=2, grad_accum=2)
+    _, every = run(tok, tmp_path, "every", **kw)
+    _, pairs = run(tok, tmp_path, "pairs", log_every=2, **kw)
+    assert [m["step"] for m in pairs] == [2, 4] and len(every) == 4
+    for i, m in enumerate(pairs):
+        for k in ("loss", "rewards/margins", "logps/chosen"):
+            assert m[k] == pytest.approx((every[2 * i][k] + every[2 * i + 1][k]) / 2, rel=1e-5, abs=1e-7), k
+
+
+def test_seeded_data_order(tok, tmp_path, monkeypatch):
+    """Records in a seeded random order (the official trainer's seeded sampler), the batches reshuffled
+    per epoch; shuffle=False keeps the given order."""
+    seen = []
+    real = tr._loss
+
+    def spy(policy, b, ref, cfg):
+        seen.append(b["input_ids"][0].tolist())
+        return real(policy, b, ref, cfg)
+
+    monkeypatch.setattr(tr, "_loss", spy)
+
+    def order(name, **kw):
+        seen.clear()
+        run(tok, tmp_path, name, n_records=8, batch_size=1, epochs=2, **kw)
+        return list(seen)
+
+    plain = order("plain", shuffle=False)
+    assert plain[:8] == plain[8:]  # the given order, each epoch
+    a, a2, b = order("a", seed=1), order("a2", seed=1), order("b", seed=2)
+    assert a == a2 and a != b  # seeded
+    assert sorted(a[:8]) == sorted(plain[:8]) == sorted(a[8:]) and a[:8] != plain[:8] and a[:8] != a[8:]
+
+
+def test_dropout_is_disabled_as_the_official_trainer_does(tok, tmp_path):
+    """With dropout on, the policy's first forward differs from the reference (taken in eval mode),
+    so the step-1 rewards are not 0 (TRL's disable_dropout is on in the official trainer)."""
+    def first_rewards(name, **kw):
+        model = tiny_policy(tok)
+        for m in model.modules():  # Hugging Face attention reads this attribute, functionally
+            if hasattr(m, "attention_dropout"):
+                m.attention_dropout = 0.5
+        cfg = tr.TrainConfig(learning_rate=1e-3, batch_size=2, epochs=1, max_length=64, max_prompt_length=24,
+                             beta=0.1, **kw)
+        tr.train(model, tok, records(4), tmp_path / name, cfg, progress=False)
+        first = json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0])
+        return first["rewards/chosen"], first["rewards/rejected"], model
+
+    *on, model = first_rewards("off")
+    assert max(map(abs, on)) <= 1e-6
+    assert all(m.attention_dropout == 0.0 for m in model.modules() if hasattr(m, "attention_dropout"))
+    *kept, _ = first_rewards("kept", disable_dropout=False)
+    assert max(map(abs, kept)) > 1e-4
+
+
+def test_weight_decay_spares_biases_and_norms(tok):
+    model = tiny_policy(tok)
+    decay, rest = tr._param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.1 and rest["weight_decay"] == 0.0
+    assert {names[id(p)] for p in rest["params"]} == {n for n, p in model.named_parameters() if "norm" in n}
+    assert len(decay["params"]) + len(rest["params"]) == len(list(model.parameters()))
+
+
+def test_records_left_out_under_data_parallel_are_named():
+    with pytest.warns(UserWarning, match=r"3 of 7 records fill no whole global batch of 4 \(2 pairs x 2 processes\)"):
+        share = tr._rank_records(list(range(7)), 2, 0, 2)
+    assert share == [0, 1]
+    assert tr._rank_records(list(range(7)), 2, 1, 2) == [2, 3]
+
+
+def test_a_finished_model_is_reused_only_for_its_own_settings(tok, tmp_path):
+    model, first = run(tok, tmp_path, "done", epochs=1)
+    again = tiny_policy(tok)
+    cfg = dict(learning_rate=1e-3, optimizer="adamw", batch_size=2, epochs=1, max_length=64, max_prompt_length=24,
+               beta=0.1)
+    summary = tr.train(again, tok, records(10), tmp_path / "done", tr.TrainConfig(**cfg), progress=False)
+    assert summary["steps"] == len(first) and summary["last"] == first[-1]
+    with pytest.raises(ValueError, match=r"model was written with other settings \(epochs: 1 then, 3 now\); delete"):
+        tr.train(again, tok, records(10), tmp_path / "done", tr.TrainConfig(**{**cfg, "epochs": 3}), progress=False)
+    with pytest.raises(ValueError, match="records: other training data"):
+        tr.train(again, tok, records(12), tmp_path / "done", tr.TrainConfig(**cfg), progress=False)
 
 
 def test_reference_logps_are_the_models_sequence_logps(tok):

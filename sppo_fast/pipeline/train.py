@@ -1,13 +1,14 @@
 """The SPPO training loop: flat, readable, resumable.
 
     ref_logps = reference_logps(model, pairs)          # once per iteration, forward only, no logits
-    for step in range(steps):
+    for step in range(steps):                          # batches in a seeded order, reshuffled per epoch
         for micro in range(grad_accum):                # chosen and rejected in one [2B, T] batch
             hidden = final hidden states               # the lm_head is never applied
             loss = fused_linear_sppo_loss(hidden, lm_head.weight, labels, ref_logps, ...)
-            (loss / grad_accum).backward()
-        clip, step the optimizer and the schedule (linear warmup, then linear decay)
-        every log_every steps: metrics to metrics.jsonl; every save_every: a checkpoint
+            (loss * pairs_in_micro / pairs_in_step).backward()
+        clip, step the optimizer and the schedule (HF's linear warmup from 0, then linear decay)
+        every log_every steps: the metrics' means since the last log to metrics.jsonl;
+        every save_every: a checkpoint
 
 Under ``torchrun`` (``WORLD_SIZE`` > 1) it runs data-parallel, unchanged: the process group is
 initialised here (NCCL on GPUs, gloo on CPUs), the policy is wrapped in DDP through a small module
@@ -61,7 +62,10 @@ class TrainConfig:
     max_length: int = 1024
     max_prompt_length: int = 512
     max_grad_norm: float = 1.0
-    seed: int = 42
+    seed: int = 42                      # also the data order (shuffled as HF Trainer's seeded sampler)
+    shuffle: bool = True                # records in a seeded random order, the batches' order reshuffled per epoch
+    disable_dropout: bool = True        # as the official trainer (TRL's disable_dropout): the policy's
+                                        # log-ratio to the reference is then 0 before the first step
     log_every: int = 1
     save_every: int = 0                 # 0: only at the end
     loss_path: str = "fused"            # "fused" (no logits) or "reference"
@@ -220,6 +224,10 @@ def _rank_records(records: Sequence[dict], batch_size: int, rank: int, world: in
     usable = len(records) - len(records) % g  # every rank must take the same number of steps
     if usable == 0:
         raise ValueError(f"{len(records)} records are fewer than one global batch ({g} = {batch_size} x {world})")
+    if usable < len(records) and rank == 0:
+        warnings.warn(f"{len(records) - usable} of {len(records)} records fill no whole global batch of {g} "
+                      f"({batch_size} pairs x {world} processes) and are left out: every process must take the "
+                      f"same steps", stacklevel=3)
     return [records[s + rank * batch_size + i] for s in range(0, usable, g) for i in range(batch_size)]
 
 
@@ -240,13 +248,49 @@ def _pair_batches(tokenizer, records: Sequence[dict], cfg: TrainConfig, device) 
 
 
 def _lr_lambda(total: int, warmup_ratio: float):
+    """Hugging Face's ``get_linear_schedule_with_warmup`` with ``ceil(total * warmup_ratio)`` warmup
+    steps, as the official trainer: the first step's rate is 0, the peak is reached at the end of the
+    warmup, then a linear decay to 0."""
     warm = math.ceil(total * warmup_ratio)
 
     def f(step: int) -> float:
         if step < warm:
-            return (step + 1) / warm
+            return step / warm
         return max(0.0, (total - step) / max(1, total - warm))
     return f
+
+
+def _param_groups(model, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: biases and norm weights (every parameter of fewer than two
+    dimensions) are exempt, as in Hugging Face's Trainer."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    rest = [p for p in params if p.dim() < 2]
+    return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0})
+            if g["params"]]
+
+
+def _disable_dropout(model) -> None:
+    """Dropout probabilities to 0 in place (TRL's ``disable_dropout_in_model``), including the
+    attention dropout Hugging Face models apply functionally from an ``attention_dropout`` attribute."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        if isinstance(getattr(m, "attention_dropout", None), float):
+            m.attention_dropout = 0.0
+
+
+def _shuffled(records: list, seed: int) -> list:
+    g = torch.Generator().manual_seed(seed)
+    return [records[i] for i in torch.randperm(len(records), generator=g).tolist()]
+
+
+def _epoch_order(n_batches: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
+    """The batches' order in ``epoch``: reshuffled per epoch from the seed (the same on every rank)."""
+    if not shuffle:
+        return list(range(n_batches))
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch + 1)
+    return torch.randperm(n_batches, generator=g).tolist()
 
 
 def _loss(policy, b: dict, ref: Tensor, cfg: TrainConfig):
@@ -277,11 +321,16 @@ def train(model, tokenizer, records: Sequence[dict], out_dir: str | os.PathLike,
 
     out = Path(out_dir)
     final = out / "model"
-    if (final / "trainer_state.json").exists():
-        return _io.read_json(final / "trainer_state.json")["summary"]
-    out.mkdir(parents=True, exist_ok=True)
     if not records:
         raise ValueError("no training records (every prompt tied, or an empty dataset?)")
+    rank, world = _distributed()
+    settings = _resume_settings(records, cfg, world)
+    if (final / "trainer_state.json").exists():  # finished: its summary, if it was trained on this
+        done = _io.read_json(final / "trainer_state.json")
+        if "settings" in done:  # (a model written before settings were recorded is taken as it is)
+            _refuse_other_settings(done["settings"], settings, final, f"delete {final} to train again")
+        return done["summary"]
+    out.mkdir(parents=True, exist_ok=True)
     writer = None
     if cfg.tensorboard:  # checked before any work
         try:
@@ -289,22 +338,19 @@ def train(model, tokenizer, records: Sequence[dict], out_dir: str | os.PathLike,
         except ImportError as exc:
             raise ValueError("train.tensorboard needs the tensorboard package: pip install tensorboard") from exc
     _float32_master_weights(model)
+    if cfg.disable_dropout:
+        _disable_dropout(model)
     device = next(model.parameters()).device
-    rank, world = _distributed()
     torch.manual_seed(cfg.seed)
-    batches = _pair_batches(tokenizer, _rank_records(list(records), cfg.batch_size, rank, world), cfg, device)
+    ordered = _shuffled(list(records), cfg.seed) if cfg.shuffle else list(records)
+    batches = _pair_batches(tokenizer, _rank_records(ordered, cfg.batch_size, rank, world), cfg, device)
     ckpts = sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-    settings = _resume_settings(records, cfg, world)
     state = None
     if ckpts:  # weights before any sharding, optimizer state once the optimizer exists
         state = torch.load(ckpts[-1] / "train_state.pt", map_location="cpu", weights_only=False)
-        then = state.get("settings", {"records": None})  # a checkpoint from before fingerprints: refused
-        changed = sorted(k for k in settings if then.get(k) != settings[k])
-        if changed:
-            diff = "; ".join(f"{k}: {then.get(k)!r} then, {settings[k]!r} now" if k != "records" else
-                             "records: other training data" for k in changed)
-            raise ValueError(f"{ckpts[-1]} was written with other settings ({diff}); resume with the same "
-                             f"ones, or delete {out / 'checkpoints'} to start over")
+        # (a checkpoint from before fingerprints: refused)
+        _refuse_other_settings(state.get("settings", {"records": None}), settings, ckpts[-1],
+                               f"resume with the same ones, or delete {out / 'checkpoints'} to start over")
     # the reference is the policy at the start: computed once, never after the policy has moved
     ref_path = out / (f"ref_logps.rank{rank}.pt" if world > 1 else "ref_logps.pt")
     saved = torch.load(ref_path, map_location=device) if ref_path.exists() else None
@@ -331,7 +377,7 @@ def train(model, tokenizer, records: Sequence[dict], out_dir: str | os.PathLike,
 
         policy = _fully_shard(policy) if cfg.parallel == "fsdp" else torch.nn.parallel.DistributedDataParallel(policy)
     opt_cls = torch.optim.RMSprop if cfg.optimizer == "rmsprop" else torch.optim.AdamW
-    opt = opt_cls(policy.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    opt = opt_cls(_param_groups(policy, cfg.weight_decay), lr=cfg.learning_rate)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, cfg.warmup_ratio))
     step = 0
     if state is not None:
@@ -348,19 +394,27 @@ def train(model, tokenizer, records: Sequence[dict], out_dir: str | os.PathLike,
     last: dict = {}
     t0, tokens = time.perf_counter(), 0
     bar = tqdm(total=total, initial=step, desc="SPPO training", unit="step", disable=not progress, dynamic_ncols=True)
+    logged, n_logged = None, 0  # sums of the step means (loss, then the metrics) since the last log
     while step < total:
-        epoch_pos = step % steps_per_epoch
-        micro = batches[epoch_pos * cfg.grad_accum: (epoch_pos + 1) * cfg.grad_accum]
-        micro_refs = refs[epoch_pos * cfg.grad_accum: (epoch_pos + 1) * cfg.grad_accum]
+        epoch, epoch_pos = divmod(step, steps_per_epoch)
+        order = _epoch_order(len(batches), cfg.seed, epoch, cfg.shuffle)
+        picked = order[epoch_pos * cfg.grad_accum: (epoch_pos + 1) * cfg.grad_accum]
+        micro = [(batches[i], refs[i]) for i in picked]
+        n_pairs = sum(b["labels"].shape[0] // 2 for b, _ in micro)
         opt.zero_grad(set_to_none=True)
-        for b, ref in zip(micro, micro_refs):
+        for b, ref in micro:
             # bf16 autocast on GPUs over float32 parameters (_float32_master_weights): the optimizer
             # updates float32 weights; the fused loss runs bf16 GEMMs, with float32 log-softmax,
             # log-prob sums and lm_head weight gradient
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 loss, _, m = _loss(policy, b, ref, cfg)
-            (loss / len(micro)).backward()
+            # the step's loss is the mean over its pairs (a short last micro-batch weighs what it holds)
+            share = (b["labels"].shape[0] // 2) / n_pairs
+            (loss * share).backward()
+            vals = share * torch.stack([loss.detach(), *[v.detach().float() for v in m.values()]])
+            logged = vals if logged is None else logged + vals
             tokens += b["n_tokens"]
+        n_logged += 1
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         lr = sched.get_last_lr()[0]  # the rate this step uses (read after sched.step() it is the next one's)
         opt.step()
@@ -368,7 +422,8 @@ def train(model, tokenizer, records: Sequence[dict], out_dir: str | os.PathLike,
         step += 1
         bar.update(1)
         if step % cfg.log_every == 0 or step == total:  # .item() only on logging steps
-            vals = torch.stack([loss.detach(), *[v.detach().float() for v in m.values()]])
+            vals = logged / n_logged  # the steps' means since the last log (over their pairs)
+            logged, n_logged = None, 0
             if world > 1:  # means over equal shares: the global batch's means
                 dist.all_reduce(vals)
                 vals /= world
@@ -396,7 +451,8 @@ def train(model, tokenizer, records: Sequence[dict], out_dir: str | os.PathLike,
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp, state_dict=full_state)
         tokenizer.save_pretrained(tmp)
-        _io.write_json({"summary": summary, "config": dataclasses.asdict(cfg)}, tmp / "trainer_state.json")
+        _io.write_json({"summary": summary, "config": dataclasses.asdict(cfg), "settings": settings},
+                       tmp / "trainer_state.json")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
@@ -418,6 +474,15 @@ _FREE_TO_CHANGE = ("log_every", "save_every", "tensorboard", "backend", "loss_pa
 def _resume_settings(records: Sequence[dict], cfg: TrainConfig, world: int) -> dict:
     out = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _FREE_TO_CHANGE}
     return {**out, "world_size": world, "records": _io.digest(list(records))}
+
+
+def _refuse_other_settings(then: dict, now: dict, where: Path, remedy: str) -> None:
+    """Raise, naming each differing setting, when ``where`` was written with settings other than ``now``."""
+    changed = sorted(k for k in now if then.get(k) != now[k])
+    if changed:
+        diff = "; ".join(f"{k}: {then.get(k)!r} then, {now[k]!r} now" if k != "records" else
+                         "records: other training data" for k in changed)
+        raise ValueError(f"{where} was written with other settings ({diff}); {remedy}")
 
 
 def _on_rank0(world: int, what: str, fn) -> None:
